@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make quickstart` (set-up + the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+export MLFLOW_DISABLE_TELEMETRY ?= true
+
+.PHONY: quickstart test setup setup-dev clean-cache
+
+# Install torch first: on a CPU-only machine torch==$(TORCH_VERSION) is the CPU wheel; on a GPU machine the
+# same pin from the registry is the CUDA build. Installing the rest afterwards then pulls no other torch.
+$(BIN)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.torch pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+setup-dev: $(BIN)/.installed-dev
+
+quickstart: setup
+	$(BIN)/ript-ablate sft configs/metaworld_quick.yaml --eval
+
+test: setup-dev
+	$(BIN)/python -m pytest -q
+
+clean-cache:
+	rm -rf .ript_cache

@@ -1,0 +1,118 @@
+"""`ript-ablate` command line. Thin: parse, load the config, call the library, print. User mistakes exit 1 with
+one clear message, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+from rich.text import Text
+
+from ript_ablate.config import Config, load_config, to_yaml
+from ript_ablate.errors import RiptAblateError
+from ript_ablate.progress import console
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """Load the config; original-but-unused keys print one warning line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(args.config, args.set)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            console.print(f"[yellow]warning:[/] {w.message}")
+    return cfg
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    sys.stdout.write(to_yaml(cfg))
+    console.print(f"[green]{args.config}: valid[/]")
+    return 0
+
+
+def _suite_and_pool(cfg: Config):
+    from ript_ablate.suites import build_suite
+    from ript_ablate.suites.rollouts import RolloutPool
+
+    suite = build_suite(cfg)
+    pool = RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker, cfg.algo.max_episode_length)
+    return suite, pool
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from ript_ablate.sft import get_base
+
+    cfg = _load(args)
+    suite, pool = _suite_and_pool(cfg)
+    with pool:
+        _, weights, info = get_base(cfg, suite, pool, retrain=args.retrain)
+    console.print(f"base weights: {weights}")
+    if args.eval:
+        return cmd_eval(args)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ript_ablate.evaluation import evaluate
+    from ript_ablate.sft import get_base, load_base
+
+    cfg = _load(args)
+    suite, pool = _suite_and_pool(cfg)
+    with pool:
+        start = time.perf_counter()
+        if args.checkpoint:
+            policy = load_base(args.checkpoint, cfg, suite.obs_dim, suite.action_dim)
+            source = args.checkpoint
+        else:
+            policy, weights, _ = get_base(cfg, suite, pool)
+            source = str(weights)
+        result = evaluate(policy, suite, pool)
+    seconds = time.perf_counter() - start
+    console.print(f"evaluated {source}")
+    console.print(result.table())
+    console.print(f"{result.episodes} episodes, {result.env_steps} env steps, {seconds:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ript-ablate", description="Ablation studies of RIPT post-training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("config", help="YAML config file (see configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set algo.ppo_clip_high=0.28 (repeatable)")
+        p.set_defaults(func=func)
+        return p
+
+    add("validate", cmd_validate, "Check a config and print it resolved, or list every error.")
+    p = add("sft", cmd_sft, "Train (or reuse from the cache) the behaviour-cloning base.")
+    p.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
+    p.add_argument("--eval", action="store_true", help="evaluate the base afterwards")
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    p = add("eval", cmd_eval, "Evaluate a policy (default: the config's behaviour-cloning base).")
+    p.add_argument("--checkpoint", default=None, help="model.safetensors to evaluate instead of the base")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RiptAblateError as exc:
+        console.print(Text("error: ", style="red") + Text(str(exc)), soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Typed configuration tree: dataclasses with per-field help, YAML loading, `--set` overrides, validation.
+
+Every problem is collected (not only the first) and reported with the dotted key, the offending value
+and what was expected. The `algo` section mirrors the original RIPT OpenVLA-OFT config block, keys and
+defaults included, so an original config block loads unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ript_ablate.errors import ConfigError
+
+LOG_PROB_MODES = ("sum_on_action_dim", "avg_on_action_dim", "ratio_on_action_dim")
+
+# Keys present in original RIPT configs that the original code never reads: accepted, with a warning.
+ORIGINAL_UNUSED_ALGO_KEYS = (
+    "kl_coef",
+    "update_ref_model_freq_epochs",
+    "use_full_action_tokens",
+    "ref_model_checkpoint_path",
+)
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SuiteConfig:
+    name: str = _f("metaworld", "Task suite; only 'metaworld' is built in.")
+    tasks: list[str] = _f(["quick"], "Task names (e.g. reach-v3) or presets: 'quick' (3 tasks) or 'mt10'.")
+    demos_per_task: int = _f(5, "Successful scripted-expert demonstrations per task for behaviour cloning.")
+    contexts_per_task: int = _f(20, "RL contexts per task beyond the demonstrations' own initial states.")
+    eval_states_per_task: int = _f(50, "Fixed held-out evaluation initial states per task.")
+    seed: int = _f(0, "Seed of the demonstration and context initial states.")
+    eval_seed: int = _f(1000, "Seed of the evaluation initial states (kept fixed across runs).")
+    num_workers: int = _f(2, "Rollout worker processes (0 = roll out in the main process).")
+    envs_per_worker: int = _f(8, "Environments stepped together in one worker (instances reused per task).")
+
+
+@dataclass
+class PolicyConfig:
+    d_model: int = _f(64, "Transformer width.")
+    n_layers: int = _f(2, "Transformer blocks.")
+    n_heads: int = _f(4, "Attention heads (must divide d_model).")
+    mlp_ratio: int = _f(4, "Hidden width of each block's MLP as a multiple of d_model.")
+    n_obs_tokens: int = _f(2, "Tokens the state observation is projected into.")
+    chunk_size: int = _f(4, "H: actions per policy call (an action chunk, executed open-loop).")
+    max_instruction_tokens: int = _f(10, "Instruction words kept (padded or truncated).")
+    vocab_size: int = _f(512, "Hashed word vocabulary of the instruction embedding.")
+    scale_bias_init: float = _f(-3.0, "Initial bias of the scale head (log_b), as in the original.")
+    obs_std_floor: float = _f(0.01, "Floor of the observation std used for normalisation.")
+    lora_alpha: float = _f(16.0, "LoRA alpha of the backbone adapters (rank is algo.lora_rank).")
+    lora_targets: list[str] = _f(["q", "k", "v", "o", "fc1", "fc2"], "Backbone linear layers carrying LoRA.")
+    seed: int = _f(0, "Seed of the policy's initial weights.")
+
+
+@dataclass
+class SFTConfig:
+    steps: int = _f(2000, "Behaviour-cloning optimizer steps (L1 loss on the action chunk).")
+    batch_size: int = _f(256, "Behaviour-cloning batch size (observation, chunk) pairs.")
+    lr: float = _f(1e-3, "Behaviour-cloning learning rate (AdamW, cosine decay).")
+    weight_decay: float = _f(1e-4, "Behaviour-cloning AdamW weight decay.")
+    scale_steps: int = _f(500, "Steps fitting the scale head alone by Laplace negative log-likelihood.")
+    scale_lr: float = _f(1e-3, "Learning rate of the scale-head fit.")
+    seed: int = _f(0, "Seed of batch sampling.")
+    cache_dir: str = _f(".ript_cache", "Where demonstrations and behaviour-cloning bases are cached.")
+
+
+@dataclass
+class AlgoConfig:
+    # --- RIPT switches (original names, defaults and meaning; see RIPT_SPEC.md) ---
+    rloo_batch_size: int = _f(8, "K: rollouts per context and RLOO group size (>= 2).")
+    gradient_accumulation_steps: int = _f(4, "Trajectories averaged per optimizer step.")
+    num_ppo_epochs: int = _f(1, "Passes over the iteration's trajectories (reshuffled each pass).")
+    ppo_clip_range: float = _f(0.1, "Lower clip: ratio clamped at 1 - ppo_clip_range.")
+    ppo_clip_high: float = _f(0.1, "Upper clip: ratio clamped at 1 + ppo_clip_high (clip-higher if > range).")
+    lr: float = _f(1e-4, "Learning rate of the backbone adapter (LoRA).")
+    header_lr: float = _f(1e-5, "Learning rate of the action head (and the scale head unless fixed).")
+    use_laplace_sampling: bool = _f(True, "Laplace action noise; false samples a Gaussian of the same scale.")
+    scale_factor: float = _f(1.0, "Multiplies the predicted scale when sampling only (not in the log-prob).")
+    log_scale_clip: list[float] = _f([-2.0, 0.5], "[low, high] clamp of log_b inside the log-prob only.")
+    log_prob_mode: str = _f("sum_on_action_dim", "sum_on_action_dim | avg_on_action_dim | ratio_on_action_dim.")
+    fix_scale_head: bool = _f(True, "Keep the scale head out of the optimizer (gradient still reaches the backbone).")
+    enable_dynamic_sampling: bool = _f(True, "Discard contexts whose K rewards are all equal; try the next one.")
+    early_stop_percentage: float = _f(1.0, "Stop sampling once this fraction of the context quota is accepted.")
+    use_val_init: bool = _f(False, "Draw rollout contexts from the evaluation initial states.")
+    mix_val_init_in_rloo: bool = _f(False, "With use_val_init: each of the K rollouts gets its own state.")
+    rloo_over_all_rollouts: bool = _f(False, "RLOO baseline over all rollouts of the iteration, not per group.")
+    max_step_batch_size: int = _f(1, "Action steps of one trajectory re-forwarded together.")
+    checkpoint_path: str | None = _f(None, "Full model checkpoint to start from (default: the cached BC base).")
+    header_checkpoint: str | None = _f(None, "Scale-head weights (trained by Laplace NLL before RL).")
+    lora_adaptor_ckpt: str | None = _f(None, "Adapter directory (LoRA + action and scale heads) to resume from.")
+    # --- beyond the original ---
+    exact_behavior_logprob: bool = _f(False, "Ratio uses the exact sampling density (scale_factor, no clamp).")
+    max_sampling_attempts: int = _f(0, "Cap on contexts tried per iteration (0 = 4 x the context quota).")
+    # --- original keys this project reads with the same meaning ---
+    lora_rank: int = _f(32, "Rank of the backbone LoRA adapters.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    weight_decay: float = _f(1e-4, "AdamW weight decay of both parameter groups.")
+    grad_norm_clip_model: float = _f(1.0, "Gradient-norm clip of the backbone adapter group.")
+    grad_norm_clip_header: float = _f(1.0, "Gradient-norm clip of the head group.")
+    model_seed: int = _f(0, "Seed of the RL run (sampling noise, shuffling).")
+    max_episode_length: int | None = _f(None, "Episode length for every task (null: the suite's per-task lengths).")
+    eval_only: bool = _f(False, "Evaluate the starting policy and stop.")
+    rollout_training_task_names: list[str] | None = _f(None, "Train on these tasks only (null: all suite tasks).")
+    # --- original keys accepted for compatibility; no effect in this project's world ---
+    num_parallel_envs: int = _f(1, "Original's parallel envs per process; here suite.num_workers x envs_per_worker.")
+    rollouts_per_env: int = _f(1, "Original's rollouts per env per call; here rollouts are scheduled per context.")
+    rollout_stats_path: str | None = _f(None, "Original's rollout statistics dump path; not written here.")
+    frame_stack: int = _f(1, "Original's image frame stack; state observations here, must stay 1.")
+
+
+@dataclass
+class TrainingConfig:
+    n_iterations: int = _f(15, "RIPT iterations.")
+    contexts_per_iteration: int = _f(8, "Accepted contexts (RLOO groups) per iteration.")
+    eval_interval: int = _f(5, "Evaluate every N iterations (and before the first update).")
+    save_interval: int = _f(5, "Checkpoint every N iterations (and at the end).")
+    output_dir: str = _f("runs", "Where run outputs (checkpoints, resolved config) go.")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N. CUDA trains with bf16 autocast.")
+    max_nonfinite: int = _f(3, "Consecutive non-finite updates tolerated before the run ends 'diverged'.")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = _f(True, "Track the run in MLflow.")
+    tracking_uri: str | None = _f(None, "MLflow URI (MLFLOW_TRACKING_URI wins; default: MLflow's sqlite default).")
+    experiment: str = _f("ript-ablate", "MLflow experiment name.")
+    run_name: str | None = _f(None, "MLflow run name (default: generated).")
+    log_checkpoint: bool = _f(True, "Upload the final checkpoint as an artifact.")
+
+
+@dataclass
+class Config:
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the tree, e.g. 'algo.ppo_clip_high'."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def field_help() -> dict[str, str]:
+    return {f"{s}.{f.name}": f.metadata.get("help", "") for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+# ----------------------------------------------------------------------------------------------- coercion
+
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert a YAML value to the field type, or raise ValueError (the caller names the key)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except ValueError:
+                pass
+        raise ValueError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads '1e-4' (no dot) as a string: accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    raise ValueError from None
+            raise ValueError
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    raise ValueError
+
+
+def _suggest(key: str, section: str | None) -> str:
+    """' (did you mean 'x'?)' using the section's keys first, then the whole tree."""
+    pool = all_keys()
+    if section is not None:
+        local = [k.split(".", 1)[1] for k in pool if k.startswith(section + ".")]
+        match = difflib.get_close_matches(key, local, n=1, cutoff=0.6)
+        if match:
+            return f" (did you mean '{section}.{match[0]}'?)"
+    leaf = key.rsplit(".", 1)[-1]
+    match = difflib.get_close_matches(leaf, [k.split(".", 1)[1] for k in pool], n=1, cutoff=0.6)
+    if match:
+        full = next(k for k in pool if k.endswith("." + match[0]))
+        return f" (did you mean '{full}'?)"
+    return ""
+
+
+def _build_section(cls: type, name: str, data: Any, problems: list[str], source: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{name}: expected a mapping of keys, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            if name == "algo" and key in ORIGINAL_UNUSED_ALGO_KEYS:
+                warnings.warn(
+                    f"{source}: algo.{key} is accepted but has no effect (the original RIPT code never reads it)",
+                    stacklevel=2,
+                )
+                continue
+            problems.append(f"{name}.{key}: unknown key in {source}{_suggest(str(key), name)}")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except ValueError:
+            problems.append(f"{name}.{key}: got {value!r}, expected {_type_name(hints[key])}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Any, source: str = "<dict>") -> Config:
+    """Build and validate a Config; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level: expected a mapping with sections {list(SECTIONS)}, got {data!r}"], source)
+    sections = {}
+    for key, value in data.items():
+        if key not in SECTIONS:
+            hint = _suggest(str(key), None)
+            match = difflib.get_close_matches(str(key), list(SECTIONS), n=1, cutoff=0.6)
+            if match:
+                hint = f" (did you mean '{match[0]}'?)"
+            problems.append(f"{key}: unknown section in {source}{hint}; sections are {', '.join(SECTIONS)}")
+            continue
+        sections[key] = _build_section(SECTIONS[key], key, value, problems, source)
+    cfg = Config(**sections)
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"file not found: {p}"], str(p))
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(p)) from None
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turn ['algo.lr=1e-3', ...] into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected dotted.key=value")
+            continue
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. algo.ppo_clip_high=0.28")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        nested.setdefault(parts[0], {})
+        if not isinstance(nested[parts[0]], dict):
+            problems.append(f"--set {item!r}: section {parts[0]} given twice in different forms")
+            continue
+        nested[parts[0]][parts[1]] = value
+    return nested, problems
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply `--set` overrides, validate; raises ConfigError with every problem."""
+    data = load_yaml(path)
+    nested, problems = parse_overrides(overrides or [])
+    if problems:
+        raise ConfigError(problems, str(path))
+    if isinstance(data, dict):
+        data = merge(data, nested)
+    return config_from_dict(data, str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{'algo.lr': 1e-4, ...}: the form MLflow params and study factors use."""
+    return {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _check(problems: list[str], ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        problems.append(f"{key}: got {value!r}, expected {expected}")
+
+
+def validate(cfg: Config) -> list[str]:
+    """Value checks; returns every problem as 'key: got value, expected ...'."""
+    p: list[str] = []
+    s, pol, sft, a, t = cfg.suite, cfg.policy, cfg.sft, cfg.algo, cfg.training
+    _check(p, s.name == "metaworld", "suite.name", s.name, "'metaworld'")
+    _check(p, len(s.tasks) > 0, "suite.tasks", s.tasks, "at least one task or preset")
+    _check(p, s.demos_per_task >= 1, "suite.demos_per_task", s.demos_per_task, ">= 1")
+    _check(p, s.contexts_per_task >= 0, "suite.contexts_per_task", s.contexts_per_task, ">= 0")
+    _check(p, s.eval_states_per_task >= 1, "suite.eval_states_per_task", s.eval_states_per_task, ">= 1")
+    _check(p, s.num_workers >= 0, "suite.num_workers", s.num_workers, ">= 0")
+    _check(p, s.envs_per_worker >= 1, "suite.envs_per_worker", s.envs_per_worker, ">= 1")
+    for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "n_obs_tokens", "chunk_size",
+                "max_instruction_tokens", "vocab_size"):
+        value = getattr(pol, key)
+        _check(p, value >= 1, f"policy.{key}", value, ">= 1")
+    _check(p, pol.n_heads >= 1 and pol.d_model % max(pol.n_heads, 1) == 0, "policy.n_heads", pol.n_heads,
+           f"a divisor of policy.d_model ({pol.d_model})")
+    _check(p, pol.obs_std_floor > 0, "policy.obs_std_floor", pol.obs_std_floor, "> 0")
+    _check(p, len(pol.lora_targets) > 0, "policy.lora_targets", pol.lora_targets, "at least one layer name")
+    unknown_targets = sorted(set(pol.lora_targets) - {"q", "k", "v", "o", "fc1", "fc2"})
+    _check(p, not unknown_targets, "policy.lora_targets", pol.lora_targets, "names among q, k, v, o, fc1, fc2")
+    _check(p, sft.steps >= 0, "sft.steps", sft.steps, ">= 0")
+    _check(p, sft.scale_steps >= 0, "sft.scale_steps", sft.scale_steps, ">= 0")
+    _check(p, sft.batch_size >= 1, "sft.batch_size", sft.batch_size, ">= 1")
+    for key in ("lr", "scale_lr"):
+        _check(p, getattr(sft, key) > 0, f"sft.{key}", getattr(sft, key), "> 0")
+    _check(p, a.rloo_batch_size >= 2, "algo.rloo_batch_size", a.rloo_batch_size, ">= 2 (RLOO needs a leave-one-out baseline)")
+    _check(p, a.gradient_accumulation_steps >= 1, "algo.gradient_accumulation_steps", a.gradient_accumulation_steps, ">= 1")
+    _check(p, a.num_ppo_epochs >= 1, "algo.num_ppo_epochs", a.num_ppo_epochs, ">= 1")
+    _check(p, 0 < a.ppo_clip_range < 1, "algo.ppo_clip_range", a.ppo_clip_range, "a number in (0, 1)")
+    _check(p, a.ppo_clip_high > 0, "algo.ppo_clip_high", a.ppo_clip_high, "> 0")
+    _check(p, a.lr > 0, "algo.lr", a.lr, "> 0")
+    _check(p, a.header_lr > 0, "algo.header_lr", a.header_lr, "> 0")
+    _check(p, a.scale_factor > 0, "algo.scale_factor", a.scale_factor, "> 0")
+    clip = a.log_scale_clip
+    _check(p, len(clip) == 2 and clip[0] < clip[1], "algo.log_scale_clip", clip, "[low, high] with low < high")
+    _check(p, a.log_prob_mode in LOG_PROB_MODES, "algo.log_prob_mode", a.log_prob_mode, "one of " + ", ".join(LOG_PROB_MODES))
+    _check(p, 0 < a.early_stop_percentage <= 1, "algo.early_stop_percentage", a.early_stop_percentage, "a number in (0, 1]")
+    _check(p, a.max_step_batch_size >= 1, "algo.max_step_batch_size", a.max_step_batch_size, ">= 1")
+    _check(p, a.max_sampling_attempts >= 0, "algo.max_sampling_attempts", a.max_sampling_attempts, ">= 0 (0 = automatic)")
+    _check(p, a.lora_rank >= 1, "algo.lora_rank", a.lora_rank, ">= 1")
+    _check(p, 0 <= a.lora_dropout < 1, "algo.lora_dropout", a.lora_dropout, "a number in [0, 1)")
+    _check(p, a.weight_decay >= 0, "algo.weight_decay", a.weight_decay, ">= 0")
+    _check(p, a.grad_norm_clip_model > 0, "algo.grad_norm_clip_model", a.grad_norm_clip_model, "> 0")
+    _check(p, a.grad_norm_clip_header > 0, "algo.grad_norm_clip_header", a.grad_norm_clip_header, "> 0")
+    _check(p, a.max_episode_length is None or 1 <= a.max_episode_length <= 500, "algo.max_episode_length",
+           a.max_episode_length, "null or 1..500 (Meta-World stops at 500 steps)")
+    _check(p, a.frame_stack == 1, "algo.frame_stack", a.frame_stack, "1 (state observations have no frames)")
+    _check(p, not a.mix_val_init_in_rloo or a.use_val_init, "algo.mix_val_init_in_rloo", a.mix_val_init_in_rloo,
+           "false unless algo.use_val_init is true")
+    _check(p, t.n_iterations >= 0, "training.n_iterations", t.n_iterations, ">= 0")
+    _check(p, t.contexts_per_iteration >= 1, "training.contexts_per_iteration", t.contexts_per_iteration, ">= 1")
+    _check(p, t.eval_interval >= 1, "training.eval_interval", t.eval_interval, ">= 1")
+    _check(p, t.save_interval >= 1, "training.save_interval", t.save_interval, ">= 1")
+    _check(p, t.max_nonfinite >= 0, "training.max_nonfinite", t.max_nonfinite, ">= 0")
+    _check(p, t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
+           t.device, "auto, cpu, cuda or cuda:N")
+    if not [q for q in p if q.startswith("suite.tasks")]:
+        from ript_ablate.suites import task_problems  # late import: suites import this module
+
+        p.extend(task_problems(cfg.suite))
+        if a.rollout_training_task_names:
+            from ript_ablate.suites import resolve_tasks
+
+            known = set(resolve_tasks(s.tasks))
+            extra = [n for n in a.rollout_training_task_names if n not in known]
+            _check(p, not extra, "algo.rollout_training_task_names", a.rollout_training_task_names,
+                   f"a subset of the suite's tasks {sorted(known)}")
+    return p

@@ -1,0 +1,52 @@
+"""Evaluation: deterministic mean actions on each task's fixed held-out initial states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.table import Table
+
+from ript_ablate.progress import progress
+from ript_ablate.suites.rollouts import EpisodeJob, RolloutPool
+
+
+@dataclass
+class EvalResult:
+    per_task: dict[str, float]
+    episodes: int
+    env_steps: int
+
+    @property
+    def success_rate(self) -> float:
+        """Mean over tasks (each task weighs the same whatever its number of states)."""
+        return sum(self.per_task.values()) / len(self.per_task)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"eval/success_rate": self.success_rate}
+        out.update({f"eval/success_rate/{t}": v for t, v in self.per_task.items()})
+        return out
+
+    def table(self, title: str = "evaluation") -> Table:
+        table = Table(title=title)
+        table.add_column("task")
+        table.add_column("success", justify="right")
+        for task, rate in self.per_task.items():
+            table.add_row(task, f"{100 * rate:.1f}%")
+        table.add_row("[bold]mean over tasks", f"[bold]{100 * self.success_rate:.1f}%")
+        return table
+
+
+def evaluate(policy, suite, pool: RolloutPool, tasks: list[str] | None = None) -> EvalResult:
+    """Success per task on `suite.eval_states`; the policy's current weights are sent to the workers."""
+    tasks = tasks or suite.tasks
+    jobs = [EpisodeJob(s, seed=0, mode="mean") for t in tasks for s in suite.eval_states(t)]
+    pool.set_policy(policy)
+    with progress() as bar:
+        task_id = bar.add_task("evaluation", total=len(jobs), status="")
+        episodes = pool.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps)))
+    per_task = {t: 0.0 for t in tasks}
+    counts = {t: 0 for t in tasks}
+    for ep in episodes:
+        per_task[ep.task] += ep.success
+        counts[ep.task] += 1
+    return EvalResult({t: per_task[t] / counts[t] for t in tasks}, len(episodes), sum(e.length for e in episodes))

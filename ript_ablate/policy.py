@@ -1,0 +1,173 @@
+"""Reference policy, a small VLA stand-in: state + instruction -> action chunk mean (mu) and log-scale (log_b).
+
+Tokens: instruction words (hashed vocabulary), the normalised observation projected into a few tokens, and H
+learned action queries (parallel decoding, as OpenVLA-OFT does). A pre-LN transformer whose linear layers
+(q, k, v, o, fc1, fc2) are plain `nn.Linear`, so LoRA adapters (peft) can be injected into them for RL.
+The action head reads mu from the action-query tokens; a separate scale head reads log_b from the same
+tokens (small initial weights, bias -3, as in the original).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ript_ablate.config import PolicyConfig
+
+
+def tokenize(text: str, vocab_size: int, max_tokens: int) -> list[int]:
+    """Words hashed into [1, vocab_size); 0 is padding. Stable across runs and machines."""
+    words = re.findall(r"[a-z0-9]+", text.lower())[:max_tokens]
+    ids = [1 + zlib.crc32(w.encode()) % (vocab_size - 1) for w in words]
+    return ids + [0] * (max_tokens - len(ids))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with separate q/k/v/o projections (LoRA targets)."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.o = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, mlp_ratio * d_model)
+        self.fc2 = nn.Linear(mlp_ratio * d_model, d_model)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.ln1(x)
+
+        def heads(z: torch.Tensor) -> torch.Tensor:
+            return z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+        att = F.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)),
+                                             attn_mask=key_mask[:, None, None, :])
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: PolicyConfig, obs_dim: int):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.word_emb = nn.Embedding(cfg.vocab_size, d)
+        self.obs_proj = nn.Linear(obs_dim, cfg.n_obs_tokens * d)
+        self.action_queries = nn.Parameter(torch.randn(cfg.chunk_size, d) * 0.02)
+        n_tokens = cfg.max_instruction_tokens + cfg.n_obs_tokens + cfg.chunk_size
+        self.pos_emb = nn.Parameter(torch.randn(n_tokens, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, obs_norm: torch.Tensor, instr: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the H action-query tokens, (B, H, d_model)."""
+        b = obs_norm.shape[0]
+        cfg = self.cfg
+        tokens = torch.cat(
+            [
+                self.word_emb(instr),
+                self.obs_proj(obs_norm).view(b, cfg.n_obs_tokens, cfg.d_model),
+                self.action_queries.expand(b, -1, -1),
+            ],
+            dim=1,
+        ) + self.pos_emb
+        keep = torch.cat([instr != 0, torch.ones(b, cfg.n_obs_tokens + cfg.chunk_size, dtype=torch.bool,
+                                                 device=instr.device)], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens, keep)
+        return self.ln_f(tokens[:, -cfg.chunk_size:])
+
+
+class ReferencePolicy(nn.Module):
+    """obs (B, obs_dim) + instruction ids (B, L) -> mu (B, H, D), log_b (B, H, D)."""
+
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.obs_dim = obs_dim
+        self.action_dim = action_dim
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; global RNG untouched
+            torch.manual_seed(cfg.seed)
+            self.backbone = Backbone(cfg, obs_dim)
+            self.action_head = nn.Linear(cfg.d_model, action_dim)
+            self.scale_head = nn.Linear(cfg.d_model, action_dim)
+            nn.init.normal_(self.scale_head.weight, std=1e-3)
+            nn.init.constant_(self.scale_head.bias, cfg.scale_bias_init)
+
+    def set_obs_normalizer(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Normalise observations by demo statistics; a floored std keeps constant dims from exploding."""
+        self.obs_mean.copy_(mean)
+        self.obs_std.copy_(std.clamp_min(self.cfg.obs_std_floor))
+
+    def forward(self, obs: torch.Tensor, instr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.backbone((obs - self.obs_mean) / self.obs_std, instr)
+        return self.action_head(hidden), self.scale_head(hidden)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.action_head.parameters())
+
+
+def build_policy(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> ReferencePolicy:
+    return ReferencePolicy(cfg, obs_dim, action_dim)
+
+
+def inject_lora(policy: ReferencePolicy, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
+    """Wrap the backbone's target linear layers with peft LoRA adapters and freeze the base backbone.
+
+    Only the adapter (lora_A / lora_B) stays trainable in the backbone, as in RIPT's OpenVLA-OFT path.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pattern = r".*\.(" + "|".join(map(re.escape, targets)) + r")$"
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
+    inject_adapter_in_model(config, policy.backbone)
+    for name, param in policy.backbone.named_parameters():
+        param.requires_grad = "lora_" in name
+
+
+def lora_parameters(policy: ReferencePolicy) -> list[nn.Parameter]:
+    return [p for n, p in policy.backbone.named_parameters() if "lora_" in n]
+
+
+def merged_state_dict(policy: ReferencePolicy) -> dict[str, torch.Tensor]:
+    """Plain-policy weights with LoRA deltas folded in: rollout workers need neither peft nor adapters."""
+    state: dict[str, torch.Tensor] = {}
+    lora_modules: dict[str, Any] = {}
+    for name, module in policy.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            lora_modules[name] = module
+    for key, value in policy.state_dict().items():
+        if "lora_" in key:
+            continue
+        prefix, _, leaf = key.rpartition(".")
+        owner = prefix.removesuffix(".base_layer")
+        if prefix.endswith(".base_layer") and owner in lora_modules:
+            module = lora_modules[owner]
+            if leaf == "weight":
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                value = value + delta.to(value.dtype)
+            key = f"{owner}.{leaf}"
+        state[key] = value.detach().float().cpu().clone()
+    return state
+
+
+def n_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def describe(policy: ReferencePolicy) -> str:
+    total = n_parameters(policy)
+    return f"{total / 1e6:.2f}M parameters (d_model={policy.cfg.d_model}, layers={policy.cfg.n_layers}, " \
+           f"H={policy.cfg.chunk_size}, D={policy.action_dim})"
+

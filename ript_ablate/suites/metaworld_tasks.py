@@ -1,0 +1,135 @@
+"""Meta-World task facts: presets, instructions, episode lengths, and seeded initial-state variations.
+
+A variation (Meta-World's `rand_vec`: object and goal positions) fully fixes an episode's initial state:
+a reset with a fixed variation is deterministic. RIPT contexts are variations; so are evaluation states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import warnings
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+PRESETS: dict[str, list[str]] = {
+    # Tasks with headroom for RL from a few demonstrations (FACTS.md: drawer-open, button-press-topdown and
+    # door-open are near 100% from a single demonstration).
+    "quick": ["reach-v3", "push-v3", "window-open-v3"],
+    "mt10": [
+        "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+        "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3",
+    ],
+}
+
+INSTRUCTIONS: dict[str, str] = {
+    "reach-v3": "reach the goal position with the gripper",
+    "push-v3": "push the puck to the goal",
+    "pick-place-v3": "pick up the puck and place it at the goal",
+    "door-open-v3": "open the door by its handle",
+    "drawer-open-v3": "open the drawer",
+    "drawer-close-v3": "close the drawer",
+    "button-press-topdown-v3": "press the button from the top",
+    "peg-insert-side-v3": "insert the peg into the hole from the side",
+    "window-open-v3": "slide the window open",
+    "window-close-v3": "slide the window closed",
+}
+
+# Per-task episode limits: about twice the scripted expert's median episode length (measured on 20 variations:
+# reach 48, push 62, pick-place 55, door-open 82, drawer-open 89, drawer-close 78, button-press-topdown 66,
+# peg-insert-side 92, window-open 88, window-close 80 steps), so a slower learned policy can still finish.
+EPISODE_LENGTHS: dict[str, int] = {
+    "reach-v3": 120,
+    "push-v3": 150,
+    "pick-place-v3": 150,
+    "door-open-v3": 200,
+    "drawer-open-v3": 180,
+    "drawer-close-v3": 160,
+    "button-press-topdown-v3": 150,
+    "peg-insert-side-v3": 250,
+    "window-open-v3": 180,
+    "window-close-v3": 160,
+}
+DEFAULT_EPISODE_LENGTH = 250
+
+OBS_DIM = 39
+ACTION_DIM = 4
+
+
+@lru_cache(maxsize=1)
+def all_task_names() -> tuple[str, ...]:
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    return tuple(ALL_V3_ENVIRONMENTS)
+
+
+def instruction(task: str) -> str:
+    """The policy's language input; tasks without a hand-written one get their name in words."""
+    return INSTRUCTIONS.get(task, task.removesuffix("-v3").replace("-", " "))
+
+
+def episode_length(task: str, override: int | None = None) -> int:
+    return override if override is not None else EPISODE_LENGTHS.get(task, DEFAULT_EPISODE_LENGTH)
+
+
+def stream_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from named parts, so each stream (demo, context, eval) is independent."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def quiet() -> None:
+    """Meta-World and its scripted experts warn on every call; silence that in tight loops."""
+    warnings.filterwarnings("ignore", module=r"metaworld.*")
+    warnings.filterwarnings("ignore", module=r"gymnasium.*")
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def make_env(task: str) -> Any:
+    """One raw Meta-World environment (goal observable, as in the MT benchmarks)."""
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    quiet()
+    return ALL_V3_ENVIRONMENTS[task]()
+
+
+def _task_kwargs(task: str) -> dict[str, Any]:
+    from metaworld.env_dict import ML1_ARGS_KWARGS
+
+    kwargs = dict(ML1_ARGS_KWARGS[task]["kwargs"])
+    kwargs.pop("task_id", None)
+    return kwargs
+
+
+def sample_variations(task: str, seed: int, n: int, env: Any | None = None) -> np.ndarray:
+    """n distinct variations of `task`, reproducible for `seed`.
+
+    Uses the environment's own reset-time sampler (which rejects invalid layouts, e.g. goal too close to
+    the object) driven by a seeded generator, exactly as Meta-World builds its benchmark tasks.
+    """
+    env = env if env is not None else make_env(task)
+    env._freeze_rand_vec = False
+    env.seeded_rand_vec = True
+    env._set_task_called = True
+    env._set_task_inner(**_task_kwargs(task))
+    env.seed(int(seed % (2**32)))
+    out: list[np.ndarray] = []
+    seen: set[bytes] = set()
+    while len(out) < n:
+        env.reset()
+        vec = np.asarray(env._last_rand_vec, dtype=np.float64).copy()
+        if vec.tobytes() not in seen:
+            seen.add(vec.tobytes())
+            out.append(vec)
+    env._freeze_rand_vec = True
+    return np.stack(out) if out else np.zeros((0, 0))
+
+
+def set_variation(env: Any, task: str, rand_vec: np.ndarray) -> None:
+    """Point an existing environment at a variation (cheap: no new MuJoCo model)."""
+    from metaworld.types import Task
+
+    data = dict(_task_kwargs(task), rand_vec=np.asarray(rand_vec), env_cls=type(env), partially_observable=False)
+    env.set_task(Task(env_name=task, data=pickle.dumps(data)))

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny one-task config so the suite runs in seconds on 2 cores."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import pytest
+import yaml
+
+from ript_ablate.config import Config, config_from_dict
+
+TINY = {
+    "suite": {"tasks": ["reach-v3"], "demos_per_task": 2, "contexts_per_task": 2, "eval_states_per_task": 3,
+              "num_workers": 0, "envs_per_worker": 4},
+    "policy": {"d_model": 32, "n_layers": 1, "n_heads": 2, "chunk_size": 4, "max_instruction_tokens": 8},
+    "sft": {"steps": 20, "scale_steps": 10, "batch_size": 32},
+    "algo": {"max_episode_length": 40},
+}
+
+
+@pytest.fixture
+def tiny_dict(tmp_path) -> dict:
+    data = {k: dict(v) for k, v in TINY.items()}
+    data["sft"]["cache_dir"] = str(tmp_path / "cache")
+    return data
+
+
+@pytest.fixture
+def tiny_cfg(tiny_dict) -> Config:
+    return config_from_dict(tiny_dict)
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path, tiny_dict):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict))
+    return path

@@ -1,0 +1,75 @@
+"""Behaviour-cloning base: cached by a hash of its inputs; clear errors for missing or corrupt checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ript_ablate.cli import main
+from ript_ablate.config import config_from_dict
+from ript_ablate.sft import build_bc_data, get_base, sft_key
+from ript_ablate.suites import build_suite
+from ript_ablate.suites.metaworld import Demonstrations
+from ript_ablate.suites.rollouts import Episode, RolloutPool
+
+
+def test_bc_chunks_are_the_next_h_actions_masked_past_the_end(tiny_cfg):
+    actions = np.arange(12, dtype=np.float32).reshape(3, 4)  # 3 steps, D=4
+    ep = Episode("reach-v3", "reach-v3/demo/0", True, 3, np.zeros((3, 39), np.float32), actions, np.ones((3, 1), bool))
+    data = build_bc_data(Demonstrations({"reach-v3": [ep]}, {"reach-v3": []}), ["reach-v3"], {"reach-v3": "reach"},
+                         tiny_cfg.policy)
+    assert data.target.shape == (3, 4, 4)
+    torch.testing.assert_close(data.target[1, :2], torch.from_numpy(actions[1:3]))
+    assert data.mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_base_is_cached_and_reused(tiny_cfg):
+    suite = build_suite(tiny_cfg)
+    with RolloutPool(0, 4, tiny_cfg.algo.max_episode_length) as pool:
+        policy, path, info = get_base(tiny_cfg, suite, pool)
+        assert not info["cache_hit"] and path.is_file()
+        stamp = path.stat().st_mtime_ns
+        again, path2, info2 = get_base(tiny_cfg, build_suite(tiny_cfg), pool)
+    assert info2["cache_hit"] and path2 == path and path.stat().st_mtime_ns == stamp
+    for (k, a), (_, b) in zip(policy.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    # the scale head was fitted: log_b moved away from its -3 initial bias toward the demos' spread
+    assert not torch.allclose(policy.scale_head.bias, torch.full((4,), -3.0))
+
+
+def test_cache_key_tracks_what_produced_the_base(tiny_dict):
+    base = config_from_dict(tiny_dict)
+    assert sft_key(base, "demos") == sft_key(config_from_dict(tiny_dict), "demos")
+    assert sft_key(base, "demos") != sft_key(base, "other-demos")
+    changed = dict(tiny_dict, sft=dict(tiny_dict["sft"], steps=21))
+    assert sft_key(base, "demos") != sft_key(config_from_dict(changed), "demos")
+    moved = dict(tiny_dict, sft=dict(tiny_dict["sft"], cache_dir="/elsewhere"))
+    assert sft_key(base, "demos") == sft_key(config_from_dict(moved), "demos")  # location is not an input
+
+
+def test_eval_cli_on_base_prints_a_table(tiny_yaml, capsys):
+    assert main(["sft", str(tiny_yaml), "--eval"]) == 0
+    err = capsys.readouterr().err
+    assert "reach-v3" in err and "mean over tasks" in err and "3 episodes" in err
+
+
+def test_missing_or_corrupt_checkpoint_gives_a_clear_error(tiny_yaml, tmp_path, capsys):
+    missing = tmp_path / "nope.safetensors"
+    assert main(["eval", str(tiny_yaml), "--checkpoint", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint file not found" in err and str(missing) in err and "Traceback" not in err
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    assert main(["eval", str(tiny_yaml), "--checkpoint", str(corrupt)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read model checkpoint" in err and str(corrupt) in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_architecture_is_named(tiny_yaml, tmp_path, capsys):
+    from ript_ablate.checkpoints import save_tensors
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_tensors({"action_head.weight": torch.zeros(4, 64)}, wrong)
+    assert main(["eval", str(tiny_yaml), "--checkpoint", str(wrong)]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit this policy" in err and "shape mismatch" in err

@@ -1,0 +1,96 @@
+"""Meta-World suite: reproducible demonstrations, contexts and evaluation states; rollout semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ript_ablate.config import config_from_dict
+from ript_ablate.policy import build_policy
+from ript_ablate.suites import build_suite, resolve_tasks
+from ript_ablate.suites.rollouts import EpisodeJob, RolloutPool, Sampling
+
+
+def test_presets_expand():
+    assert resolve_tasks(["quick"]) == ["reach-v3", "push-v3", "window-open-v3"]
+    assert len(resolve_tasks(["mt10"])) == 10
+    assert resolve_tasks(["reach-v3", "quick"])[0] == "reach-v3" and len(resolve_tasks(["reach-v3", "quick"])) == 3
+
+
+def test_states_reproducible_for_a_seed_and_disjoint(tiny_dict):
+    a, b = build_suite(config_from_dict(tiny_dict)), build_suite(config_from_dict(tiny_dict))
+    for kind in ("extra_contexts", "eval_states"):
+        va = np.stack([s.rand_vec for s in getattr(a, kind)("reach-v3")])
+        vb = np.stack([s.rand_vec for s in getattr(b, kind)("reach-v3")])
+        np.testing.assert_array_equal(va, vb)
+    other = dict(tiny_dict, suite=dict(tiny_dict["suite"], seed=5))
+    c = build_suite(config_from_dict(other))
+    assert not np.array_equal(a.extra_contexts("reach-v3")[0].rand_vec, c.extra_contexts("reach-v3")[0].rand_vec)
+    # evaluation states have their own seed: the suite seed does not move them
+    np.testing.assert_array_equal(a.eval_states("reach-v3")[0].rand_vec, c.eval_states("reach-v3")[0].rand_vec)
+
+
+def test_demonstrations_reproducible_successful_and_disjoint_from_eval(tiny_cfg, tmp_path):
+    suite = build_suite(tiny_cfg)
+    with RolloutPool(0, 4, tiny_cfg.algo.max_episode_length) as pool:
+        first = suite.demonstrations(pool, cache_dir=None)
+        second = build_suite(tiny_cfg).demonstrations(pool, cache_dir=tmp_path)
+        cached = build_suite(tiny_cfg).demonstrations(pool, cache_dir=tmp_path)
+    for demos in (second, cached):
+        assert [s.state_id for s in demos.states["reach-v3"]] == [s.state_id for s in first.states["reach-v3"]]
+        for x, y in zip(first.episodes["reach-v3"], demos.episodes["reach-v3"]):
+            np.testing.assert_array_equal(x.actions, y.actions)
+            np.testing.assert_array_equal(x.obs, y.obs)
+    assert all(ep.success for ep in first.episodes["reach-v3"]) and len(first.episodes["reach-v3"]) == 2
+    assert np.abs(first.episodes["reach-v3"][0].actions).max() <= 1.0
+    suite.check_disjoint(first)
+    contexts = suite.training_contexts(first)
+    assert len(contexts) == 2 + 2 and contexts[0].state_id.startswith("reach-v3/demo/")
+
+
+def _policy(cfg):
+    policy = build_policy(cfg.policy, 39, 4)
+    return policy
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rollouts_reproducible_for_a_seed(tiny_cfg, workers):
+    suite = build_suite(tiny_cfg)
+    states = suite.extra_contexts("reach-v3")
+    jobs = [EpisodeJob(states[i % 2], seed=100 + i) for i in range(6)]
+    runs = []
+    with RolloutPool(workers, 2, 40) as pool:
+        pool.set_policy(_policy(tiny_cfg))
+        for _ in range(2):
+            runs.append(pool.run(jobs, Sampling(laplace=True, scale_factor=3.0)))
+    with RolloutPool(0, 2, 40) as pool:  # same batches in another process layout: same episodes
+        pool.set_policy(_policy(tiny_cfg))
+        runs.append(pool.run(jobs, Sampling(laplace=True, scale_factor=3.0)))
+    for run in runs[1:]:
+        for x, y in zip(runs[0], run):
+            np.testing.assert_array_equal(x.actions, y.actions)
+            assert x.length == y.length and x.success == y.success
+    # different noise seeds give different actions
+    assert not np.allclose(runs[0][0].actions, runs[0][2].actions)
+
+
+def test_episode_layout_and_limits(tiny_cfg):
+    suite = build_suite(tiny_cfg)
+    state = suite.extra_contexts("reach-v3")[0]
+    with RolloutPool(0, 4, 10) as pool:
+        pool.set_policy(_policy(tiny_cfg))
+        ep_sample, ep_mean = pool.run([EpisodeJob(state, seed=1), EpisodeJob(state, seed=2, mode="mean")])
+    h = tiny_cfg.policy.chunk_size
+    assert ep_sample.length == 10 and not ep_sample.success  # untrained policy, 10-step limit
+    assert ep_sample.actions.shape == (3, h, 4) and ep_sample.valid.shape == (3, h)
+    assert ep_sample.valid.sum() == 10 and not ep_sample.valid[-1, 2:].any()
+    np.testing.assert_array_equal(ep_mean.actions, ep_mean.mu)  # mean mode executes mu
+
+
+def test_success_is_sticky_and_ends_the_episode(tiny_cfg):
+    """The scripted expert succeeds; the episode stops at its first success."""
+    suite = build_suite(tiny_cfg)
+    state = suite.demo_candidates("reach-v3", 1)[0]
+    with RolloutPool(0, 4, 120) as pool:
+        (ep,) = pool.run([EpisodeJob(state, seed=0, mode="expert")])
+    assert ep.success and ep.length < 120 and ep.actions.shape[0] == ep.length
