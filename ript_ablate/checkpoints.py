@@ -67,3 +67,77 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: s
         raise CheckpointError(f"{what} {path} does not fit this policy ({'; '.join(parts)}); "
                               "was it written with another policy config?")
     module.load_state_dict(tensors, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------- run layout
+
+ADAPTER_FILE = "adapter.safetensors"
+HEADER_FILE = "header.safetensors"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+
+
+def adapter_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What `lora_adaptor_ckpt` carries: the LoRA weights plus both heads (which override the base)."""
+    return {k: v for k, v in policy.state_dict().items()
+            if "lora_" in k or k.startswith("action_head.") or k.startswith("scale_head.")}
+
+
+def header_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in policy.state_dict().items() if k.startswith("scale_head.")}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW state as flat tensors (safetensors holds tensors only, never pickles)."""
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state_dict = optimizer.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+
+
+def save_run_checkpoint(directory: str | Path, policy: torch.nn.Module, merged: dict[str, torch.Tensor],
+                        optimizer: torch.optim.Optimizer | None, meta: dict) -> Path:
+    """Write a checkpoint directory atomically: fill a temporary sibling, then rename it into place."""
+    import json
+    import shutil
+
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_tensors(adapter_state(policy), tmp / ADAPTER_FILE)
+    save_tensors(header_state(policy), tmp / HEADER_FILE)
+    save_tensors(merged, tmp / MODEL_FILE)
+    if optimizer is not None:
+        save_tensors(optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    import json
+
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None

@@ -16,6 +16,8 @@ from ript_ablate.config import Config, load_config, to_yaml
 from ript_ablate.errors import RiptAblateError
 from ript_ablate.progress import console
 
+EXIT_DIVERGED = 3  # a run that ended "diverged" (non-finite updates): a result, distinct from an error
+
 
 def _load(args: argparse.Namespace) -> Config:
     """Load the config; original-but-unused keys print one warning line each."""
@@ -79,6 +81,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ript_ablate.ript.trainer import Trainer
+    from ript_ablate.tracking import MlflowTracker, Tracker
+
+    cfg = _load(args)
+    track = cfg.tracking.enabled and not args.no_track
+    tracker = (MlflowTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name)
+               if track else Tracker())
+    try:
+        result = Trainer(cfg, tracker).run(args.output)
+    except BaseException:
+        tracker.end("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
+        raise
+    if track:
+        tracker.set_tags({"ript.status": result.status})  # type: ignore[attr-defined]
+    tracker.end("FINISHED" if result.status == "finished" else "FAILED")
+    final = result.history[-1] if result.history else {}
+    console.print(f"run {result.status}: output in {result.output_dir}"
+                  + (f", MLflow run {result.run_id}" if result.run_id else "")
+                  + (f", final eval {100 * final['eval/success_rate']:.1f}%" if "eval/success_rate" in final else ""))
+    return 0 if result.status == "finished" else EXIT_DIVERGED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ript-ablate", description="Ablation studies of RIPT post-training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     p = add("eval", cmd_eval, "Evaluate a policy (default: the config's behaviour-cloning base).")
     p.add_argument("--checkpoint", default=None, help="model.safetensors to evaluate instead of the base")
+    p = add("train", cmd_train, "Run RIPT post-training on the config's base, tracked in MLflow.")
+    p.add_argument("--no-track", action="store_true", help="do not track in MLflow")
+    p.add_argument("--output", default=None, help="run directory (default: training.output_dir/run-<time>)")
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print measured figures (run by hand or `make bench`), never timed unit tests."""

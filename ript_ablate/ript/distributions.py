@@ -1,0 +1,64 @@
+"""Action log-probabilities as RIPT computes them for the PPO ratio.
+
+Per element (chunk step h, action dim d) with b = exp(log_b):
+    Laplace   -log_b - |a - mu| / b - log 2
+    Gaussian  -log_b - (a - mu)^2 / (2 b^2) - log(2 pi) / 2
+Original behaviour (`exact=False`): log_b is clamped to `log_scale_clip` (no gradient where the clamp is
+active) and `scale_factor` is left out, although sampling used b * scale_factor unclamped: the ratio's density
+is not the behaviour density. `exact=True` uses the sampling density itself (scale_factor in, no clamp).
+The noise family follows the sampling switch (Laplace, or this project's Gaussian ablation).
+
+Reduction over action dims (`log_prob_mode`):
+    sum_on_action_dim    one log-prob (one ratio) per chunk step, summed over D
+    avg_on_action_dim    one per chunk step, averaged over D
+    ratio_on_action_dim  one per element (a ratio per action dim)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG2 = math.log(2.0)
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def effective_log_scale(log_b: torch.Tensor, log_scale_clip: tuple[float, float], scale_factor: float,
+                        exact: bool) -> torch.Tensor:
+    if exact:
+        return log_b + math.log(scale_factor)
+    return torch.clamp(log_b, log_scale_clip[0], log_scale_clip[1])
+
+
+def elementwise_log_prob(actions: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor,
+                         laplace: bool) -> torch.Tensor:
+    z = (actions - mu) / torch.exp(log_scale)
+    if laplace:
+        return -log_scale - z.abs() - LOG2
+    return -log_scale - 0.5 * z * z - HALF_LOG_2PI
+
+
+def reduce_action_dims(logp: torch.Tensor, mode: str) -> torch.Tensor:
+    """(..., H, D) -> (..., H) for the per-step modes; unchanged for the per-element mode."""
+    if mode == "sum_on_action_dim":
+        return logp.sum(-1)
+    if mode == "avg_on_action_dim":
+        return logp.mean(-1)
+    if mode == "ratio_on_action_dim":
+        return logp
+    raise ValueError(f"unknown log_prob_mode {mode!r}")
+
+
+def log_prob(actions: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor, *, laplace: bool, mode: str,
+             log_scale_clip: tuple[float, float], scale_factor: float = 1.0, exact: bool = False) -> torch.Tensor:
+    """The log-prob entering the PPO ratio, shaped per `mode` (see module docstring)."""
+    log_scale = effective_log_scale(log_b, log_scale_clip, scale_factor, exact)
+    return reduce_action_dims(elementwise_log_prob(actions, mu, log_scale, laplace), mode)
+
+
+def step_mask(valid: torch.Tensor, mode: str, action_dim: int) -> torch.Tensor:
+    """Valid mask matching `log_prob`'s shape: per step, or per element (normaliser multiplied by D)."""
+    if mode == "ratio_on_action_dim":
+        return valid.unsqueeze(-1).expand(*valid.shape, action_dim)
+    return valid

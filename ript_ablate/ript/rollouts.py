@@ -1,0 +1,121 @@
+"""One iteration's rollouts: contexts x K stochastic episodes, with dynamic sampling.
+
+Dynamic sampling (`enable_dynamic_sampling`): a context whose K rewards are all 0 or all 1 carries no RLOO signal
+and is discarded; further contexts are tried until `early_stop_percentage` x quota groups are accepted. The
+original loops forever when every context is solved (upstream issue #10); here the attempts are capped
+(`max_sampling_attempts`, 0 = 4 x quota) and the shortfall is logged, never padded with duplicates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ript_ablate.config import AlgoConfig
+from ript_ablate.suites.metaworld_tasks import stream_seed
+from ript_ablate.suites.rollouts import Episode, EpisodeJob, InitialState, RolloutPool, Sampling
+
+
+@dataclass
+class Group:
+    """K rollouts of one context (or, with mix_val_init_in_rloo, K states of one task)."""
+
+    context: InitialState
+    episodes: list[Episode]
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return np.asarray([float(e.success) for e in self.episodes])
+
+    @property
+    def degenerate(self) -> bool:
+        r = self.rewards
+        return bool(r.min() == r.max())
+
+
+@dataclass
+class IterationRollouts:
+    accepted: list[Group]
+    tried: int
+    zero_variance: int
+    all_episodes: list[Episode] = field(repr=False)
+    seconds: float
+    quota: int
+
+    @property
+    def env_steps(self) -> int:
+        return sum(e.length for e in self.all_episodes)
+
+    def metrics(self, tasks: list[str]) -> dict[str, float]:
+        out = {
+            "sampling/contexts_tried": float(self.tried),
+            "sampling/zero_variance_groups": float(self.zero_variance),
+            "sampling/accepted_groups": float(len(self.accepted)),
+            "sampling/shortfall": float(self.quota - len(self.accepted)),
+            "train/success_rate": float(np.mean([e.success for e in self.all_episodes])),
+            "perf/env_steps_per_s": self.env_steps / max(self.seconds, 1e-9),
+            "perf/rollout_s": self.seconds,
+        }
+        for task in tasks:
+            eps = [e.success for e in self.all_episodes if e.task == task]
+            if eps:
+                out[f"train/success_rate/{task}"] = float(np.mean(eps))
+        return out
+
+
+def sampling_of(algo: AlgoConfig) -> Sampling:
+    return Sampling(laplace=algo.use_laplace_sampling, scale_factor=algo.scale_factor)
+
+
+def attempt_cap(algo: AlgoConfig, quota: int) -> int:
+    return algo.max_sampling_attempts or 4 * quota
+
+
+def group_jobs(context: InitialState, k: int, seeds: list[int], mix_states: list[InitialState] | None,
+               rng: np.random.Generator) -> list[EpisodeJob]:
+    """K jobs for one group: the context tiled K times, or K random states of its task (mix_val_init_in_rloo)."""
+    if mix_states is not None:
+        picks = rng.choice(len(mix_states), size=k, replace=len(mix_states) < k)
+        return [EpisodeJob(mix_states[int(i)], seed) for i, seed in zip(picks, seeds)]
+    return [EpisodeJob(context, seed) for seed in seeds]
+
+
+def collect(pool: RolloutPool, contexts: list[InitialState], algo: AlgoConfig, quota: int, iteration: int,
+            eval_states: dict[str, list[InitialState]] | None = None) -> IterationRollouts:
+    """Roll out contexts (reshuffled each iteration) in rounds until the quota is met or the cap is reached.
+
+    `contexts` are the training contexts, or the evaluation states when `use_val_init`; `eval_states` (per task)
+    is needed for `mix_val_init_in_rloo`.
+    """
+    start = time.perf_counter()
+    k = algo.rloo_batch_size
+    rng = np.random.default_rng(stream_seed(algo.model_seed, "contexts", iteration))
+    order = rng.permutation(len(contexts))
+    cap = attempt_cap(algo, quota) if algo.enable_dynamic_sampling else quota
+    target = math.ceil(algo.early_stop_percentage * quota) if algo.enable_dynamic_sampling else quota
+    accepted: list[Group] = []
+    all_episodes: list[Episode] = []
+    tried = zero_variance = 0
+    sampling = sampling_of(algo)
+    mix = algo.use_val_init and algo.mix_val_init_in_rloo
+    while len(accepted) < target and tried < cap:
+        n = min(target - len(accepted), cap - tried)
+        picked = [contexts[order[(tried + i) % len(order)]] for i in range(n)]
+        jobs: list[EpisodeJob] = []
+        for i, ctx in enumerate(picked):
+            seeds = [stream_seed(algo.model_seed, "noise", iteration, tried + i, j) for j in range(k)]
+            jobs += group_jobs(ctx, k, seeds, (eval_states or {}).get(ctx.task) if mix else None, rng)
+        episodes = pool.run(jobs, sampling)
+        all_episodes += episodes
+        for i, ctx in enumerate(picked):
+            group = Group(ctx, episodes[i * k:(i + 1) * k])
+            if algo.enable_dynamic_sampling and group.degenerate:
+                zero_variance += 1
+            else:
+                zero_variance += int(group.degenerate)
+                accepted.append(group)
+        tried += n
+    return IterationRollouts(accepted, tried, zero_variance, all_episodes, time.perf_counter() - start, quota)

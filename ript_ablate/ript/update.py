@@ -1,0 +1,183 @@
+"""The PPO update: asymmetric clipped loss per action step, trajectory-mean loss, gradient accumulation over
+trajectories, and two parameter groups (backbone adapter at `lr`; heads at `header_lr`), each clipped apart.
+
+Per action step (or per element in ratio_on_action_dim mode):
+    ratio = exp(logp_new - logp_old)
+    loss  = max(-A * ratio, -A * clamp(ratio, 1 - ppo_clip_range, 1 + ppo_clip_high))
+A trajectory's loss is the mean over its valid steps; GA trajectories are averaged per optimizer step, and a
+leftover group smaller than GA at the end of a pass still steps (the original leaks it into the next
+iteration). No KL, entropy or value terms. Statistics stay on the device and are read once per iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ript_ablate.config import AlgoConfig
+from ript_ablate.device import autocast
+from ript_ablate.policy import ReferencePolicy, lora_parameters
+from ript_ablate.ript.distributions import log_prob, step_mask
+
+
+@dataclass
+class Trajectory:
+    obs: torch.Tensor  # (C, obs_dim)
+    instr: torch.Tensor  # (L,)
+    actions: torch.Tensor  # (C, H, D)
+    mask: torch.Tensor  # (C, H) or (C, H, D): float, 1 where the step counts
+    old_logp: torch.Tensor  # same shape as mask
+    advantage: float
+
+
+def clipped_loss(ratio: torch.Tensor, advantage: torch.Tensor | float, clip_low: float,
+                 clip_high: float) -> torch.Tensor:
+    """Elementwise pessimistic PPO loss with the asymmetric clip [1 - clip_low, 1 + clip_high]."""
+    return torch.maximum(-advantage * ratio, -advantage * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
+
+
+def policy_log_prob(policy: ReferencePolicy, obs: torch.Tensor, instr: torch.Tensor, actions: torch.Tensor,
+                    algo: AlgoConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp per `log_prob_mode`, log_b) of `actions` under the current policy."""
+    with autocast(device):
+        mu, log_b = policy(obs, instr)
+    logp = log_prob(actions, mu.float(), log_b.float(), laplace=algo.use_laplace_sampling, mode=algo.log_prob_mode,
+                    log_scale_clip=tuple(algo.log_scale_clip), scale_factor=algo.scale_factor,
+                    exact=algo.exact_behavior_logprob)
+    return logp, log_b.float()
+
+
+def old_log_prob(mu: np.ndarray, log_b: np.ndarray, actions: np.ndarray, algo: AlgoConfig) -> torch.Tensor:
+    """Behaviour-time log-prob from the mu/log_b stored at rollout (no recompute before the update)."""
+    return log_prob(torch.from_numpy(actions), torch.from_numpy(mu), torch.from_numpy(log_b),
+                    laplace=algo.use_laplace_sampling, mode=algo.log_prob_mode,
+                    log_scale_clip=tuple(algo.log_scale_clip), scale_factor=algo.scale_factor,
+                    exact=algo.exact_behavior_logprob)
+
+
+def parameter_groups(policy: ReferencePolicy, algo: AlgoConfig) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone adapter, heads). With fix_scale_head the scale head is frozen and left out of the optimizer;
+    gradient still flows through log_b into the backbone, as in the original."""
+    backbone = lora_parameters(policy)
+    heads = list(policy.action_head.parameters())
+    for p in policy.scale_head.parameters():
+        p.requires_grad = not algo.fix_scale_head
+    if not algo.fix_scale_head:
+        heads += list(policy.scale_head.parameters())
+    return backbone, heads
+
+
+class PPOUpdater:
+    def __init__(self, policy: ReferencePolicy, algo: AlgoConfig, device: torch.device):
+        self.policy, self.algo, self.device = policy, algo, device
+        self.backbone_params, self.head_params = parameter_groups(policy, algo)
+        groups = [{"params": self.backbone_params, "lr": algo.lr, "name": "backbone"},
+                  {"params": self.head_params, "lr": algo.header_lr, "name": "header"}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=algo.weight_decay)
+        self.consecutive_nonfinite = 0
+
+    def _micro_step(self, traj: Trajectory, weight: float, stats: dict[str, torch.Tensor]) -> None:
+        """Forward/backward one trajectory, `max_step_batch_size` chunk steps at a time. No host syncs."""
+        algo = self.algo
+        n_valid = traj.mask.sum().clamp_min(1.0)
+        size = algo.max_step_batch_size
+        for s in range(0, traj.obs.shape[0], size):
+            obs, mask = traj.obs[s:s + size], traj.mask[s:s + size]
+            instr = traj.instr.expand(obs.shape[0], -1)
+            logp, log_b = policy_log_prob(self.policy, obs, instr, traj.actions[s:s + size], algo, self.device)
+            log_ratio = logp - traj.old_logp[s:s + size]
+            ratio = torch.exp(log_ratio)
+            loss = (clipped_loss(ratio, traj.advantage, algo.ppo_clip_range, algo.ppo_clip_high) * mask).sum()
+            (loss * (weight / n_valid)).backward()
+            with torch.no_grad():
+                outside = (ratio < 1 - algo.ppo_clip_range) | (ratio > 1 + algo.ppo_clip_high)
+                lo, hi = algo.log_scale_clip
+                step_valid = mask if mask.dim() == log_b.dim() else mask.unsqueeze(-1).expand_as(log_b)
+                stats["loss"] += loss.detach() * weight / n_valid
+                stats["ratio"] += (ratio * mask).sum()
+                stats["clipped"] += (outside * mask).sum()
+                stats["approx_kl"] += (((ratio - 1) - log_ratio) * mask).sum()
+                stats["count"] += mask.sum()
+                stats["log_b"] += (log_b * step_valid).sum()
+                stats["log_b_clipped"] += (((log_b < lo) | (log_b > hi)) * step_valid).sum()
+                stats["log_b_count"] += step_valid.sum()
+
+    def _optimizer_step(self, stats: dict[str, torch.Tensor]) -> bool:
+        """Clip each group apart and step; skip (and count) a non-finite update. One host sync per step."""
+        norms = []
+        for params, max_norm in ((self.backbone_params, self.algo.grad_norm_clip_model),
+                                 (self.head_params, self.algo.grad_norm_clip_header)):
+            grads = [p for p in params if p.grad is not None]
+            norms.append(torch.nn.utils.clip_grad_norm_(grads, max_norm) if grads
+                         else torch.zeros((), device=self.device))
+        finite = bool(torch.isfinite(norms[0]) & torch.isfinite(norms[1]) & torch.isfinite(stats["step_loss"]))
+        if finite:
+            self.optimizer.step()
+            stats["grad_norm_backbone"] += norms[0]
+            stats["grad_norm_header"] += norms[1]
+            stats["steps"] += 1
+            self.consecutive_nonfinite = 0
+        else:
+            stats["nonfinite"] += 1
+            self.consecutive_nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def update(self, trajectories: list[Trajectory], rng: np.random.Generator, max_nonfinite: int) -> dict:
+        """`num_ppo_epochs` reshuffled passes. Returns metrics and whether the run diverged."""
+        keys = ("loss", "ratio", "clipped", "approx_kl", "count", "log_b", "log_b_clipped", "log_b_count",
+                "grad_norm_backbone", "grad_norm_header", "steps", "nonfinite", "step_loss")
+        stats = {k: torch.zeros((), device=self.device) for k in keys}
+        ga = self.algo.gradient_accumulation_steps
+        diverged = False
+        self.policy.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        for _epoch in range(self.algo.num_ppo_epochs):
+            order = rng.permutation(len(trajectories))
+            for start in range(0, len(order), ga):
+                group = order[start:start + ga]  # the last group may be smaller: it still steps
+                before = stats["loss"].clone()
+                for i in group:
+                    self._micro_step(trajectories[int(i)], 1.0 / len(group), stats)
+                stats["step_loss"] = stats["loss"] - before
+                if not self._optimizer_step(stats) and self.consecutive_nonfinite > max_nonfinite:
+                    diverged = True
+                    break
+            if diverged:
+                break
+        self.policy.eval()
+        values = {k: float(v) for k, v in stats.items()}  # the one read of the iteration
+        count, steps = max(values["count"], 1.0), max(values["steps"], 1.0)
+        return {
+            "metrics": {
+                "ppo/loss": values["loss"] / max(values["steps"] + values["nonfinite"], 1.0),
+                "ppo/ratio_mean": values["ratio"] / count,
+                "ppo/clip_fraction": values["clipped"] / count,
+                "ppo/approx_kl": values["approx_kl"] / count,
+                "ppo/optimizer_steps": values["steps"],
+                "grad_norm/backbone": values["grad_norm_backbone"] / steps,
+                "grad_norm/header": values["grad_norm_header"] / steps,
+                "scale/log_b_mean": values["log_b"] / max(values["log_b_count"], 1.0),
+                "scale/log_b_clipped_fraction": values["log_b_clipped"] / max(values["log_b_count"], 1.0),
+                "health/nonfinite_events": values["nonfinite"],
+            },
+            "diverged": diverged,
+        }
+
+
+def build_trajectories(groups: list, advantages: np.ndarray, instr_of: dict[str, torch.Tensor], algo: AlgoConfig,
+                       device: torch.device) -> list[Trajectory]:
+    """Tensors for every accepted rollout, on the training device once per iteration."""
+    out = []
+    for g, group in enumerate(groups):
+        for k, ep in enumerate(group.episodes):
+            d = ep.actions.shape[-1]
+            mask = step_mask(torch.from_numpy(ep.valid).float(), algo.log_prob_mode, d)
+            old = old_log_prob(ep.mu, ep.log_b, ep.actions, algo)
+            out.append(Trajectory(torch.from_numpy(ep.obs).to(device), instr_of[ep.task].to(device),
+                                  torch.from_numpy(ep.actions).to(device), mask.to(device), old.to(device),
+                                  float(advantages[g, k])))
+    return out

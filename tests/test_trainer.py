@@ -1,0 +1,280 @@
+"""The RIPT loop end to end on a tiny config: determinism, learning, checkpoint resume, MLflow, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ript_ablate import checkpoints
+from ript_ablate.cli import EXIT_DIVERGED, main
+from ript_ablate.config import AlgoConfig, PolicyConfig, config_from_dict
+from ript_ablate.policy import build_policy, inject_lora, lora_parameters
+from ript_ablate.ript import rollouts as ript_rollouts
+from ript_ablate.ript.trainer import Trainer
+from ript_ablate.ript.update import PPOUpdater, Trajectory
+from ript_ablate.suites.rollouts import Episode, InitialState
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def train_dict(cache: str, out: str, **algo) -> dict:
+    return {
+        "suite": {"tasks": ["reach-v3"], "demos_per_task": 2, "contexts_per_task": 4, "eval_states_per_task": 4,
+                  "num_workers": 0, "envs_per_worker": 8},
+        "policy": {"d_model": 32, "n_layers": 1, "n_heads": 2, "chunk_size": 4},
+        "sft": {"steps": 300, "scale_steps": 50, "batch_size": 64, "cache_dir": cache},
+        "algo": {"max_episode_length": 60, "rloo_batch_size": 4, "scale_factor": 5.0, "lr": 1e-3,
+                 "header_lr": 1e-3, "max_step_batch_size": 64, "gradient_accumulation_steps": 3, "lora_rank": 4,
+                 **algo},
+        "training": {"n_iterations": 2, "contexts_per_iteration": 2, "eval_interval": 1, "save_interval": 1,
+                     "output_dir": out},
+        "tracking": {"experiment": "tests"},
+    }
+
+
+def without_timings(history):
+    return [{k: v for k, v in h.items() if not k.startswith("perf/")} for h in history]
+
+
+def test_same_seed_same_history_and_parameters_move(shared_cache, tmp_path):
+    cfg = config_from_dict(train_dict(shared_cache, str(tmp_path)))
+    first = Trainer(cfg).run(tmp_path / "a")
+    second = Trainer(cfg).run(tmp_path / "b")
+    assert first.status == "finished"
+    assert without_timings(first.history) == without_timings(second.history)
+    assert first.history[1]["sampling/accepted_groups"] > 0, "the tiny setting must give mixed rewards"
+    base = checkpoints.load_tensors(_base_file(shared_cache))
+    final = checkpoints.load_tensors(first.final_checkpoint / checkpoints.MODEL_FILE)
+    moved = [k for k in base if not torch.equal(base[k], final[k])]
+    assert any(k.startswith("backbone.") for k in moved) and any(k.startswith("action_head.") for k in moved)
+    assert not any(k.startswith("scale_head.") for k in moved)  # fix_scale_head (default true)
+    for key in ("eval/success_rate", "train/success_rate", "rloo/advantage_mean", "rloo/nonzero_adv_fraction",
+                "sampling/contexts_tried", "sampling/zero_variance_groups", "ppo/loss", "ppo/ratio_mean",
+                "ppo/clip_fraction", "ppo/approx_kl", "grad_norm/backbone", "grad_norm/header", "scale/log_b_mean",
+                "scale/log_b_clipped_fraction", "perf/env_steps_per_s", "perf/iteration_s",
+                "health/nonfinite_events"):
+        assert key in first.history[1], key
+
+
+def _base_file(cache: str):
+    from pathlib import Path
+
+    (path,) = Path(cache).glob("sft/*/model.safetensors")
+    return path
+
+
+def test_checkpoint_round_trip_resumes_identically(shared_cache, tmp_path):
+    full = Trainer(config_from_dict(train_dict(shared_cache, str(tmp_path)))).run(tmp_path / "full")
+    saved = full.output_dir / "checkpoints" / "iter_0001"
+    assert (saved / checkpoints.ADAPTER_FILE).is_file() and checkpoints.read_meta(saved)["iteration"] == 1
+    resumed = Trainer(config_from_dict(train_dict(shared_cache, str(tmp_path), lora_adaptor_ckpt=str(saved)))).run(
+        tmp_path / "resumed")
+    assert [h["iteration"] for h in resumed.history] == [1, 2]
+    a = checkpoints.load_tensors(full.final_checkpoint / checkpoints.ADAPTER_FILE)
+    b = checkpoints.load_tensors(resumed.final_checkpoint / checkpoints.ADAPTER_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # eval-only from the saved adapter: parameters identical to those saved
+    only = Trainer(config_from_dict(train_dict(shared_cache, str(tmp_path), lora_adaptor_ckpt=str(saved),
+                                               eval_only=True))).run(tmp_path / "only")
+    c = checkpoints.load_tensors(only.final_checkpoint / checkpoints.ADAPTER_FILE)
+    d = checkpoints.load_tensors(saved / checkpoints.ADAPTER_FILE)
+    assert all(torch.equal(c[k], d[k]) for k in d)
+
+
+def test_missing_adapter_directory_is_named(shared_cache, tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(train_dict(shared_cache, str(tmp_path), lora_adaptor_ckpt=str(tmp_path / "nope"))))
+    assert main(["train", str(path), "--no-track"]) == 1
+    err = capsys.readouterr().err
+    assert "adapter directory not found" in err and "Traceback" not in err
+
+
+def test_tracked_run_in_mlflow(shared_cache, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    calls = []
+    original = MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), params=(), tags=(), **kw):
+        if metrics:
+            calls.append(len(metrics))
+        return original(self, run_id, metrics=metrics, params=params, tags=tags, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(train_dict(shared_cache, str(tmp_path / "runs"))))
+    assert main(["train", str(path), "--output", str(tmp_path / "run")]) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["ript.status"] == "finished"
+    assert run.data.params["algo.ppo_clip_high"] == "0.1" and "git_commit" in run.data.tags
+    assert run.data.tags["device"] == "cpu" and run.data.tags["torch_version"] == torch.__version__
+    assert len(calls) == 3  # iteration 0 (eval), 1 and 2: one batch each
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/success_rate")]
+    assert steps == [0, 1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoint"} <= artifacts
+
+
+def test_nonfinite_updates_end_the_run_diverged(shared_cache, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from ript_ablate.ript import update
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(update, "clipped_loss", lambda ratio, adv, lo, hi: ratio * float("nan"))
+    data = train_dict(shared_cache, str(tmp_path / "runs"))
+    data["training"]["max_nonfinite"] = 0
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", str(path)]) == EXIT_DIVERGED
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["ript.status"] == "diverged"
+    assert run.data.metrics["health/nonfinite_events"] >= 1
+
+
+# ----------------------------------------------------------------------------------------------- unit pieces
+
+
+def tiny_policy(algo: AlgoConfig):
+    cfg = PolicyConfig(d_model=16, n_layers=1, n_heads=2, chunk_size=2, max_instruction_tokens=4)
+    policy = build_policy(cfg, 39, 4)
+    inject_lora(policy, algo.lora_rank, 8, 0.0, cfg.lora_targets)
+    return policy
+
+
+def trajectory(policy, advantage: float, mode: str = "sum_on_action_dim", seed: int = 0) -> Trajectory:
+    g = torch.Generator().manual_seed(seed)
+    obs, actions = torch.randn(3, 39, generator=g), torch.randn(3, 2, 4, generator=g) * 0.1
+    shape = (3, 2, 4) if mode == "ratio_on_action_dim" else (3, 2)
+    return Trajectory(obs, torch.tensor([1, 2, 0, 0]), actions, torch.ones(shape), torch.full(shape, -1.0), advantage)
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_parameter_groups_and_fix_scale_head(fix):
+    # a wide log_scale_clip: under the original [-2, 0.5] the BC scale (log_b ~ -3) is clamped and gets no gradient
+    algo = AlgoConfig(lr=1e-3, header_lr=1e-5, fix_scale_head=fix, lora_rank=2, log_scale_clip=[-10.0, 10.0])
+    policy = tiny_policy(algo)
+    updater = PPOUpdater(policy, algo, torch.device("cpu"))
+    backbone, header = updater.optimizer.param_groups
+    assert backbone["lr"] == 1e-3 and header["lr"] == 1e-5
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in lora_parameters(policy)}
+    scale_ids = {id(p) for p in policy.scale_head.parameters()}
+    assert scale_ids.isdisjoint({id(p) for p in header["params"]}) == fix
+    # gradient reaches the backbone through log_b even when the scale head is fixed
+    policy.zero_grad()
+    _, log_b = policy(torch.randn(2, 39), torch.tensor([[1, 2, 0, 0]] * 2))
+    log_b.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(policy))
+    before = [p.detach().clone() for p in policy.scale_head.parameters()]
+    policy.zero_grad()
+    updater.update([trajectory(policy, 1.0), trajectory(policy, -1.0, seed=1)], np.random.default_rng(0), 3)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, policy.scale_head.parameters()))
+    assert moved == (not fix)
+
+
+def test_gradient_accumulation_steps_on_a_leftover_group():
+    algo = AlgoConfig(gradient_accumulation_steps=2, num_ppo_epochs=2, lora_rank=2)
+    policy = tiny_policy(algo)
+    updater = PPOUpdater(policy, algo, torch.device("cpu"))
+    trajs = [trajectory(policy, (-1.0) ** i, seed=i) for i in range(5)]
+    out = updater.update(trajs, np.random.default_rng(0), 3)
+    assert out["metrics"]["ppo/optimizer_steps"] == 2 * 3  # groups of 2, 2 and the leftover 1, per pass
+
+
+def test_micro_step_gradient_is_the_weighted_trajectory_mean_loss():
+    """weight x mean over valid steps of max(-A r, -A clip(r)): a leftover group of one steps with weight 1."""
+    algo = AlgoConfig(gradient_accumulation_steps=4, lora_rank=2)
+    policy = tiny_policy(algo)
+    updater = PPOUpdater(policy, algo, torch.device("cpu"))
+    traj = trajectory(policy, 1.0)
+    traj.mask[2, 1] = 0.0  # one invalid step (after success)
+    stats = {k: torch.zeros(()) for k in ("loss", "ratio", "clipped", "approx_kl", "count", "log_b",
+                                          "log_b_clipped", "log_b_count")}
+    for weight in (1.0, 0.25):
+        policy.zero_grad()
+        updater._micro_step(traj, weight, stats)
+        got = [p.grad.clone() for p in updater.head_params]
+        policy.zero_grad()
+        mu, log_b = policy(traj.obs, traj.instr.expand(3, -1))
+        lb = log_b.clamp(-2.0, 0.5)
+        lp = (-lb - (traj.actions - mu).abs() / lb.exp() - math.log(2)).sum(-1)
+        r = torch.exp(lp - traj.old_logp)
+        per_step = torch.maximum(-r, -r.clamp(0.9, 1.1))
+        (weight * (per_step * traj.mask).sum() / 5.0).backward()
+        for a, p in zip(got, updater.head_params):
+            torch.testing.assert_close(a, p.grad)
+    assert float(stats["count"]) == 2 * 5
+
+
+class FakePool:
+    """Deterministic stand-in for the rollout pool: success = f(state, seed)."""
+
+    def __init__(self, success):
+        self.success = success
+        self.jobs = []
+
+    def run(self, jobs, sampling=None, on_batch=None):
+        self.jobs += jobs
+        out = []
+        for job in jobs:
+            ok = self.success(job)
+            out.append(Episode(job.state.task, job.state.state_id, ok, 5, np.zeros((2, 39), np.float32),
+                               np.zeros((2, 2, 4), np.float32), np.ones((2, 2), bool),
+                               np.zeros((2, 2, 4), np.float32), np.zeros((2, 2, 4), np.float32)))
+        return out
+
+
+def states(n, task="reach-v3"):
+    return [InitialState(task, f"{task}/context/{i}", np.full(3, float(i))) for i in range(n)]
+
+
+def test_dynamic_sampling_is_capped_when_every_context_is_solved():
+    algo = AlgoConfig(rloo_batch_size=4, max_sampling_attempts=7)
+    got = ript_rollouts.collect(FakePool(lambda job: True), states(5), algo, quota=3, iteration=1)
+    assert got.tried == 7 and got.accepted == [] and got.zero_variance == 7
+    assert got.metrics(["reach-v3"])["sampling/shortfall"] == 3
+
+
+def test_dynamic_sampling_keeps_mixed_groups_and_stops_at_the_quota():
+    # contexts with an even id succeed in half their rollouts, odd ones never
+    def success(job):
+        return int(job.state.state_id.rsplit("/", 1)[1]) % 2 == 0 and job.seed % 2 == 0
+
+    algo = AlgoConfig(rloo_batch_size=8)
+    got = ript_rollouts.collect(FakePool(success), states(10), algo, quota=3, iteration=1)
+    assert len(got.accepted) == 3 and all(not g.degenerate for g in got.accepted)
+    assert got.tried == 3 + got.zero_variance
+    off = ript_rollouts.collect(FakePool(success), states(10), AlgoConfig(rloo_batch_size=8,
+                                enable_dynamic_sampling=False), quota=3, iteration=1)
+    assert off.tried == 3 and len(off.accepted) == 3  # without dynamic sampling nothing is discarded
+
+
+def test_early_stop_percentage_lowers_the_target():
+    algo = AlgoConfig(rloo_batch_size=4, early_stop_percentage=0.5)
+    got = ript_rollouts.collect(FakePool(lambda job: job.seed % 2 == 0), states(10), algo, quota=4, iteration=1)
+    assert len(got.accepted) == math.ceil(0.5 * 4)
+
+
+def test_val_init_mixing_gives_each_rollout_its_own_state():
+    evals = {"reach-v3": states(20)}
+    mixed = AlgoConfig(rloo_batch_size=8, use_val_init=True, mix_val_init_in_rloo=True,
+                       enable_dynamic_sampling=False)
+    pool = FakePool(lambda job: True)
+    ript_rollouts.collect(pool, evals["reach-v3"], mixed, quota=1, iteration=1, eval_states=evals)
+    assert len({j.state.state_id for j in pool.jobs}) > 1
+    tiled = AlgoConfig(rloo_batch_size=8, use_val_init=True, enable_dynamic_sampling=False)
+    pool = FakePool(lambda job: True)
+    ript_rollouts.collect(pool, evals["reach-v3"], tiled, quota=1, iteration=1, eval_states=evals)
+    assert len({j.state.state_id for j in pool.jobs}) == 1 and len({j.seed for j in pool.jobs}) == 8
