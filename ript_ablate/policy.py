@@ -114,9 +114,6 @@ class ReferencePolicy(nn.Module):
         hidden = self.backbone((obs - self.obs_mean) / self.obs_std, instr)
         return self.action_head(hidden), self.scale_head(hidden)
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.action_head.parameters())
-
 
 def build_policy(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> ReferencePolicy:
     return ReferencePolicy(cfg, obs_dim, action_dim)
@@ -160,14 +157,4 @@ def merged_state_dict(policy: ReferencePolicy) -> dict[str, torch.Tensor]:
             key = f"{owner}.{leaf}"
         state[key] = value.detach().float().cpu().clone()
     return state
-
-
-def n_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def describe(policy: ReferencePolicy) -> str:
-    total = n_parameters(policy)
-    return f"{total / 1e6:.2f}M parameters (d_model={policy.cfg.d_model}, layers={policy.cfg.n_layers}, " \
-           f"H={policy.cfg.chunk_size}, D={policy.action_dim})"
 

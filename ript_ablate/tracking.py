@@ -32,7 +32,7 @@ class Tracker:
         self.buffer: list[tuple[str, float, int]] = []
 
     def start(self, params: dict[str, Any], tags: dict[str, str]) -> None:
-        pass
+        """Untracked: nothing to create."""
 
     def record(self, metrics: dict[str, float], step: int) -> None:
         self.buffer.extend((k, float(v), step) for k, v in metrics.items())
@@ -41,7 +41,7 @@ class Tracker:
         self.buffer.clear()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
+        """Untracked: artifacts stay in the run directory only."""
 
     def end(self, status: str) -> None:
         self.flush()
