@@ -30,7 +30,27 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def is_study_spec(path: str) -> bool:
+    """A study spec names a base `config`; a config has sections (suite, algo, ...)."""
+    from ript_ablate.config import load_yaml
+
+    data = load_yaml(path)
+    return isinstance(data, dict) and "config" in data and not {"suite", "algo", "policy"} & set(data)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    if is_study_spec(args.config):
+        from ript_ablate.study.spec import describe, load_study
+
+        spec = load_study(args.config)
+        configs = spec.grid_configs() if spec.mode == "grid" else []
+        for values in configs:
+            console.print(f"  {describe(values)}")
+        size = (f"{len(configs)} configurations x {len(spec.seeds)} seeds = {len(configs) * len(spec.seeds)} cells"
+                if spec.mode == "grid" else f"Optuna search over {len(spec.search_space)} parameters, "
+                f"{spec.n_configs} configurations x {len(spec.seeds)} seeds")
+        console.print(f"[green]{args.config}: valid study[/] ({size})")
+        return 0
     cfg = _load(args)
     sys.stdout.write(to_yaml(cfg))
     console.print(f"[green]{args.config}: valid[/]")
@@ -104,6 +124,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.status == "finished" else EXIT_DIVERGED
 
 
+def _study(args: argparse.Namespace):
+    from ript_ablate.study.spec import load_study
+
+    return load_study(args.study, args.output_dir)
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from ript_ablate.study.runner import run_study
+
+    return run_study(_study(args), args.workers, args.devices, args.storage, args.retry_failed)
+
+
+def cmd_study_worker(args: argparse.Namespace) -> int:
+    from ript_ablate.study.runner import run_worker
+
+    return run_worker(_study(args), args.storage, args.devices, args.slot)
+
+
+def cmd_study_status(args: argparse.Namespace) -> int:
+    from ript_ablate.study.runner import show_status
+
+    return show_status(_study(args), args.storage)
+
+
+def add_study_commands(sub) -> None:
+    study = sub.add_parser("study", help="Run, join or inspect a study (a grid or an Optuna search of trainings).",
+                           description="Studies: every cell (configuration x seed) is one training run.")
+    ssub = study.add_subparsers(dest="study_command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = ssub.add_parser(name, help=help, description=help)
+        p.add_argument("study", help="study spec YAML (see studies/)")
+        p.add_argument("--storage", default=None,
+                       help="Optuna storage: a journal file path (default: <output-dir>/<name>/optuna.journal) or "
+                            "postgresql://user@host/db for studies over several machines")
+        p.add_argument("--output-dir", default=None, help="where study directories go (default: runs/studies)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("run", cmd_study_run, "Run a study (again: resumes, skipping finished cells, re-running lost ones).")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel trials (CPU: default 1, cores are split between them; GPU: one per device)")
+    p.add_argument("--devices", default="auto", help="auto | cpu | cuda | cuda:0,cuda:1")
+    p.add_argument("--retry-failed", action="store_true", help="give cells that failed after all retries another go")
+    p = add("worker", cmd_study_worker, "Join a study as one worker (e.g. from another machine).")
+    p.add_argument("--devices", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--slot", default=None, help=argparse.SUPPRESS)  # set by `study run` for its own workers
+    add("status", cmd_study_status, "Show every cell: state, objective, attempts and failure reason.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ript-ablate", description="Ablation studies of RIPT post-training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("validate", cmd_validate, "Check a config and print it resolved, or list every error.")
+    add("validate", cmd_validate, "Check a config (or a study spec) and print it resolved, or list every error.")
     p = add("sft", cmd_sft, "Train (or reuse from the cache) the behaviour-cloning base.")
     p.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
     p.add_argument("--eval", action="store_true", help="evaluate the base afterwards")
@@ -126,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "Run RIPT post-training on the config's base, tracked in MLflow.")
     p.add_argument("--no-track", action="store_true", help="do not track in MLflow")
     p.add_argument("--output", default=None, help="run directory (default: training.output_dir/run-<time>)")
+    add_study_commands(sub)
     return parser
 
 

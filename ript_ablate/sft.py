@@ -4,11 +4,14 @@ head alone by Laplace negative log-likelihood. Cached under a hash of everything
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -141,8 +144,26 @@ def load_base(path: str | Path, cfg: Config, obs_dim: int, action_dim: int) -> R
 
 def get_base(cfg: Config, suite: Any, pool: Any, retrain: bool = False) -> tuple[ReferencePolicy, Path, dict]:
     """The cached base for this config, trained (and cached) if absent. Returns (policy, weights file, info)."""
+    out = base_dir(cfg, suite.demo_key())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(out.with_name(out.name + ".lock")):  # concurrent study cells build a base once
+        return _get_base_locked(cfg, suite, pool, out, retrain)
+
+
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes of this machine (released if the holder dies)."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _get_base_locked(cfg: Config, suite: Any, pool: Any, out: Path, retrain: bool
+                     ) -> tuple[ReferencePolicy, Path, dict]:
     demo_key = suite.demo_key()
-    out = base_dir(cfg, demo_key)
     weights = out / "model.safetensors"
     if weights.is_file() and not retrain:
         info = json.loads((out / "info.json").read_text()) if (out / "info.json").is_file() else {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from ript_ablate.suites import build_suite
 from ript_ablate.suites.metaworld_tasks import stream_seed
 from ript_ablate.suites.rollouts import RolloutPool
 from ript_ablate.tracking import Tracker, git_commit
+
+HISTORY_LOG = "history.jsonl"  # one line per logged iteration, appended as the run goes (read when resuming)
 
 
 @dataclass
@@ -65,11 +68,22 @@ def load_start_policy(cfg: Config, suite, pool: RolloutPool) -> tuple[ReferenceP
     return policy, base, meta
 
 
+EvalCallback = Callable[[int, dict[str, float]], None]
+
+
 class Trainer:
-    def __init__(self, cfg: Config, tracker: Tracker | None = None):
+    """One RIPT run. `on_eval(iteration, metrics)` is called after every evaluation (a study's pruner raises
+    from it to stop the run); `prior_history` holds the metrics of the iterations before a resume point, so a
+    resumed run's history (and MLflow run) is complete."""
+
+    def __init__(self, cfg: Config, tracker: Tracker | None = None, on_eval: EvalCallback | None = None,
+                 prior_history: list[dict[str, float]] | None = None):
         self.cfg = cfg
         self.tracker = tracker or Tracker()
         self.device = resolve_device(cfg.training.device)
+        self.on_eval = on_eval
+        self.prior_history = prior_history or []
+        self.history_file: Path | None = None
 
     def run(self, output_dir: str | Path | None = None) -> TrainResult:
         cfg, algo = self.cfg, self.cfg.algo
@@ -77,6 +91,8 @@ class Trainer:
         out = Path(output_dir or Path(cfg.training.output_dir) / time.strftime("run-%Y%m%d-%H%M%S"))
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
+        self.history_file = out / HISTORY_LOG
+        self.history_file.write_text("")
         suite = build_suite(cfg)
         tasks = algo.rollout_training_task_names or suite.tasks
         with RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker, algo.max_episode_length) as pool:
@@ -102,6 +118,7 @@ class Trainer:
             instr_of = {t: torch.tensor(tokenize(suite.instruction(t), cfg.policy.vocab_size,
                                                  cfg.policy.max_instruction_tokens)) for t in suite.tasks}
             result = TrainResult("finished", output_dir=out, run_id=getattr(self.tracker, "run_id", None))
+            self._replay_prior(start_iteration, result)
             self._evaluate(policy, suite, pool, start_iteration, result)
             if algo.eval_only:
                 self._finish(policy, updater, out, start_iteration, result, base)
@@ -143,6 +160,17 @@ class Trainer:
             self._finish(policy, updater, out, done, result, base)
         return result
 
+    def _replay_prior(self, start_iteration: int, result: TrainResult) -> None:
+        """Log the iterations before the resume point again, so the resumed run carries the whole curve."""
+        prior = [h for h in self.prior_history if int(h["iteration"]) <= start_iteration]
+        for entry in prior:
+            step = int(entry["iteration"])
+            metrics = {k: v for k, v in entry.items() if k != "iteration"}
+            result.history.append({"iteration": step, **metrics})
+            self.tracker.record(metrics, step)
+            self._append_history(result.history[-1])
+        self.tracker.flush()
+
     def _evaluate(self, policy, suite, pool, iteration: int, result: TrainResult,
                   metrics: dict[str, float] | None = None) -> None:
         t0 = time.perf_counter()
@@ -153,10 +181,21 @@ class Trainer:
         else:
             metrics.update(values)
 
+    def _append_history(self, entry: dict[str, float]) -> None:
+        if self.history_file is not None:
+            with self.history_file.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
     def _log(self, iteration: int, metrics: dict[str, float], result: TrainResult) -> None:
         result.history.append({"iteration": iteration, **metrics})
+        self._append_history(result.history[-1])
         self.tracker.record(metrics, iteration)
         self.tracker.flush()
+        self._print(iteration, metrics)
+        if self.on_eval is not None and "eval/success_rate" in metrics:
+            self.on_eval(iteration, metrics)  # after logging, so a pruned run keeps this iteration
+
+    def _print(self, iteration: int, metrics: dict[str, float]) -> None:
         parts = [f"iter {iteration}"]
         for key, label in (("eval/success_rate", "eval"), ("train/success_rate", "train"),
                            ("sampling/contexts_tried", "tried"), ("ppo/clip_fraction", "clip"),

@@ -1,0 +1,306 @@
+"""Study specs: a YAML file naming a base config, the switches to vary (a grid or an Optuna search space),
+the seeds, the objective and the retry policy. Every problem is reported before anything runs.
+
+    name: laplace_x_fix_scale
+    config: ../configs/metaworld_quick.yaml      # relative to this file
+    set: [training.n_iterations=10]              # optional overrides for every cell
+    mode: grid                                   # grid | optuna
+    factors: {algo.use_laplace_sampling: [true, false], algo.fix_scale_head: [true, false]}
+    seeds: [0, 1]                                # sets algo.model_seed; the behaviour-cloning base is shared
+    objective: {metric: eval/success_rate, reduction: final, aggregation: mean, direction: maximize}
+    retries: 1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ript_ablate.config import Config, all_keys, config_from_dict, load_yaml, merge, parse_overrides
+from ript_ablate.errors import ConfigError
+
+SEED_KEY = "algo.model_seed"
+REDUCTIONS = ("final", "best", "auc")
+AGGREGATIONS = ("mean", "iqm")
+DIRECTIONS = ("maximize", "minimize")
+SAMPLERS = ("tpe", "gp", "random")
+PRUNERS = ("none", "median", "hyperband")
+PARAM_TYPES = ("categorical", "float", "int")
+TOP_KEYS = ("name", "config", "set", "mode", "factors", "search_space", "sampler", "sampler_seed", "n_configs",
+            "pruner", "seeds", "objective", "retries", "timeout_s", "storage", "output_dir", "tracking_uri",
+            "experiment", "heartbeat_s", "description")
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "eval/success_rate"
+    reduction: str = "final"  # over the evaluation points of one run
+    aggregation: str = "mean"  # over the seeds of one configuration
+    direction: str = "maximize"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of an Optuna search space."""
+
+    key: str
+    type: str
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+
+@dataclass
+class StudySpec:
+    name: str
+    path: Path
+    config_path: Path
+    base: dict[str, Any]  # the base config as a dict, with the spec's `set` overrides merged in
+    mode: str
+    seeds: list[int]
+    objective: Objective
+    factors: dict[str, list[Any]] = field(default_factory=dict)
+    search_space: list[Param] = field(default_factory=list)
+    sampler: str = "tpe"
+    sampler_seed: int = 0
+    n_configs: int = 0
+    pruner: str = "none"
+    retries: int = 1
+    timeout_s: float | None = None
+    storage: str | None = None
+    output_dir: Path = Path("runs/studies")
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    heartbeat_s: float = 10.0
+    description: str = ""
+
+    @property
+    def study_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"study-{self.name}"
+
+    def storage_url(self, override: str | None = None) -> str:
+        """Explicit --storage, else the spec's, else a journal file in the study directory (no server)."""
+        return override or self.storage or str(self.study_dir / "optuna.journal")
+
+    def grid_configs(self) -> list[dict[str, Any]]:
+        """Every combination of the factors' values, in a fixed order (the first factor varies slowest)."""
+        keys = list(self.factors)
+        return [dict(zip(keys, values)) for values in itertools.product(*self.factors.values())]
+
+    def cell_config(self, values: dict[str, Any], seed: int) -> Config:
+        return config_from_dict(with_values(self.base, {**values, SEED_KEY: seed}), f"{self.path} cell")
+
+    def fingerprint(self) -> str:
+        """What defines the cells; resuming with a changed spec is refused instead of mixing results."""
+        data = {"base": self.base, "mode": self.mode, "factors": self.factors, "seeds": self.seeds,
+                "space": [p.__dict__ for p in self.search_space], "objective": self.objective.__dict__}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def with_values(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The config dict with dotted keys set, e.g. {'algo.lr': 1e-4}."""
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = value
+    return merge(data, nested)
+
+
+def config_id_for(values: dict[str, Any]) -> str:
+    """A short stable id for a configuration (the same values give the same id on any machine)."""
+    text = json.dumps(values, sort_keys=True, default=str)
+    return "cfg-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def cell_id_for(config_id: str, seed: int) -> str:
+    return f"{config_id}-s{seed}"
+
+
+def describe(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in values.items()) or "base"
+
+
+class _Checker:
+    def __init__(self, path: Path):
+        self.path = path
+        self.problems: list[str] = []
+
+    def need(self, ok: bool, key: str, value: Any, expected: str) -> bool:
+        if not ok:
+            self.problems.append(f"{key}: got {value!r}, expected {expected}")
+        return ok
+
+
+def _parse_param(key: str, raw: Any, check: _Checker) -> Param | None:
+    where = f"search_space.{key}"
+    if isinstance(raw, list):
+        raw = {"type": "categorical", "choices": raw}
+    if not check.need(isinstance(raw, dict), where, raw, "a mapping with type (categorical|float|int) or a list"):
+        return None
+    kind = raw.get("type")
+    if not check.need(kind in PARAM_TYPES, f"{where}.type", kind, " | ".join(PARAM_TYPES)):
+        return None
+    unknown = set(raw) - {"type", "choices", "low", "high", "log", "step"}
+    check.need(not unknown, where, sorted(unknown), "only type, choices, low, high, log, step")
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if check.need(isinstance(choices, list) and len(choices) >= 2, f"{where}.choices", choices,
+                      "a list of at least 2 values"):
+            return Param(key, kind, choices=tuple(choices))
+        return None
+    low, high, log = raw.get("low"), raw.get("high"), bool(raw.get("log", False))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not check.need(numeric and low < high, f"{where}.low/high", (low, high), "numbers with low < high"):
+        return None
+    if log:
+        check.need(low > 0, f"{where}.low", low, "> 0 for a log-scaled range")
+    if kind == "int":
+        check.need(float(low).is_integer() and float(high).is_integer(), f"{where}.low/high", (low, high),
+                   "integers for an int range")
+    return Param(key, kind, low=low, high=high, log=log, step=raw.get("step"))
+
+
+def param_samples(param: Param) -> list[Any]:
+    """Values that exercise a dimension's range when validating it against the config (ends and middle)."""
+    if param.type == "categorical":
+        return list(param.choices)
+    assert param.low is not None and param.high is not None
+    mid = math.sqrt(param.low * param.high) if param.log else (param.low + param.high) / 2
+    values = [param.low, mid, param.high]
+    return [int(round(v)) for v in values] if param.type == "int" else values
+
+
+def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudySpec:
+    """Load and check a study spec; raises ConfigError listing every problem, before anything runs."""
+    path = Path(path)
+    raw = load_yaml(path)
+    check = _Checker(path)
+    if not isinstance(raw, dict):
+        raise ConfigError([f"a study spec is a mapping, got {type(raw).__name__}"], str(path))
+    for key in sorted(set(raw) - set(TOP_KEYS)):
+        check.problems.append(f"{key}: unknown study key (known: {', '.join(TOP_KEYS)})")
+    name = raw.get("name")
+    check.need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), "name", name,
+               "a name of letters, digits, '-' and '_'")
+    base: dict[str, Any] = {}
+    config_path = path.parent / str(raw.get("config", ""))
+    if check.need(isinstance(raw.get("config"), str), "config", raw.get("config"), "a path to a config YAML"):
+        if not config_path.is_file():
+            check.problems.append(f"config: file not found: {config_path} (paths are relative to {path.parent})")
+        else:
+            loaded = load_yaml(config_path)
+            base = loaded if isinstance(loaded, dict) else {}
+    overrides = raw.get("set") or []
+    if check.need(isinstance(overrides, list), "set", overrides, "a list of section.key=value strings"):
+        nested, problems = parse_overrides([str(o) for o in overrides])
+        check.problems.extend(f"set: {p}" for p in problems)
+        base = merge(base, nested)
+    mode = raw.get("mode", "grid")
+    check.need(mode in ("grid", "optuna"), "mode", mode, "grid | optuna")
+    seeds = raw.get("seeds", [0])
+    seeds_ok = check.need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool)
+                                                                      for s in seeds)
+                          and len(set(seeds)) == len(seeds), "seeds", seeds, "a non-empty list of distinct integers")
+    obj_raw = raw.get("objective") or {}
+    objective = Objective()
+    if check.need(isinstance(obj_raw, dict), "objective", obj_raw, "a mapping"):
+        unknown = set(obj_raw) - {"metric", "reduction", "aggregation", "direction"}
+        check.need(not unknown, "objective", sorted(unknown), "only metric, reduction, aggregation, direction")
+        objective = Objective(**{k: v for k, v in obj_raw.items() if k not in unknown})
+        check.need(isinstance(objective.metric, str) and "/" in objective.metric, "objective.metric",
+                   objective.metric, "a metric name such as eval/success_rate")
+        check.need(objective.reduction in REDUCTIONS, "objective.reduction", objective.reduction, " | ".join(REDUCTIONS))
+        check.need(objective.aggregation in AGGREGATIONS, "objective.aggregation", objective.aggregation,
+                   " | ".join(AGGREGATIONS))
+        check.need(objective.direction in DIRECTIONS, "objective.direction", objective.direction,
+                   " | ".join(DIRECTIONS))
+    known = set(all_keys())
+    factors: dict[str, list[Any]] = {}
+    space: list[Param] = []
+    if mode == "grid":
+        raw_factors = raw.get("factors")
+        if check.need(isinstance(raw_factors, dict) and raw_factors, "factors", raw_factors,
+                      "a mapping of dotted config keys to lists of values"):
+            for key, values in raw_factors.items():
+                if key == SEED_KEY:
+                    check.problems.append(f"factors.{key}: seeds are an axis of their own; list them under seeds")
+                elif key not in known:
+                    check.problems.append(f"factors.{key}: not a config key")
+                elif check.need(isinstance(values, list) and len(values) >= 1, f"factors.{key}", values,
+                                "a list of values"):
+                    check.need(len(values) == len(set(map(repr, values))), f"factors.{key}", values,
+                               "distinct values")
+                    factors[key] = list(values)
+        for key in ("search_space", "n_configs"):
+            check.need(key not in raw, key, raw.get(key), "nothing in grid mode (it belongs to mode: optuna)")
+    elif mode == "optuna":
+        raw_space = raw.get("search_space")
+        if check.need(isinstance(raw_space, dict) and raw_space, "search_space", raw_space,
+                      "a mapping of dotted config keys to parameter ranges"):
+            for key, value in raw_space.items():
+                if key == SEED_KEY or key not in known:
+                    check.problems.append(f"search_space.{key}: not a config key that can be searched")
+                    continue
+                param = _parse_param(key, value, check)
+                if param:
+                    space.append(param)
+        check.need(raw.get("sampler", "tpe") in SAMPLERS, "sampler", raw.get("sampler"), " | ".join(SAMPLERS))
+        check.need(raw.get("pruner", "none") in PRUNERS, "pruner", raw.get("pruner"), " | ".join(PRUNERS))
+        n_configs = raw.get("n_configs")
+        check.need(isinstance(n_configs, int) and n_configs >= 1, "n_configs", n_configs, "an integer >= 1")
+        check.need("factors" not in raw, "factors", raw.get("factors"), "nothing in optuna mode (use search_space)")
+    retries = raw.get("retries", 1)
+    check.need(isinstance(retries, int) and retries >= 0, "retries", retries, "an integer >= 0")
+    timeout = raw.get("timeout_s")
+    check.need(timeout is None or (isinstance(timeout, (int, float)) and timeout > 0), "timeout_s", timeout,
+               "seconds > 0 or null")
+    heartbeat = raw.get("heartbeat_s", 10.0)
+    check.need(isinstance(heartbeat, (int, float)) and heartbeat > 0, "heartbeat_s", heartbeat, "seconds > 0")
+    storage = raw.get("storage")
+    check.need(storage is None or isinstance(storage, str), "storage", storage, "a URL or journal file path")
+    if check.problems:
+        raise ConfigError(check.problems, str(path))
+
+    spec = StudySpec(
+        name=name, path=path, config_path=config_path, base=base, mode=mode, seeds=list(seeds) if seeds_ok else [],
+        objective=objective, factors=factors, search_space=space, sampler=raw.get("sampler", "tpe"),
+        sampler_seed=int(raw.get("sampler_seed", 0)), n_configs=int(raw.get("n_configs") or 0),
+        pruner=raw.get("pruner", "none"), retries=retries, timeout_s=timeout, storage=storage,
+        output_dir=Path(output_dir or raw.get("output_dir") or "runs/studies"),
+        tracking_uri=raw.get("tracking_uri"), experiment=raw.get("experiment"), heartbeat_s=float(heartbeat),
+        description=str(raw.get("description", "")),
+    )
+    _check_cells(spec)
+    return spec
+
+
+def _check_cells(spec: StudySpec) -> None:
+    """Build the config of every grid cell (or the ends of every search range): bad values fail here, named."""
+    problems: list[str] = []
+    if spec.mode == "grid":
+        candidates = spec.grid_configs()
+    else:
+        candidates = [{p.key: v} for p in spec.search_space for v in param_samples(p)]
+    seen: set[str] = set()
+    for values in candidates or [{}]:
+        for seed in spec.seeds[:1]:
+            try:
+                spec.cell_config(values, seed)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    if problem not in seen:
+                        seen.add(problem)
+                        problems.append(f"with {describe(values)}: {problem}")
+    if problems:
+        raise ConfigError(problems, str(spec.path))

@@ -1,0 +1,273 @@
+"""The study runner: spec checks, exactly-once cells under concurrent workers (journal file and PostgreSQL),
+crash recovery after SIGKILL, retries, failure reasons, and the MLflow parent/child hierarchy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ript_ablate.cli import main
+from ript_ablate.errors import ConfigError
+from ript_ablate.study.objective import aggregate, iqm, metric_points, reduce_points
+from ript_ablate.study.resources import plan_slots
+from ript_ablate.study.spec import config_id_for, load_study
+from ript_ablate.study.store import StudyStore, with_driver
+
+PG_ADMIN = os.environ.get("RIPT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+CELL_CONFIG = {
+    "suite": {"tasks": ["reach-v3"], "demos_per_task": 1, "contexts_per_task": 2, "eval_states_per_task": 2,
+              "num_workers": 0, "envs_per_worker": 8},
+    "policy": {"d_model": 16, "n_layers": 1, "n_heads": 2, "chunk_size": 4},
+    "sft": {"steps": 30, "scale_steps": 10, "batch_size": 32},
+    "algo": {"max_episode_length": 60, "rloo_batch_size": 2, "scale_factor": 5.0, "lora_rank": 2,
+             "max_step_batch_size": 64},
+    "training": {"n_iterations": 1, "contexts_per_iteration": 1, "eval_interval": 1, "save_interval": 1},
+    "tracking": {"log_checkpoint": False},
+}
+
+
+@pytest.fixture
+def study_env(tmp_path, monkeypatch):
+    """A tiny base config in tmp_path and an MLflow sqlite store there (inherited by worker processes)."""
+    cfg = json.loads(json.dumps(CELL_CONFIG))
+    cfg["sft"]["cache_dir"] = str(tmp_path / "cache")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_spec(tmp_path: Path, **fields) -> Path:
+    spec = {"name": "s" + uuid.uuid4().hex[:6], "config": "tiny.yaml", "mode": "grid",
+            "factors": {"algo.ppo_clip_high": [0.2, 0.3]}, "seeds": [0], "retries": 1, "heartbeat_s": 2,
+            "output_dir": str(tmp_path / "studies"), **fields}
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def child_runs(spec_path: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    spec = load_study(spec_path)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(spec.experiment_name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("ript.role") == "study"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1, "every other run of the study's experiment nests under its parent"
+    return parents[0], children
+
+
+def trials(spec_path: Path, storage: str | None = None):
+    spec = load_study(spec_path)
+    return StudyStore(spec, spec.storage_url(storage), create=False).cells.get_trials()
+
+
+# --- spec and pure pieces ---------------------------------------------------------------------------------------
+def test_invalid_spec_lists_every_problem_before_anything_runs(study_env, capsys):
+    path = write_spec(study_env, factors={"algo.ppo_clip_hgh": [0.2], "algo.ppo_clip_high": ["wide"],
+                                          "algo.model_seed": [1]},
+                      seeds=[0, 0], objective={"reduction": "median"}, retries=-1, colour="red")
+    with pytest.raises(ConfigError) as err:
+        load_study(path)
+    text = str(err.value)
+    for needle in ("colour: unknown study key", "factors.algo.ppo_clip_hgh: not a config key",
+                   "factors.algo.model_seed: seeds are an axis", "seeds: got [0, 0]", "objective.reduction",
+                   "retries: got -1"):
+        assert needle in text, needle
+    good_keys = write_spec(study_env, factors={"algo.ppo_clip_high": ["wide", 0.2]})
+    with pytest.raises(ConfigError, match="with ppo_clip_high=wide: algo.ppo_clip_high"):
+        load_study(good_keys)
+    assert main(["study", "run", str(path)]) == 1
+    assert "configuration error" in capsys.readouterr().err
+    assert not (study_env / "studies").exists(), "nothing may be created for an invalid spec"
+
+
+def test_optuna_spec_checks_ranges(study_env):
+    path = write_spec(study_env, mode="optuna", factors=None, n_configs=0, sampler="grid",
+                      search_space={"algo.header_lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True},
+                                    "algo.scale_factor": {"type": "float", "low": 5, "high": 2}})
+    text = yaml.safe_load(path.read_text())
+    del text["factors"]
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(ConfigError) as err:
+        load_study(path)
+    for needle in ("n_configs", "sampler", "search_space.algo.header_lr.low", "search_space.algo.scale_factor"):
+        assert needle in str(err.value), needle
+
+
+def test_grid_expansion_ids_and_objective_math(study_env):
+    spec = load_study(write_spec(study_env, factors={"algo.use_laplace_sampling": [True, False],
+                                                     "algo.ppo_clip_high": [0.2, 0.3, 0.4]}, seeds=[0, 1]))
+    configs = spec.grid_configs()
+    assert len(configs) == 6 and configs[0] == {"algo.use_laplace_sampling": True, "algo.ppo_clip_high": 0.2}
+    assert spec.cell_config(configs[-1], 1).algo.model_seed == 1
+    assert spec.cell_config(configs[-1], 1).algo.use_laplace_sampling is False
+    history = [{"iteration": 0, "eval/success_rate": 0.2}, {"iteration": 1, "ppo/loss": 1.0},
+               {"iteration": 5, "eval/success_rate": 0.6}, {"iteration": 10, "eval/success_rate": 0.4},
+               {"iteration": 10, "eval/success_rate": 0.5}]  # a resumed run re-evaluates: the last value wins
+    points = metric_points(history, "eval/success_rate")
+    assert points == [(0, 0.2), (5, 0.6), (10, 0.5)]
+    assert reduce_points(points, "final") == 0.5
+    assert reduce_points(points, "best") == 0.6
+    assert reduce_points(points, "best", "minimize") == 0.2
+    assert reduce_points(points, "auc") == pytest.approx(((0.2 + 0.6) / 2 * 5 + (0.6 + 0.5) / 2 * 5) / 10)
+    assert iqm([0.0, 0.5, 0.6, 10.0]) == pytest.approx(0.55)
+    assert aggregate([0.1, 0.3], "mean") == pytest.approx(0.2)
+
+
+def test_worker_slots_split_the_cores():
+    one = plan_slots(1, "cpu", cores=2)
+    assert [(s.device, s.threads, s.rollout_workers) for s in one] == [("cpu", 2, 2)]
+    two = plan_slots(2, "cpu", cores=2)
+    assert [(s.threads, s.rollout_workers) for s in two] == [(1, 0), (1, 0)]
+    assert two[0].overrides(2) == {"training.device": "cpu", "suite.num_workers": 0}
+    assert plan_slots(2, "cpu", cores=8)[0].overrides(2)["suite.num_workers"] == 2
+    with pytest.raises(Exception, match="one trial per GPU"):
+        plan_slots(3, "cuda:0,cuda:1", cores=8)
+
+
+# --- end to end ---------------------------------------------------------------------------------------------------
+def assert_exactly_once(spec_path: Path, n_cells: int, storage: str | None = None) -> None:
+    ts = trials(spec_path, storage)
+    complete = Counter(t.user_attrs["cell_id"] for t in ts if t.state.name == "COMPLETE")
+    assert len(complete) == n_cells and set(complete.values()) == {1}, complete
+    assert len(ts) == n_cells, "no cell was run twice (no duplicate or extra trials)"
+    parent, children = child_runs(spec_path)
+    assert parent.info.status == "FINISHED"
+    assert Counter(r.data.tags["ript.cell_id"] for r in children) == {c: 1 for c in complete}
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["factor.algo.ppo_clip_high"] for r in children} == {"0.2", "0.3", "0.4"}
+
+
+TWELVE = {"algo.ppo_clip_high": [0.2, 0.3, 0.4], "algo.use_laplace_sampling": [True, False]}
+
+
+def test_twelve_cells_four_workers_each_exactly_once_on_journal(study_env, capsys):
+    path = write_spec(study_env, factors=TWELVE, seeds=[0, 1])
+    assert main(["study", "run", str(path), "--workers", "4"]) == 0
+    assert_exactly_once(path, 12)
+    assert main(["study", "run", str(path), "--workers", "4"]) == 0, "a finished study re-run is a no-op"
+    assert len(trials(path)) == 12
+    capsys.readouterr()
+    assert main(["study", "status", str(path)]) == 0
+    assert "12/12 ended" in capsys.readouterr().out
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the PostgreSQL of this machine (127.0.0.1:5432); skipped, saying why, if none."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    name = "ript_test_" + uuid.uuid4().hex[:8]
+    try:
+        engine = sqlalchemy.create_engine(with_driver(PG_ADMIN), isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    except Exception as exc:
+        pytest.skip(f"no PostgreSQL reachable at {PG_ADMIN} (set RIPT_TEST_POSTGRES): {exc}")
+    yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    engine.dispose()
+
+
+def test_twelve_cells_four_workers_each_exactly_once_on_postgresql(study_env, postgres_url):
+    path = write_spec(study_env, factors=TWELVE, seeds=[0, 1])
+    assert main(["study", "run", str(path), "--workers", "4", "--storage", postgres_url]) == 0
+    assert_exactly_once(path, 12, postgres_url)
+
+
+def test_sigkill_mid_cell_then_rerun_completes_every_cell_once(study_env):
+    config = yaml.safe_load((study_env / "tiny.yaml").read_text())
+    config["training"].update(n_iterations=6)
+    (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
+    path = write_spec(study_env, factors={"algo.ppo_clip_high": [0.2, 0.3]})
+    spec = load_study(path)
+    proc = subprocess.Popen([sys.executable, "-m", "ript_ablate.cli", "study", "run", str(path), "--workers", "1"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    checkpoint = None
+    while time.time() < deadline and checkpoint is None:
+        found = sorted(spec.study_dir.glob("cells/*/checkpoints/iter_0002/meta.json"))
+        checkpoint = found[0] if found else None
+        time.sleep(0.2)
+    assert checkpoint is not None, "the first cell never reached its second checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)  # the coordinator, its worker and the running cell, at once
+    proc.wait()
+    killed_cell = checkpoint.parents[2].name
+    assert main(["study", "run", str(path), "--workers", "1"]) == 0
+    ts = trials(path)
+    assert not [t for t in ts if t.state.name in ("RUNNING", "WAITING")]
+    complete = Counter(t.user_attrs["cell_id"] for t in ts if t.state.name == "COMPLETE")
+    assert complete == {c: 1 for c in complete} and len(complete) == 2
+    lost = [t for t in ts if t.state.name == "FAIL"]
+    assert [t.user_attrs["cell_id"] for t in lost] == [killed_cell]
+    assert lost[0].user_attrs["status"] == "lost" and "gone" in lost[0].user_attrs["reason"]
+    _, children = child_runs(path)
+    runs = sorted((r for r in children if r.data.tags["ript.cell_id"] == killed_cell), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    assert runs[1].data.tags["ript.resumed_from"].endswith("iter_0002") or "iter_000" in runs[1].data.tags[
+        "ript.resumed_from"]
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient().get_metric_history(runs[1].info.run_id, "eval/success_rate")]
+    assert steps[0] == 0 and steps[-1] == 6, "the resumed run carries the whole curve, from iteration 0"
+
+
+def test_retry_then_success_and_permanent_failure_with_reason(study_env, monkeypatch, capsys):
+    path = write_spec(study_env, retries=1)
+    spec = load_study(path)
+    flaky, broken = [f"{config_id_for(v)}-s0" for v in spec.grid_configs()]
+    monkeypatch.setenv("RIPT_ABLATE_INJECT_FAULT", f"{flaky}@1,{broken}@*")
+    assert main(["study", "run", str(path), "--workers", "1"]) == 4  # the study ended with a failed cell
+    by_cell: dict[str, list] = {}
+    for t in trials(path):
+        by_cell.setdefault(t.user_attrs["cell_id"], []).append(t)
+    assert [t.state.name for t in by_cell[flaky]] == ["FAIL", "COMPLETE"]
+    assert [t.state.name for t in by_cell[broken]] == ["FAIL", "FAIL"]
+    assert "InjectedFault" in by_cell[broken][-1].user_attrs["reason"]
+    capsys.readouterr()
+    assert main(["study", "status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "InjectedFault" in out
+    parent, children = child_runs(path)
+    assert parent.info.status == "FAILED" and parent.data.tags["ript.status"] == "complete-with-failures"
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FAILED", "FINISHED"]
+
+
+def test_optuna_search_runs_each_configuration_on_all_seeds_and_tells_the_mean(study_env):
+    path = write_spec(study_env, mode="optuna", sampler="random", n_configs=3, seeds=[0, 1], pruner="median",
+                      search_space={"algo.ppo_clip_high": {"type": "float", "low": 0.1, "high": 0.4},
+                                    "algo.use_laplace_sampling": [True, False]})
+    text = yaml.safe_load(path.read_text())
+    del text["factors"]
+    path.write_text(yaml.safe_dump(text))
+    assert main(["study", "run", str(path), "--workers", "2"]) == 0
+    spec = load_study(path)
+    store = StudyStore(spec, spec.storage_url(), create=False)
+    configs = store.search.get_trials()
+    assert len(configs) == 3 and {t.state.name for t in configs} <= {"COMPLETE", "PRUNED"}
+    cells = [t for t in store.cells.get_trials() if t.state.name == "COMPLETE"]
+    for config in configs:
+        if config.state.name != "COMPLETE":
+            continue
+        seeds = [t for t in cells if t.user_attrs["config_trial"] == config.number]
+        assert sorted(t.user_attrs["seed"] for t in seeds) == [0, 1]
+        assert config.value == pytest.approx(sum(t.value for t in seeds) / 2)
+        assert json.loads(seeds[0].user_attrs["values"]) == config.params
+    _, children = child_runs(path)
+    assert not [r for r in children if r.info.status == "RUNNING"]
