@@ -26,8 +26,10 @@ $(BIN)/.installed-dev: $(BIN)/.installed
 setup: $(BIN)/.installed
 setup-dev: $(BIN)/.installed-dev
 
+# The main job: a small real on/off study on the Meta-World quick suite (8 cells, 2 workers), then its report.
 quickstart: setup
-	$(BIN)/ript-ablate sft configs/metaworld_quick.yaml --eval
+	$(BIN)/ript-ablate study run studies/quickstart.yaml --workers 2
+	$(BIN)/ript-ablate report studies/quickstart.yaml
 
 test: setup-dev
 	$(BIN)/python -m pytest -q

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 import warnings
 from collections.abc import Callable
 
@@ -148,6 +149,29 @@ def cmd_study_status(args: argparse.Namespace) -> int:
     return show_status(_study(args), args.storage)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ript_ablate.report.analysis import Thresholds
+    from ript_ablate.report.render import write_report
+
+    spec = _study(args)
+    write_report(spec, Path(args.reports), args.storage, thresholds=Thresholds(collapse=args.collapse_threshold),
+                 upload=not args.no_upload)
+    return 0
+
+
+def add_report_command(sub) -> None:
+    p = sub.add_parser("report", help="Comparison and stability report of a study (Markdown + PNG plots).",
+                       description="Reads the study's runs from MLflow and writes reports/<study>/report.md.")
+    p.add_argument("study", help="study spec YAML (see studies/)")
+    p.add_argument("--reports", default="reports", help="where report directories go (default: reports)")
+    p.add_argument("--storage", default=None, help="the study's Optuna storage (optuna mode; as for study run)")
+    p.add_argument("--output-dir", default=None, help="the study's output directory (as for study run)")
+    p.add_argument("--collapse-threshold", type=float, default=0.15,
+                   help="a fall below the running best evaluation success that counts as collapse (default 0.15)")
+    p.add_argument("--no-upload", action="store_true", help="do not attach the report to the study's MLflow run")
+    p.set_defaults(func=cmd_report)
+
+
 def add_study_commands(sub) -> None:
     study = sub.add_parser("study", help="Run, join or inspect a study (a grid or an Optuna search of trainings).",
                            description="Studies: every cell (configuration x seed) is one training run.")
@@ -197,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", action="store_true", help="do not track in MLflow")
     p.add_argument("--output", default=None, help="run directory (default: training.output_dir/run-<time>)")
     add_study_commands(sub)
+    add_report_command(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Reports of a study: collect (MLflow -> pandas), stats (rliable methods), analysis, plots, render."""

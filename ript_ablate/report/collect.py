@@ -1,0 +1,109 @@
+"""MLflow -> one tidy pandas frame: a row per (cell, iteration, metric), with the cell's configuration beside it.
+
+The study's parent run names its child runs; per cell the run that holds the result is taken (the finished one,
+or the diverged one; killed and failed attempts are left out but counted). Cells the spec defines without such a
+run are listed as missing, so a partial study reports what it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ript_ablate.study.runs import child_runs, client
+from ript_ablate.study.spec import StudySpec, cell_id_for, config_id_for, describe
+
+# What the report reads; eval/success_rate/<task> is added per task found.
+REPORT_METRICS = ("eval/success_rate", "train/success_rate", "ppo/approx_kl", "ppo/clip_fraction",
+                  "grad_norm/backbone", "grad_norm/header", "health/nonfinite_events", "scale/log_b_mean",
+                  "sampling/contexts_tried", "sampling/accepted_groups")
+
+
+@dataclass
+class StudyData:
+    spec: StudySpec
+    parent_run_id: str | None
+    frame: pd.DataFrame  # long: cell_id, config_id, config, seed, factor columns, run_id, status, iteration, metric, value
+    cells: pd.DataFrame  # one row per cell with a result: cell_id, config_id, config, seed, factors, run_id, status
+    missing: list[str] = field(default_factory=list)  # cell ids (with their configuration) without a result
+    failed_attempts: int = 0
+    tasks: list[str] = field(default_factory=list)
+
+    @property
+    def factors(self) -> list[str]:
+        return [c for c in self.cells.columns if c.startswith("factor.")]
+
+
+def find_parent_run(spec: StudySpec, tracking_uri: str | None) -> str | None:
+    mlflow = client(tracking_uri)
+    exp = mlflow.get_experiment_by_name(spec.experiment_name)
+    if exp is None:
+        return None
+    runs = mlflow.search_runs([exp.experiment_id], "tags.`ript.role` = 'study'", order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def expected_cells(spec: StudySpec, configs: list[dict] | None = None) -> dict[str, str]:
+    """cell id -> configuration description, for every cell the spec defines (optuna: the configs so far)."""
+    if configs is None:
+        configs = spec.grid_configs() if spec.mode == "grid" else []
+    return {cell_id_for(config_id_for(v), s): describe(v) for v in configs for s in spec.seeds}
+
+
+def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str, str] | None = None) -> StudyData:
+    parent = find_parent_run(spec, tracking_uri)
+    runs = child_runs(tracking_uri, spec.experiment_name, parent) if parent else []
+    chosen: dict[str, object] = {}
+    failed = 0
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        tags = run.data.tags
+        usable = run.info.status == "FINISHED" or tags.get("ript.status") == "diverged"
+        if not usable:
+            failed += 1
+            continue
+        chosen[tags["ript.cell_id"]] = run  # the latest usable run of a cell wins
+    mlflow = client(tracking_uri)
+    rows, cell_rows, tasks = [], [], set()
+    for cell_id, run in chosen.items():
+        tags = run.data.tags
+        order = [f"factor.{k}" for k in spec.factors] or [f"factor.{p.key}" for p in spec.search_space]
+        found = [k for k in tags if k.startswith("factor.")]
+        factors = {k: _parse(tags[k]) for k in [*[o for o in order if o in tags], *sorted(set(found) - set(order))]}
+        info = {"cell_id": cell_id, "config_id": tags.get("ript.config_id", ""),
+                "config": describe({k[len("factor."):]: v for k, v in factors.items()}),
+                "seed": int(tags.get("ript.seed", 0)), **factors, "run_id": run.info.run_id,
+                "status": tags.get("ript.status", "finished")}
+        cell_rows.append(info)
+        names = [m for m in run.data.metrics if m in REPORT_METRICS or m.startswith("eval/success_rate/")]
+        tasks.update(m.split("/", 2)[2] for m in names if m.startswith("eval/success_rate/"))
+        for name in names:
+            points = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, name)}
+            rows.extend({**info, "iteration": step, "metric": name, "value": value} for step, value in points.items())
+    frame = pd.DataFrame(rows)
+    cells = pd.DataFrame(cell_rows)
+    if not cells.empty:
+        cells = cells.sort_values(["config", "seed"]).reset_index(drop=True)
+    want = expected if expected is not None else expected_cells(spec)
+    missing = [f"{cid} ({desc})" for cid, desc in want.items() if cid not in chosen]
+    return StudyData(spec, parent, frame, cells, missing, failed, sorted(tasks))
+
+
+def _parse(text: str):
+    """Tag values are strings; give factors back their type (True, 0.2, ...)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, int, float)) else text
+
+
+def series(data: StudyData, metric: str) -> pd.DataFrame:
+    """Wide per run: index (cell_id), columns iteration, values of one metric."""
+    part = data.frame[data.frame["metric"] == metric] if not data.frame.empty else data.frame
+    if part.empty:
+        return pd.DataFrame()
+    return part.pivot_table(index="cell_id", columns="iteration", values="value", aggfunc="last")

@@ -1,0 +1,169 @@
+"""The report's figures (matplotlib, Agg): learning curves with interval bands, a forest plot of factor
+effects, stability panels, and for Optuna studies the optimisation history and parameter importances."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ript_ablate.report.analysis import EVAL, Analysis  # noqa: E402
+from ript_ablate.report.collect import StudyData, series  # noqa: E402
+from ript_ablate.report.stats import Effect, stratified_bootstrap_ci  # noqa: E402
+
+DPI = 110
+
+
+def _colors(n: int) -> list:
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(data: StudyData, analysis: Analysis, path: Path, metric: str = EVAL,
+                    ylabel: str = "evaluation success rate") -> Path | None:
+    """Mean over seeds per configuration, with a 95% bootstrap band (seeds resampled) at each evaluation."""
+    curves = series(data, metric)
+    if curves.empty:
+        return None
+    runs = analysis.runs.set_index("cell_id")
+    order = list(analysis.configs["config"])
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for color, config in zip(_colors(len(order)), order):
+        cells = [c for c in runs.index[runs["config"] == config] if c in curves.index]
+        block = curves.loc[cells].sort_index(axis=1)
+        its = block.columns.to_numpy(int)
+        stats = [stratified_bootstrap_ci(block[i].dropna().to_numpy()[:, None], reps=500) if block[i].notna().sum()
+                 else (np.nan, np.nan, np.nan) for i in block.columns]
+        mean = np.array([s[0] for s in stats])
+        lo = np.array([s[1] for s in stats])
+        hi = np.array([s[2] for s in stats])
+        ax.plot(its, mean, marker="o", ms=3, color=color, label=f"{config} (n={len(cells)})")
+        if len(cells) > 1:
+            ax.fill_between(its, lo, hi, color=color, alpha=0.15, linewidth=0)
+    ax.set_xlabel("RIPT iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Learning curves: mean over seeds, 95% bootstrap band ({metric})", fontsize=10)
+    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    return _save(fig, path)
+
+
+def forest(effects: list[Effect], path: Path, title: str) -> Path | None:
+    """Each effect's estimate and 95% interval; the zero line is the decision boundary."""
+    if not effects:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(effects)))
+    ys = np.arange(len(effects))[::-1]
+    for y, e in zip(ys, effects):
+        color = "tab:green" if e.excludes_zero and e.estimate > 0 else "tab:red" if e.excludes_zero else "tab:gray"
+        ax.errorbar(e.estimate, y, xerr=[[e.estimate - e.low], [e.high - e.estimate]], fmt="o", color=color,
+                    capsize=4)
+        p = e.p_holm if np.isfinite(e.p_holm) else e.p_value
+        ax.annotate(f"{e.estimate:+.3f} [{e.low:+.3f}, {e.high:+.3f}], p={p:.3g}", (e.high, y),
+                    xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(ys, [e.label for e in effects], fontsize=8)
+    ax.set_xlabel("change in final success rate (treatment - baseline), paired")
+    ax.set_title(title, fontsize=10)
+    lo = min(e.low for e in effects if np.isfinite(e.low)) if any(np.isfinite(e.low) for e in effects) else -0.1
+    hi = max(e.high for e in effects if np.isfinite(e.high)) if any(np.isfinite(e.high) for e in effects) else 0.1
+    span = max(hi - lo, 0.05)
+    ax.set_xlim(min(lo, 0) - 0.1 * span, max(hi, 0) + 0.9 * span)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def stability_panels(data: StudyData, analysis: Analysis, path: Path) -> Path | None:
+    """Per configuration over iterations: approx-KL, clip fraction, backbone gradient norm, mean log_b."""
+    panels = [("ppo/approx_kl", "approx KL"), ("ppo/clip_fraction", "clip fraction"),
+              ("grad_norm/backbone", "backbone grad norm"), ("scale/log_b_mean", "mean log b (scale head)")]
+    frames = {m: series(data, m) for m, _ in panels}
+    if all(f.empty for f in frames.values()):
+        return None
+    runs = analysis.runs.set_index("cell_id")
+    order = list(analysis.configs["config"])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (metric, label) in zip(axes.ravel(), panels):
+        frame = frames[metric]
+        for color, config in zip(_colors(len(order)), order):
+            cells = [c for c in runs.index[runs["config"] == config] if c in frame.index]
+            if not cells:
+                continue
+            block = frame.loc[cells].sort_index(axis=1)
+            ax.plot(block.columns.to_numpy(int), block.mean(axis=0).to_numpy(), color=color, label=config)
+            ax.fill_between(block.columns.to_numpy(int), block.min(axis=0).to_numpy(), block.max(axis=0).to_numpy(),
+                            color=color, alpha=0.12, linewidth=0)
+        ax.set_title(f"{label} (mean, min-max over seeds)", fontsize=9)
+        ax.set_xlabel("RIPT iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=7)
+    fig.tight_layout(rect=(0, 0.05 + 0.02 * ((len(labels) - 1) // 3), 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def final_by_config(analysis: Analysis, path: Path) -> Path | None:
+    """Final success per configuration: mean with its 95% stratified-bootstrap interval and every seed."""
+    configs = analysis.configs
+    if configs.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(configs)))
+    ys = np.arange(len(configs))[::-1]
+    for y, (_, row) in zip(ys, configs.iterrows()):
+        ax.errorbar(row["final"], y, xerr=[[row["final"] - row["final_lo"]], [row["final_hi"] - row["final"]]]
+                    if np.isfinite(row["final_lo"]) else None, fmt="s", color="tab:blue", capsize=4)
+        seeds = analysis.runs.loc[analysis.runs["config"] == row["config"], "final"]
+        ax.scatter(seeds, np.full(len(seeds), y) - 0.15, s=12, color="tab:orange", zorder=3,
+                   label="one seed" if y == ys[0] else None)
+    ax.set_yticks(ys, list(configs["config"]), fontsize=8)
+    ax.set_xlabel("final evaluation success rate")
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Final success per configuration: mean and 95% stratified-bootstrap interval", fontsize=10)
+    return _save(fig, path)
+
+
+def optuna_history(trials: pd.DataFrame, direction: str, path: Path) -> Path | None:
+    done = trials[trials["state"] == "COMPLETE"].sort_values("number")
+    if done.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(done["number"], done["value"], color="tab:blue", s=20, label="configuration (seed aggregate)")
+    best = done["value"].cummax() if direction == "maximize" else done["value"].cummin()
+    ax.step(done["number"], best, where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("configuration (Optuna trial number)")
+    ax.set_ylabel("objective")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Optimisation history", fontsize=10)
+    return _save(fig, path)
+
+
+def importances(values: dict[str, float], path: Path) -> Path | None:
+    if not values:
+        return None
+    names = list(values)[::-1]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * len(names)))
+    ax.barh(names, [values[n] for n in names], color="tab:purple")
+    ax.set_xlabel("importance (PED-ANOVA, Optuna)")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Parameter importances", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,198 @@
+"""`ript-ablate report STUDY`: collect, analyse, plot, and write reports/<study>/report.md (+ PNGs and the tidy
+CSV), then attach the same files to the study's parent MLflow run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ript_ablate.progress import console
+from ript_ablate.report import plots
+from ript_ablate.report.analysis import Analysis, Thresholds, analyse
+from ript_ablate.report.collect import StudyData, collect, expected_cells
+from ript_ablate.study.spec import StudySpec, describe
+
+
+def _pct(x: float) -> str:
+    return "-" if not np.isfinite(x) else f"{100 * x:.1f}"
+
+
+def _ci(point: float, lo: float, hi: float) -> str:
+    if not np.isfinite(lo):
+        return f"{_pct(point)} (1 seed: no interval)"
+    return f"{_pct(point)} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def optuna_section(spec: StudySpec, storage: str | None, out: Path) -> tuple[str, list[Path], dict[str, str]]:
+    """Best configurations, importances and history from the study's Optuna storage (optuna mode only)."""
+    import optuna
+
+    from ript_ablate.study.store import StudyStore
+
+    store = StudyStore(spec, spec.storage_url(storage), create=False)
+    trials = store.search.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
+    if trials.empty:
+        return "No configurations have been sampled yet.", [], {}
+    expected = {}
+    for t in store.search_trials():
+        if "config_id" in t.user_attrs:
+            for s in spec.seeds:
+                expected[f"{t.user_attrs['config_id']}-s{s}"] = describe(t.params)
+    done = trials[trials["state"] == "COMPLETE"].sort_values("value", ascending=spec.objective.direction != "maximize")
+    param_cols = [c for c in trials.columns if c.startswith("params_")]
+    rows = [[str(int(r["number"])), f"{r['value']:.3f}", *[str(r[c]) for c in param_cols]]
+            for _, r in done.head(5).iterrows()]
+    text = ["### Best configurations (Optuna)", "",
+            _table(["trial", f"objective ({spec.objective.aggregation} over seeds)",
+                    *[c[len("params_algo."):] if c.startswith("params_algo.") else c[7:] for c in param_cols]], rows)]
+    figures = []
+    history = plots.optuna_history(trials, spec.objective.direction, out / "optuna_history.png")
+    if history:
+        figures.append(history)
+        text += ["", f"![optimisation history]({history.name})"]
+    completed = [t for t in store.search.get_trials() if t.state.name == "COMPLETE"]
+    if len(completed) >= 2:
+        try:
+            imp = optuna.importance.get_param_importances(
+                store.search, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+        except (RuntimeError, ValueError) as exc:
+            imp = {}
+            text += ["", f"Parameter importances not available: {exc}"]
+        if imp:
+            path = plots.importances(imp, out / "optuna_importances.png")
+            figures.append(path)
+            text += ["", "Parameter importances (PED-ANOVA): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()), "", f"![importances]({path.name})"]
+    n_pruned = int((trials["state"] == "PRUNED").sum())
+    text += ["", f"{len(done)} configuration(s) complete, {n_pruned} pruned, "
+             f"{int((trials['state'] == 'FAIL').sum())} failed."]
+    return "\n".join(text), figures, expected
+
+
+def write_report(spec: StudySpec, out_root: Path = Path("reports"), storage: str | None = None,
+                 tracking_uri: str | None = None, thresholds: Thresholds | None = None,
+                 upload: bool = True) -> Path:
+    start = time.perf_counter()
+    th = thresholds or Thresholds()
+    out = out_root / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    optuna_text, optuna_figs, expected = ("", [], None)
+    if spec.mode == "optuna":
+        optuna_text, optuna_figs, expected = optuna_section(spec, storage, out)
+    data = collect(spec, tracking_uri, expected if spec.mode == "optuna" else expected_cells(spec))
+    if data.parent_run_id is None:
+        from ript_ablate.errors import RiptAblateError
+
+        raise RiptAblateError(f"no runs of study {spec.name!r} in MLflow experiment {spec.experiment_name!r} "
+                              f"(tracking URI {tracking_uri or 'default'}); run `ript-ablate study run {spec.path}`")
+    data.frame.to_csv(out / "metrics.csv", index=False)
+    analysis = analyse(data, th)
+    figures = [f for f in (
+        plots.learning_curves(data, analysis, out / "learning_curves.png"),
+        plots.final_by_config(analysis, out / "final_success.png"),
+        plots.forest(analysis.effects + analysis.interactions, out / "effects.png",
+                     "Factor effects and interactions on final success (95% intervals; green/red: excludes 0)"),
+        plots.stability_panels(data, analysis, out / "stability.png"),
+    ) if f] + optuna_figs
+    text = render(data, analysis, th, optuna_text, time.perf_counter() - start)
+    report = out / "report.md"
+    report.write_text(text)
+    if upload and data.parent_run_id:
+        from ript_ablate.study.runs import client
+
+        mlflow = client(tracking_uri)
+        for path in [report, out / "metrics.csv", *figures]:
+            mlflow.log_artifact(data.parent_run_id, str(path), "report")
+    console.print(f"report written to {report} ({len(figures)} figures) in {time.perf_counter() - start:.1f}s")
+    return report
+
+
+def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, seconds: float) -> str:
+    spec = data.spec
+    lines = [f"# Study `{spec.name}`", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    n_cells = len(data.cells)
+    lines += [f"Mode {spec.mode}; base config `{spec.config_path}`; seeds {spec.seeds}; objective: "
+              f"{spec.objective.reduction} `{spec.objective.metric}` ({spec.objective.aggregation} over seeds, "
+              f"{spec.objective.direction}). {n_cells} cell(s) with a result"
+              + (f", {data.failed_attempts} failed or killed attempt(s) left out" if data.failed_attempts else "")
+              + f"; tasks: {', '.join(data.tasks) or '-'}. MLflow parent run `{data.parent_run_id}`.", ""]
+    if data.missing:
+        lines += [f"**Partial study: {len(data.missing)} cell(s) missing** (no finished run yet); the statistics "
+                  "below use what exists:", ""] + [f"- {m}" for m in data.missing] + [""]
+    if a.configs.empty:
+        return "\n".join(lines + ["No finished runs to report yet."])
+    lines += ["## Comparison", "",
+              "Success rates in %, with 95% stratified-bootstrap intervals (seeds resampled within each task; "
+              "rliable). Final: the last evaluation; best: the best evaluation of a run; IQM: interquartile mean of "
+              "seed x task final scores; AUC: the mean success over training (area under the learning curve "
+              "divided by its length).", "",
+              _table(["configuration", "seeds", "final", "best", "IQM", "AUC"],
+                     [[r["config"], str(r["seeds"]), _ci(r["final"], r["final_lo"], r["final_hi"]),
+                       _ci(r["best"], r["best_lo"], r["best_hi"]), _ci(r["iqm"], r["iqm_lo"], r["iqm_hi"]),
+                       _ci(r["auc"], r["auc_lo"], r["auc_hi"])] for _, r in a.configs.iterrows()]), "",
+              "![learning curves](learning_curves.png)", "", "![final success](final_success.png)", ""]
+    if a.effects:
+        lines += ["## Which switches matter", "",
+                  "Main effect of each factor level against the factor's first level on final success (points), "
+                  "paired on seed and every other factor; 95% bootstrap interval over the pairs (a Student-t interval "
+                  "when there are fewer than 20 pairs, where the percentile bootstrap is too narrow); p-value of a "
+                  "paired t-test, Holm-corrected across all main-effect comparisons. Decision: keep or drop when the "
+                  "interval excludes 0 and the corrected p < 0.05.", "",
+                  _table(["factor", "effect (points)", "95% interval", "pairs", "p", "p (Holm)", "decision"],
+                         [[e.label, f"{100 * e.estimate:+.1f}", f"[{100 * e.low:+.1f}, {100 * e.high:+.1f}]",
+                           str(e.n_pairs), f"{e.p_value:.3g}", f"{e.p_holm:.3g}", decision(e)]
+                          for e in a.effects]), ""]
+        if a.interactions:
+            lines += ["Interactions (difference of differences, paired):", "",
+                      _table(["factors", "interaction (points)", "95% interval", "pairs", "p"],
+                             [[e.label, f"{100 * e.estimate:+.1f}", f"[{100 * e.low:+.1f}, {100 * e.high:+.1f}]",
+                               str(e.n_pairs), f"{e.p_value:.3g}"] for e in a.interactions]), ""]
+        lines += ["![factor effects](effects.png)", ""]
+    if len(a.improvement) > 1:
+        names = list(a.improvement.index)
+        lines += ["Probability of improvement P(row > column) on final success (per task, averaged; rliable):", "",
+                  _table(["", *names], [[n, *[("-" if np.isnan(v) else f"{v:.2f}") for v in a.improvement.loc[n]]]
+                                        for n in names]), ""]
+    if optuna_text:
+        lines += ["## Search", "", optuna_text, ""]
+    lines += ["## Stability", "",
+              f"Collapse: a run that falls more than {th.collapse:.2f} below its running best evaluation and ends "
+              f"there. KL spike: approx-KL above {th.kl_spike_factor:g}x its median (and {th.kl_spike_floor}). "
+              f"Gradient outlier: backbone gradient norm more than {th.grad_outlier_k:g} robust SDs above its median. "
+              "log b drift: last minus first mean log-scale. Sampling load: contexts tried per accepted group.", "",
+              _table(["configuration", "verdict", "final spread", "collapse rate", "max drawdown", "KL spikes",
+                      "clip>0.5 iters", "grad outliers", "non-finite", "log b drift", "tried/group"],
+                     [[r["config"], a.verdicts[r["config"]], f"{r['spread']:.2f}", f"{r['collapse_rate']:.0%}",
+                       f"{r['max_drawdown']:.2f}", str(r["kl_spikes"]), str(r["clip_spikes"]),
+                       str(r["grad_outliers"]), f"{r['nonfinite']:.0f}", f"{r['log_b_drift']:+.3f}",
+                       f"{r['tried_per_group']:.1f}"] for _, r in a.configs.iterrows()]), "",
+              "![stability](stability.png)", "",
+              "## Runs", "",
+              _table(["cell", "configuration", "seed", "status", "final", "best", "AUC", "drawdown", "MLflow run"],
+                     [[r["cell_id"], r["config"], str(r["seed"]), r["status"], _pct(r["final"]), _pct(r["best"]),
+                       _pct(r["auc"]), f"{r['drawdown']:.2f}", f"`{r['run_id'][:8]}`"]
+                      for _, r in a.runs.sort_values(["config", "seed"]).iterrows()]), "",
+              f"Tidy metrics: `metrics.csv` (one row per cell, iteration and metric). Report built in {seconds:.1f}s "
+              f"at {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+    return "\n".join(lines)
+
+
+def decision(e) -> str:
+    if not np.isfinite(e.low):
+        return "too few pairs"
+    if e.excludes_zero and e.p_holm < 0.05:
+        return "keep (helps)" if e.estimate > 0 else "drop (hurts)"
+    if e.excludes_zero:
+        return "suggestive (not significant after Holm)"
+    return "no detectable effect"
+

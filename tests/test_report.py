@@ -1,0 +1,106 @@
+"""The report: statistics against hand-computed values, and on synthetic studies logged to a real MLflow store a
+planted effect is found, a null factor is not, a planted collapse is flagged and missing cells are listed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from ript_ablate.cli import main
+from ript_ablate.report import stats
+from ript_ablate.report.analysis import analyse
+from ript_ablate.report.collect import collect
+from ript_ablate.report.synthetic import log_synthetic_study
+from ript_ablate.study.spec import cell_id_for, config_id_for, load_study
+
+
+def test_statistics_against_hand_computed_values():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert stats.sign_flip_p_value(np.array([1.0, 1.0, 1.0])) == pytest.approx(2 / 8)  # all + or all -
+    assert stats.sign_flip_p_value(np.array([1.0, -1.0])) == pytest.approx(1.0)
+    x, y = np.array([[0.9], [0.5]]), np.array([[0.5], [0.1]])
+    assert stats.probability_of_improvement(x, y) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+    assert stats.iqm(np.array([[0.0], [1.0], [2.0], [100.0]])) == pytest.approx(1.5)
+    point, lo, hi = stats.stratified_bootstrap_ci(np.full((4, 2), 0.3))
+    assert point == lo == hi == pytest.approx(0.3)
+    assert stats.drawdown(np.array([0.2, 0.6, 0.3, 0.5])) == pytest.approx(0.3)
+    assert stats.collapsed(np.array([0.2, 0.6, 0.3]), 0.15) and not stats.collapsed(np.array([0.2, 0.6, 0.55]), 0.15)
+    assert stats.spikes(np.array([0.01, 0.012, 0.011, 0.2]), 5, 0.02) == 1
+    effect = stats.paired_effect("x", np.array([0.1, 0.2, 0.3]))  # t interval: 0.2 +- 4.303 * 0.1 / sqrt(3)
+    assert effect.estimate == pytest.approx(0.2)
+    assert (effect.low, effect.high) == pytest.approx((0.2 - 0.24841, 0.2 + 0.24841), abs=1e-4)
+    t = 0.2 / (0.1 / np.sqrt(3))  # df 2: the t CDF is 1/2 + t / (2 sqrt(t^2 + 2))
+    assert stats.paired_t_p_value(np.array([0.1, 0.2, 0.3])) == pytest.approx(1 - t / np.sqrt(t * t + 2))
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"suite": {"tasks": ["reach-v3", "push-v3"]}}))
+
+    def make(name: str, seeds: list[int], **kwargs):
+        spec_path = tmp_path / f"{name}.yaml"
+        spec_path.write_text(yaml.safe_dump({
+            "name": name, "config": "base.yaml", "mode": "grid", "seeds": seeds,
+            "factors": {"algo.use_laplace_sampling": [False, True], "algo.fix_scale_head": [True, False]}},
+            sort_keys=False))
+        spec = load_study(spec_path)
+        log_synthetic_study(spec, **kwargs)
+        return spec, spec_path
+
+    return make
+
+
+def planted(values: dict) -> float:
+    return 0.2 if values["algo.use_laplace_sampling"] else 0.0  # fix_scale_head: no effect
+
+
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_planted_effect_found_and_null_factor_not(synthetic, n_seeds):
+    spec, _ = synthetic(f"planted{n_seeds}", list(range(n_seeds)), effect=planted, seed=n_seeds)
+    analysis = analyse(collect(spec))
+    by_label = {e.label.split(":")[0]: e for e in analysis.effects}
+    laplace, fixed = by_label["use_laplace_sampling"], by_label["fix_scale_head"]
+    assert laplace.excludes_zero and laplace.low > 0.1 and laplace.estimate == pytest.approx(0.2, abs=0.05)
+    assert laplace.p_holm < 0.05
+    assert not fixed.excludes_zero and fixed.low < 0 < fixed.high
+    assert len(analysis.interactions) == 1 and not analysis.interactions[0].excludes_zero
+    best = analysis.configs.iloc[0]["config"]
+    assert "use_laplace_sampling=True" in best
+    worse = [c for c in analysis.improvement.columns if "use_laplace_sampling=False" in c]
+    assert all(analysis.improvement.loc[best, c] > 0.9 for c in worse)
+
+
+def test_collapse_flagged_and_partial_study_lists_missing_cells(synthetic, tmp_path, capsys):
+    bad = {"algo.use_laplace_sampling": True, "algo.fix_scale_head": False}
+    collapsing = {cell_id_for(config_id_for(bad), s) for s in (0, 1, 2)}
+    missing = cell_id_for(config_id_for({"algo.use_laplace_sampling": False, "algo.fix_scale_head": True}), 2)
+    spec, spec_path = synthetic("collapse", [0, 1, 2], effect=planted, collapse=collapsing, skip={missing})
+    assert main(["report", str(spec_path), "--reports", str(tmp_path / "reports")]) == 0
+    report = (tmp_path / "reports" / "collapse" / "report.md").read_text()
+    assert "Partial study: 1 cell(s) missing" in report and missing in report
+    verdicts = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.splitlines()
+                if line.startswith("| use_laplace") and ("stable" in line)}
+    collapsed_config = "use_laplace_sampling=True, fix_scale_head=False"
+    assert verdicts[collapsed_config].startswith("unstable") and "collapsed" in verdicts[collapsed_config]
+    assert all(v.startswith("stable") for k, v in verdicts.items() if k != collapsed_config)
+    for png in ("learning_curves.png", "final_success.png", "effects.png", "stability.png"):
+        assert (tmp_path / "reports" / "collapse" / png).stat().st_size > 10_000
+    from mlflow.tracking import MlflowClient
+
+    data = collect(spec)
+    names = {a.path for a in MlflowClient().list_artifacts(data.parent_run_id, "report")}
+    assert {"report/report.md", "report/effects.png", "report/metrics.csv"} <= names
+    frame = data.frame
+    assert set(frame.columns) >= {"cell_id", "config", "seed", "iteration", "metric", "value"}
+    assert frame["cell_id"].nunique() == 11
+
+
+def test_report_of_an_unknown_study_is_a_clear_error(synthetic, tmp_path, capsys):
+    path = tmp_path / "never.yaml"
+    path.write_text(yaml.safe_dump({"name": "never", "config": "base.yaml", "factors": {"algo.lr": [1e-4]}}))
+    assert main(["report", str(path)]) == 1
+    assert "no runs of study 'never'" in capsys.readouterr().err
