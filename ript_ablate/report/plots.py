@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ript_ablate.report.analysis import EVAL, Analysis  # noqa: E402
 from ript_ablate.report.collect import StudyData, series  # noqa: E402
@@ -22,6 +23,13 @@ DPI = 110
 def _colors(n: int) -> list:
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _zoom(setter, limits: tuple[float, float]) -> None:
+    """Success rates: zoom to the data (differences of a few points stay visible), padded, within [0, 1]."""
+    lo, hi = limits
+    pad = max(0.05, 0.15 * (hi - lo))
+    setter(max(-0.02, lo - pad), min(1.02, hi + pad))
 
 
 def _save(fig, path: Path) -> Path:
@@ -54,7 +62,8 @@ def learning_curves(data: StudyData, analysis: Analysis, path: Path, metric: str
             ax.fill_between(its, lo, hi, color=color, alpha=0.15, linewidth=0)
     ax.set_xlabel("RIPT iteration")
     ax.set_ylabel(ylabel)
-    ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _zoom(ax.set_ylim, ax.get_ylim())
     ax.grid(alpha=0.3)
     ax.set_title(f"Learning curves: mean over seeds, 95% bootstrap band ({metric})", fontsize=10)
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
@@ -108,6 +117,7 @@ def stability_panels(data: StudyData, analysis: Analysis, path: Path) -> Path | 
                             color=color, alpha=0.12, linewidth=0)
         ax.set_title(f"{label} (mean, min-max over seeds)", fontsize=9)
         ax.set_xlabel("RIPT iteration", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -133,10 +143,10 @@ def final_by_config(analysis: Analysis, path: Path) -> Path | None:
                    label="one seed" if y == ys[0] else None)
     ax.set_yticks(ys, list(configs["config"]), fontsize=8)
     ax.set_xlabel("final evaluation success rate")
-    ax.set_xlim(-0.02, 1.02)
+    _zoom(ax.set_xlim, ax.get_xlim())
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Final success per configuration: mean and 95% stratified-bootstrap interval", fontsize=10)
+    ax.set_title("Final success: mean with 95% stratified-bootstrap interval, and each seed", fontsize=10)
     return _save(fig, path)
 
 

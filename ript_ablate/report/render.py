@@ -188,11 +188,14 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
 
 
 def decision(e) -> str:
+    """In the terms of the switch's values: which level to keep ('prefer X'), or that the data cannot tell."""
     if not np.isfinite(e.low):
         return "too few pairs"
+    baseline, _, treatment = e.label.split(": ", 1)[-1].partition(" -> ")
+    better = treatment if e.estimate > 0 else baseline
     if e.excludes_zero and e.p_holm < 0.05:
-        return "keep (helps)" if e.estimate > 0 else "drop (hurts)"
+        return f"prefer {better}"
     if e.excludes_zero:
-        return "suggestive (not significant after Holm)"
+        return f"suggests {better} (not significant after Holm)"
     return "no detectable effect"
 
