@@ -63,7 +63,6 @@ def exit_with_parent(parent_pid: int) -> None:
 def resume_point(out: Path) -> tuple[str | None, list[dict[str, float]]]:
     """The latest complete checkpoint of an earlier attempt in this cell's directory and the history up to it."""
     from ript_ablate import checkpoints
-    from ript_ablate.ript.trainer import HISTORY_LOG
 
     ckpts = sorted((out / "checkpoints").glob("iter_*")) if (out / "checkpoints").is_dir() else []
     ckpts = [c for c in ckpts if (c / checkpoints.META_FILE).is_file()]
@@ -71,16 +70,7 @@ def resume_point(out: Path) -> tuple[str | None, list[dict[str, float]]]:
         return None, []
     latest = ckpts[-1]
     iteration = int(checkpoints.read_meta(latest).get("iteration", 0))
-    history = []
-    if (out / HISTORY_LOG).is_file():
-        for line in (out / HISTORY_LOG).read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by the crash
-            if int(entry["iteration"]) <= iteration:
-                history.append(entry)
-    return str(latest), history
+    return str(latest), [e for e in _read_history(out) if int(e["iteration"]) <= iteration]
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +160,7 @@ def _read_history(out: Path) -> list[dict[str, float]]:
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
-            break
+            break  # a line cut by a crash
     return entries
 
 
