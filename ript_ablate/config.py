@@ -100,7 +100,7 @@ class AlgoConfig:
     use_val_init: bool = _f(False, "Draw rollout contexts from the evaluation initial states.")
     mix_val_init_in_rloo: bool = _f(False, "With use_val_init: each of the K rollouts gets its own state.")
     rloo_over_all_rollouts: bool = _f(False, "RLOO baseline over all rollouts of the iteration, not per group.")
-    max_step_batch_size: int = _f(1, "Action steps of one trajectory re-forwarded together.")
+    max_step_batch_size: int = _f(1, "Policy calls re-forwarded together in the update (rows of one GA group).")
     checkpoint_path: str | None = _f(None, "Full model checkpoint to start from (default: the cached BC base).")
     header_checkpoint: str | None = _f(None, "Scale-head weights (trained by Laplace NLL before RL).")
     lora_adaptor_ckpt: str | None = _f(None, "Adapter directory (LoRA + action and scale heads) to resume from.")

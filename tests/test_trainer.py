@@ -218,6 +218,31 @@ def test_micro_step_gradient_is_the_weighted_trajectory_mean_loss():
     assert float(stats["count"]) == 2 * 5
 
 
+@pytest.mark.parametrize("mode", ["sum_on_action_dim", "ratio_on_action_dim"])
+def test_packed_group_gradient_equals_the_sum_of_per_trajectory_gradients(mode):
+    """Packing a GA group's rows into shared passes changes nothing but speed: same gradient, same statistics."""
+    algo = AlgoConfig(gradient_accumulation_steps=3, lora_rank=2, max_step_batch_size=4, log_prob_mode=mode,
+                      fix_scale_head=False, log_scale_clip=[-10.0, 10.0])
+    policy = tiny_policy(algo)
+    updater = PPOUpdater(policy, algo, torch.device("cpu"))
+    trajs = [trajectory(policy, adv, mode=mode, seed=i) for i, adv in enumerate((1.0, -0.5, 0.25))]
+    trajs[1].mask[2] = 0.0  # a trajectory that ended early: its mean runs over fewer steps
+    keys = ("loss", "ratio", "clipped", "approx_kl", "count", "log_b", "log_b_clipped", "log_b_count")
+    weights = [1 / 3] * 3
+    packed_stats = {k: torch.zeros(()) for k in keys}
+    policy.zero_grad()
+    updater._micro_batch(trajs, weights, packed_stats)  # 9 rows in passes of 4, 4 and 1: rows of 2-3 trajectories
+    packed = [p.grad.clone() for p in updater.backbone_params + updater.head_params]
+    single_stats = {k: torch.zeros(()) for k in keys}
+    policy.zero_grad()
+    for traj, weight in zip(trajs, weights):
+        updater._micro_step(traj, weight, single_stats)
+    for a, p in zip(packed, updater.backbone_params + updater.head_params):
+        torch.testing.assert_close(a, p.grad)
+    for key in keys:
+        torch.testing.assert_close(packed_stats[key], single_stats[key])
+
+
 class FakePool:
     """Deterministic stand-in for the rollout pool: success = f(state, seed)."""
 

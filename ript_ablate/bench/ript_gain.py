@@ -1,10 +1,12 @@
-"""RIPT post-training gain on a config over seeds, with the time split and the tracking overhead.
+"""RIPT post-training gain on a config over seeds, with the time split, rollout efficiency and tracking overhead.
 
-    python -m ript_ablate.bench.ript_gain CONFIG --seeds 0 1 2 [--set key=value ...] [--overhead]
+    python -m ript_ablate.bench.ript_gain CONFIG --seeds 0 1 2 [--set key=value ...] [--overhead [N]]
 
-Prints, per seed: evaluation success before and after, mean seconds per iteration split into rollout, update
-and evaluation, rollout env steps/s. With --overhead, runs seed 0 again tracked in MLflow (a temporary sqlite
-store) and untracked, side by side, and prints the ratio of wall times.
+Prints, per seed: evaluation success before and after (overall and per task), mean seconds per iteration split
+into rollout, update and evaluation, and rollout env steps/s as a fraction of raw env stepping measured in this
+same invocation: random-action stepping of each task on a rollout pool of the same shape (workers x envs per
+worker), weighted by the steps the run spent on each task. With --overhead N, runs seed 0 for N iterations
+tracked in MLflow (a temporary sqlite store) and untracked, side by side, and prints the ratio of wall times.
 """
 
 from __future__ import annotations
@@ -15,51 +17,116 @@ import statistics
 import tempfile
 import time
 
-from ript_ablate.config import load_config
+from ript_ablate.config import Config, load_config
 from ript_ablate.ript.trainer import Trainer
+from ript_ablate.suites import build_suite
+from ript_ablate.suites.rollouts import RolloutPool
 from ript_ablate.tracking import MlflowTracker, Tracker
 
 
-def run(cfg, tracker, out) -> tuple[list[dict], float]:
+def run(cfg: Config, tracker: Tracker, out: str) -> tuple[list[dict], float]:
     start = time.perf_counter()
     result = Trainer(cfg, tracker).run(out)
     tracker.end("FINISHED")
     return result.history, time.perf_counter() - start
 
 
+class TimedTracker(MlflowTracker):
+    """An MLflow tracker that also adds up the seconds spent in its own calls (the direct cost of tracking)."""
+
+    seconds = 0.0
+
+    def __init__(self, *args, **kwargs):
+        start = time.perf_counter()
+        super().__init__(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+
+    def _timed(name):  # noqa: N805 - a decorator factory used in the class body
+        def method(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return getattr(MlflowTracker, name)(self, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return method
+
+    start = _timed("start")
+    record = _timed("record")
+    flush = _timed("flush")
+    log_artifact = _timed("log_artifact")
+    end = _timed("end")
+
+
+def raw_rates(cfg: Config, seconds: float) -> dict[str, float]:
+    """Random-action env steps/s per task on a pool shaped like the trainer's (the ceiling for rollouts)."""
+    suite = build_suite(cfg)
+    with RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker) as pool:
+        return {task: pool.raw_steps_per_second(task, seconds) for task in suite.tasks}
+
+
+def rollout_efficiency(history: list[dict], raw: dict[str, float]) -> float:
+    """Seconds raw stepping would need for the run's per-task env steps / seconds the rollouts took."""
+    iters = [h for h in history if h["iteration"] > 0 and "perf/rollout_s" in h]
+    ideal = sum(h.get(f"perf/env_steps/{task}", 0.0) / rate for h in iters for task, rate in raw.items())
+    return ideal / sum(h["perf/rollout_s"] for h in iters)
+
+
+def describe(seed: int, history: list[dict], wall: float, raw: dict[str, float]) -> tuple[float, dict]:
+    evals = [h for h in history if "eval/success_rate" in h]
+    first, last = evals[0], evals[-1]
+    gain = last["eval/success_rate"] - first["eval/success_rate"]
+    iters = [h for h in history if h["iteration"] > 0]
+    mean = lambda key: statistics.fmean(h.get(key, 0.0) for h in iters)  # noqa: E731
+    eval_iters = [h["perf/eval_s"] for h in iters if "perf/eval_s" in h]
+    curve = " ".join(f"{h['iteration']}:{100 * h['eval/success_rate']:.0f}" for h in evals)
+    tasks = sorted(k.removeprefix("eval/success_rate/") for k in first if k.startswith("eval/success_rate/"))
+    per_task = " ".join(f"{t} {100 * first[f'eval/success_rate/{t}']:.0f}->{100 * last[f'eval/success_rate/{t}']:.0f}"
+                        for t in tasks)
+    print(f"seed {seed}: eval {100 * first['eval/success_rate']:.1f}% -> {100 * last['eval/success_rate']:.1f}% "
+          f"({100 * gain:+.1f}); {per_task}; curve {curve}")
+    print(f"   wall {wall:.0f}s; per iteration {mean('perf/iteration_s'):.1f}s = rollout {mean('perf/rollout_s'):.1f}s "
+          f"+ update {mean('perf/update_s'):.2f}s + eval {mean('perf/eval_s'):.1f}s amortised "
+          f"({statistics.fmean(eval_iters) if eval_iters else 0.0:.1f}s on evaluation iterations); "
+          f"contexts tried/iteration {mean('sampling/contexts_tried'):.1f}", flush=True)
+    efficiency = rollout_efficiency(history, raw)
+    print(f"   rollouts {mean('perf/env_steps_per_s'):,.0f} env steps/s = {efficiency:.2f} of raw stepping "
+          f"with the same processes (task-weighted)", flush=True)
+    return gain, {t: last[f"eval/success_rate/{t}"] - first[f"eval/success_rate/{t}"] for t in tasks}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--raw-seconds", type=float, default=3.0, help="seconds of raw stepping per task")
+    parser.add_argument("--overhead", type=int, nargs="?", const=5, default=0, metavar="N",
+                        help="also compare a tracked and an untracked run of N iterations (default 5)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="ript-gain-")
-    gains = []
+    raw = raw_rates(load_config(args.config, args.set), args.raw_seconds)
+    print("raw stepping, same pool shape: " + ", ".join(f"{t} {r:,.0f}/s" for t, r in raw.items()), flush=True)
+    gains, per_task = [], []
     for seed in args.seeds:
         cfg = load_config(args.config, [*args.set, f"algo.model_seed={seed}"])
         history, wall = run(cfg, Tracker(), f"{tmp}/seed{seed}")
-        evals = [h for h in history if "eval/success_rate" in h]
-        first, last = evals[0]["eval/success_rate"], evals[-1]["eval/success_rate"]
-        gains.append(last - first)
-        iters = [h for h in history if h["iteration"] > 0]
-        mean = lambda key: statistics.fmean(h.get(key, 0.0) for h in iters)  # noqa: E731
-        curve = " ".join(f"{h['iteration']}:{100 * h['eval/success_rate']:.0f}" for h in evals)
-        print(f"seed {seed}: eval {100 * first:.1f}% -> {100 * last:.1f}% ({100 * (last - first):+.1f}); curve {curve}; "
-              f"wall {wall:.0f}s; per iteration {mean('perf/iteration_s'):.1f}s = rollout {mean('perf/rollout_s'):.1f}s "
-              f"+ update {mean('perf/update_s'):.2f}s + eval {mean('perf/eval_s'):.1f}s (eval iterations only "
-              f"{statistics.fmean(h['perf/eval_s'] for h in iters if 'perf/eval_s' in h):.1f}s); "
-              f"rollout {mean('perf/env_steps_per_s'):,.0f} env steps/s; contexts tried/iter "
-              f"{mean('sampling/contexts_tried'):.1f}", flush=True)
-    print(f"mean gain over {len(gains)} seeds: {100 * statistics.fmean(gains):+.1f} points")
+        gain, tasks = describe(seed, history, wall, raw)
+        gains.append(gain)
+        per_task.append(tasks)
+    spread = f" (sd {100 * statistics.stdev(gains):.1f})" if len(gains) > 1 else ""
+    print(f"mean gain over {len(gains)} seeds: {100 * statistics.fmean(gains):+.1f} points{spread}; per task: "
+          + ", ".join(f"{t} {100 * statistics.fmean(p[t] for p in per_task):+.1f}" for t in per_task[0]))
     if args.overhead:
-        cfg = load_config(args.config, [*args.set, "algo.model_seed=0"])
+        cfg = load_config(args.config, [*args.set, "algo.model_seed=0", f"training.n_iterations={args.overhead}"])
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         MlflowTracker(None, "warmup", None)  # create the database outside the timed runs
         _, untracked = run(cfg, Tracker(), f"{tmp}/untracked")
-        _, tracked = run(cfg, MlflowTracker(None, "overhead", None), f"{tmp}/tracked")
-        print(f"tracking overhead: tracked {tracked:.1f}s vs untracked {untracked:.1f}s = "
-              f"{100 * (tracked / untracked - 1):+.1f}%")
+        tracker = TimedTracker(None, "overhead", None)
+        _, tracked = run(cfg, tracker, f"{tmp}/tracked")
+        print(f"tracking overhead ({args.overhead} iterations, final checkpoint uploaded: "
+              f"{cfg.tracking.log_checkpoint}): tracked {tracked:.1f}s vs untracked {untracked:.1f}s = "
+              f"{100 * (tracked / untracked - 1):+.1f}% (includes run-to-run noise); time inside MLflow calls "
+              f"{tracker.seconds:.2f}s = {100 * tracker.seconds / tracked:.2f}% of the tracked run")
 
 
 if __name__ == "__main__":

@@ -57,12 +57,14 @@ class IterationRollouts:
             "sampling/shortfall": float(self.quota - len(self.accepted)),
             "train/success_rate": float(np.mean([e.success for e in self.all_episodes])),
             "perf/env_steps_per_s": self.env_steps / max(self.seconds, 1e-9),
+            "perf/env_steps": float(self.env_steps),
             "perf/rollout_s": self.seconds,
         }
         for task in tasks:
-            eps = [e.success for e in self.all_episodes if e.task == task]
+            eps = [e for e in self.all_episodes if e.task == task]
             if eps:
-                out[f"train/success_rate/{task}"] = float(np.mean(eps))
+                out[f"train/success_rate/{task}"] = float(np.mean([e.success for e in eps]))
+                out[f"perf/env_steps/{task}"] = float(sum(e.length for e in eps))
         return out
 
 

@@ -80,27 +80,44 @@ class PPOUpdater:
         self.consecutive_nonfinite = 0
 
     def _micro_step(self, traj: Trajectory, weight: float, stats: dict[str, torch.Tensor]) -> None:
-        """Forward/backward one trajectory, `max_step_batch_size` chunk steps at a time. No host syncs."""
+        """Forward/backward one trajectory with weight `weight` (see `_micro_batch`)."""
+        self._micro_batch([traj], [weight], stats)
+
+    def _micro_batch(self, trajs: list[Trajectory], weights: list[float], stats: dict[str, torch.Tensor]) -> None:
+        """Forward/backward the trajectories of one accumulation group, packed `max_step_batch_size` policy calls
+        per pass. Each row carries its trajectory's advantage and weight / n_valid, so the gradient is exactly
+        sum_i weight_i * mean over i's valid steps of the clipped loss, however the rows are packed. No host syncs.
+        """
         algo = self.algo
-        n_valid = traj.mask.sum().clamp_min(1.0)
+        obs = torch.cat([t.obs for t in trajs])
+        instr = torch.cat([t.instr.expand(t.obs.shape[0], -1) for t in trajs])
+        actions = torch.cat([t.actions for t in trajs])
+        mask = torch.cat([t.mask for t in trajs])
+        old_logp = torch.cat([t.old_logp for t in trajs])
+        row_adv = torch.cat([torch.full((t.obs.shape[0],), t.advantage, device=obs.device) for t in trajs])
+        row_weight = torch.cat([(w / t.mask.sum().clamp_min(1.0)).expand(t.obs.shape[0])
+                                for t, w in zip(trajs, weights)])
+        tail = (1,) * (mask.dim() - 1)  # broadcast per-row values over (H,) or (H, D)
         size = algo.max_step_batch_size
-        for s in range(0, traj.obs.shape[0], size):
-            obs, mask = traj.obs[s:s + size], traj.mask[s:s + size]
-            instr = traj.instr.expand(obs.shape[0], -1)
-            logp, log_b = policy_log_prob(self.policy, obs, instr, traj.actions[s:s + size], algo, self.device)
-            log_ratio = logp - traj.old_logp[s:s + size]
+        lo, hi = algo.log_scale_clip
+        for s in range(0, obs.shape[0], size):
+            m = mask[s:s + size]
+            logp, log_b = policy_log_prob(self.policy, obs[s:s + size], instr[s:s + size], actions[s:s + size],
+                                          algo, self.device)
+            log_ratio = logp - old_logp[s:s + size]
             ratio = torch.exp(log_ratio)
-            loss = (clipped_loss(ratio, traj.advantage, algo.ppo_clip_range, algo.ppo_clip_high) * mask).sum()
-            (loss * (weight / n_valid)).backward()
+            adv = row_adv[s:s + size].view(-1, *tail)
+            loss = (clipped_loss(ratio, adv, algo.ppo_clip_range, algo.ppo_clip_high) * m
+                    * row_weight[s:s + size].view(-1, *tail)).sum()
+            loss.backward()
             with torch.no_grad():
                 outside = (ratio < 1 - algo.ppo_clip_range) | (ratio > 1 + algo.ppo_clip_high)
-                lo, hi = algo.log_scale_clip
-                step_valid = mask if mask.dim() == log_b.dim() else mask.unsqueeze(-1).expand_as(log_b)
-                stats["loss"] += loss.detach() * weight / n_valid
-                stats["ratio"] += (ratio * mask).sum()
-                stats["clipped"] += (outside * mask).sum()
-                stats["approx_kl"] += (((ratio - 1) - log_ratio) * mask).sum()
-                stats["count"] += mask.sum()
+                step_valid = m if m.dim() == log_b.dim() else m.unsqueeze(-1).expand_as(log_b)
+                stats["loss"] += loss.detach()
+                stats["ratio"] += (ratio * m).sum()
+                stats["clipped"] += (outside * m).sum()
+                stats["approx_kl"] += (((ratio - 1) - log_ratio) * m).sum()
+                stats["count"] += m.sum()
                 stats["log_b"] += (log_b * step_valid).sum()
                 stats["log_b_clipped"] += (((log_b < lo) | (log_b > hi)) * step_valid).sum()
                 stats["log_b_count"] += step_valid.sum()
@@ -140,8 +157,7 @@ class PPOUpdater:
             for start in range(0, len(order), ga):
                 group = order[start:start + ga]  # the last group may be smaller: it still steps
                 before = stats["loss"].clone()
-                for i in group:
-                    self._micro_step(trajectories[int(i)], 1.0 / len(group), stats)
+                self._micro_batch([trajectories[int(i)] for i in group], [1.0 / len(group)] * len(group), stats)
                 stats["step_loss"] = stats["loss"] - before
                 if not self._optimizer_step(stats) and self.consecutive_nonfinite > max_nonfinite:
                     diverged = True
