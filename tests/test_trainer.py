@@ -286,6 +286,37 @@ def test_dynamic_sampling_keeps_mixed_groups_and_stops_at_the_quota():
     assert off.tried == 3 and len(off.accepted) == 3  # without dynamic sampling nothing is discarded
 
 
+def test_speculative_rounds_accept_exactly_what_sequential_sampling_accepts():
+    """Rounds are sized from the acceptance rate, but contexts are judged in order: the accepted groups are the first
+    `quota` mixed groups of the iteration's context order, and what was rolled out past them is surplus."""
+    mixed_ids = {1, 4, 5, 9, 12, 13, 17}  # these contexts succeed in half their rollouts, the others never
+
+    def success(job):
+        return int(job.state.state_id.rsplit("/", 1)[1]) in mixed_ids and job.seed % 2 == 0
+
+    class TwoWorkers(FakePool):
+        num_workers = 2
+
+    pool = TwoWorkers(success)
+    algo = AlgoConfig(rloo_batch_size=4)
+    got = ript_rollouts.collect(pool, states(20), algo, quota=4, iteration=3)
+    # the sequential reference: judge position p's context with position p's noise seeds, one at a time
+    order = np.random.default_rng(ript_rollouts.stream_seed(algo.model_seed, "contexts", 3)).permutation(20)
+    mixed_positions = []
+    for p, i in enumerate(order):
+        rewards = {i in mixed_ids and ript_rollouts.stream_seed(0, "noise", 3, p, j) % 2 == 0 for j in range(4)}
+        if len(rewards) == 2:
+            mixed_positions.append(p)
+    expected = [f"reach-v3/context/{order[p]}" for p in mixed_positions[:4]]
+    assert [g.context.state_id for g in got.accepted] == expected
+    assert got.tried == mixed_positions[3] + 1 and got.zero_variance == got.tried - 4
+    rolled = len(pool.jobs) // 4
+    assert rolled >= got.tried and len(got.surplus_episodes) == 4 * (rolled - got.tried)
+    metrics = got.metrics(["reach-v3"])
+    assert metrics["sampling/surplus_contexts"] == rolled - got.tried
+    assert metrics["perf/env_steps"] == 5 * len(pool.jobs)  # the surplus cost steps too
+
+
 def test_early_stop_percentage_lowers_the_target():
     algo = AlgoConfig(rloo_batch_size=4, early_stop_percentage=0.5)
     got = ript_rollouts.collect(FakePool(lambda job: job.seed % 2 == 0), states(10), algo, quota=4, iteration=1)

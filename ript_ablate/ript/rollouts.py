@@ -4,6 +4,12 @@ Dynamic sampling (`enable_dynamic_sampling`): a context whose K rewards are all 
 and is discarded; further contexts are tried until `early_stop_percentage` x quota groups are accepted. The
 original loops forever when every context is solved (upstream issue #10); here the attempts are capped
 (`max_sampling_attempts`, 0 = 4 x quota) and the shortfall is logged, never padded with duplicates.
+
+Contexts are judged strictly in order, as one at a time would; only the scheduling is batched. After the first
+round, a round rolls out as many contexts as the acceptance rate so far says the quota needs (at least two per
+worker), so the workers are not left idle by a string of ever smaller rounds. Groups rolled out past the point
+where the quota was met are discarded unseen (`sampling/surplus_contexts`): the accepted groups, their order and
+`sampling/contexts_tried` are exactly those of sequential sampling.
 """
 
 from __future__ import annotations
@@ -44,10 +50,12 @@ class IterationRollouts:
     all_episodes: list[Episode] = field(repr=False)
     seconds: float
     quota: int
+    surplus_episodes: list[Episode] = field(default_factory=list, repr=False)  # rolled out past the quota
+    group_size: int = 1
 
     @property
     def env_steps(self) -> int:
-        return sum(e.length for e in self.all_episodes)
+        return sum(e.length for e in self.all_episodes + self.surplus_episodes)
 
     def metrics(self, tasks: list[str]) -> dict[str, float]:
         out = {
@@ -55,6 +63,7 @@ class IterationRollouts:
             "sampling/zero_variance_groups": float(self.zero_variance),
             "sampling/accepted_groups": float(len(self.accepted)),
             "sampling/shortfall": float(self.quota - len(self.accepted)),
+            "sampling/surplus_contexts": float(len(self.surplus_episodes) // max(self.group_size, 1)),
             "train/success_rate": float(np.mean([e.success for e in self.all_episodes])),
             "perf/env_steps_per_s": self.env_steps / max(self.seconds, 1e-9),
             "perf/env_steps": float(self.env_steps),
@@ -64,7 +73,9 @@ class IterationRollouts:
             eps = [e for e in self.all_episodes if e.task == task]
             if eps:
                 out[f"train/success_rate/{task}"] = float(np.mean([e.success for e in eps]))
-                out[f"perf/env_steps/{task}"] = float(sum(e.length for e in eps))
+            steps = sum(e.length for e in self.all_episodes + self.surplus_episodes if e.task == task)
+            if steps:
+                out[f"perf/env_steps/{task}"] = float(steps)
         return out
 
 
@@ -100,24 +111,32 @@ def collect(pool: RolloutPool, contexts: list[InitialState], algo: AlgoConfig, q
     target = math.ceil(algo.early_stop_percentage * quota) if algo.enable_dynamic_sampling else quota
     accepted: list[Group] = []
     all_episodes: list[Episode] = []
+    surplus: list[Episode] = []
     tried = zero_variance = 0
     sampling = sampling_of(algo)
     mix = algo.use_val_init and algo.mix_val_init_in_rloo
+    min_round = 2 * getattr(pool, "num_workers", 1)
     while len(accepted) < target and tried < cap:
-        n = min(target - len(accepted), cap - tried)
+        need = target - len(accepted)
+        n = need if tried == 0 else max(math.ceil(need * tried / max(len(accepted), 1)), min_round)
+        n = min(n, cap - tried)
         picked = [contexts[order[(tried + i) % len(order)]] for i in range(n)]
         jobs: list[EpisodeJob] = []
         for i, ctx in enumerate(picked):
             seeds = [stream_seed(algo.model_seed, "noise", iteration, tried + i, j) for j in range(k)]
             jobs += group_jobs(ctx, k, seeds, (eval_states or {}).get(ctx.task) if mix else None, rng)
         episodes = pool.run(jobs, sampling)
-        all_episodes += episodes
         for i, ctx in enumerate(picked):
             group = Group(ctx, episodes[i * k:(i + 1) * k])
+            if len(accepted) >= target:  # the quota was met earlier in this round: not judged, not used
+                surplus += group.episodes
+                continue
+            tried += 1
+            all_episodes += group.episodes
             if algo.enable_dynamic_sampling and group.degenerate:
                 zero_variance += 1
             else:
                 zero_variance += int(group.degenerate)
                 accepted.append(group)
-        tried += n
-    return IterationRollouts(accepted, tried, zero_variance, all_episodes, time.perf_counter() - start, quota)
+    return IterationRollouts(accepted, tried, zero_variance, all_episodes, time.perf_counter() - start, quota,
+                             surplus, k)
