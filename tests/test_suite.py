@@ -94,3 +94,22 @@ def test_success_is_sticky_and_ends_the_episode(tiny_cfg):
     with RolloutPool(0, 4, 120) as pool:
         (ep,) = pool.run([EpisodeJob(state, seed=0, mode="expert")])
     assert ep.success and ep.length < 120 and ep.actions.shape[0] == ep.length
+
+
+
+def test_raw_stepping_with_an_episode_length_resets_onto_new_variations(monkeypatch):
+    """The efficiency ceiling that includes resets: every `episode_length` steps an env moves to a new variation."""
+    from ript_ablate.suites import rollouts
+    from ript_ablate.suites.rollouts import EpisodeRunner
+
+    switched: list[bytes] = []
+    set_variation = rollouts.mw.set_variation
+    monkeypatch.setattr(rollouts.mw, "set_variation",
+                        lambda env, task, vec: (switched.append(np.asarray(vec).tobytes()), set_variation(env, task, vec)))
+    runner = EpisodeRunner(2)
+    count, seconds = runner.raw_steps("reach-v3", 2, 0.3, episode_length=3)
+    assert seconds >= 0.3 and count >= 6
+    per_env = [(count + 1) // 2, count // 2]  # the envs step in turn
+    assert len(switched) == 2 + sum((n - 1) // 3 for n in per_env)  # the start, then one before steps 4, 7, ...
+    assert len(set(switched)) > 2
+    assert all(env.curr_path_length <= 3 for env in runner.pool["reach-v3"])

@@ -315,6 +315,8 @@ def test_speculative_rounds_accept_exactly_what_sequential_sampling_accepts():
     metrics = got.metrics(["reach-v3"])
     assert metrics["sampling/surplus_contexts"] == rolled - got.tried
     assert metrics["perf/env_steps"] == 5 * len(pool.jobs)  # the surplus cost steps too
+    assert metrics["perf/env_steps/reach-v3"] == 5 * len(pool.jobs)
+    assert metrics["perf/episodes/reach-v3"] == len(pool.jobs)
 
 
 def test_early_stop_percentage_lowers_the_target():
@@ -334,3 +336,15 @@ def test_val_init_mixing_gives_each_rollout_its_own_state():
     pool = FakePool(lambda job: True)
     ript_rollouts.collect(pool, evals["reach-v3"], tiled, quota=1, iteration=1, eval_states=evals)
     assert len({j.state.state_id for j in pool.jobs}) == 1 and len({j.seed for j in pool.jobs}) == 8
+
+
+def test_ript_gain_mean_episode_lengths_weigh_by_episodes():
+    from ript_ablate.bench.ript_gain import mean_episode_lengths, rollout_efficiency
+
+    history = [{"iteration": 0},
+               {"iteration": 1, "perf/env_steps/a": 300.0, "perf/episodes/a": 2.0, "perf/rollout_s": 2.0},
+               {"iteration": 2, "perf/env_steps/a": 100.0, "perf/episodes/a": 2.0, "perf/env_steps/b": 50.0,
+                "perf/episodes/b": 1.0, "perf/rollout_s": 1.0}]
+    assert mean_episode_lengths(history) == {"a": 100, "b": 50}
+    # raw stepping would need 400/200 + 50/100 = 2.5 s for what the rollouts did in 3 s
+    assert rollout_efficiency(history, {"a": 200.0, "b": 100.0}) == pytest.approx(2.5 / 3.0)

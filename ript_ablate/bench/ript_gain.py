@@ -5,7 +5,9 @@
 Prints, per seed: evaluation success before and after (overall and per task), mean seconds per iteration split
 into rollout, update and evaluation, and rollout env steps/s as a fraction of raw env stepping measured in this
 same invocation: random-action stepping of each task on a rollout pool of the same shape (workers x envs per
-worker), weighted by the steps the run spent on each task. With --overhead N, runs seed 0 for N iterations
+worker), weighted by the steps the run spent on each task. It is given twice: against pure stepping (resets only
+at the env's own limit) and against stepping that resets onto a new variation at the run's mean episode length
+per task (so the resets a rollout cannot avoid are in the ceiling too). With --overhead N, runs seed 0 for N iterations
 tracked in MLflow (a temporary sqlite store) and untracked, side by side, and prints the ratio of wall times.
 """
 
@@ -57,11 +59,25 @@ class TimedTracker(MlflowTracker):
     end = _timed("end")
 
 
-def raw_rates(cfg: Config, seconds: float) -> dict[str, float]:
-    """Random-action env steps/s per task on a pool shaped like the trainer's (the ceiling for rollouts)."""
-    suite = build_suite(cfg)
+def raw_rates(cfg: Config, seconds: float, episode_lengths: dict[str, int] | None = None) -> dict[str, float]:
+    """Random-action env steps/s per task on a pool shaped like the trainer's (the ceiling for rollouts), with
+    resets every `episode_lengths[task]` steps when given."""
+    tasks = list(episode_lengths) if episode_lengths else build_suite(cfg).tasks
     with RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker) as pool:
-        return {task: pool.raw_steps_per_second(task, seconds) for task in suite.tasks}
+        return {task: pool.raw_steps_per_second(task, seconds, (episode_lengths or {}).get(task)) for task in tasks}
+
+
+def mean_episode_lengths(history: list[dict]) -> dict[str, int]:
+    """Per task, the run's rollout env steps / rollout episodes."""
+    steps: dict[str, float] = {}
+    episodes: dict[str, float] = {}
+    for h in history:
+        for key, value in h.items():
+            if key.startswith("perf/episodes/"):
+                task = key.removeprefix("perf/episodes/")
+                episodes[task] = episodes.get(task, 0.0) + value
+                steps[task] = steps.get(task, 0.0) + h[f"perf/env_steps/{task}"]
+    return {task: max(1, round(steps[task] / episodes[task])) for task in episodes}
 
 
 def rollout_efficiency(history: list[dict], raw: dict[str, float]) -> float:
@@ -71,7 +87,8 @@ def rollout_efficiency(history: list[dict], raw: dict[str, float]) -> float:
     return ideal / sum(h["perf/rollout_s"] for h in iters)
 
 
-def describe(seed: int, history: list[dict], wall: float, raw: dict[str, float]) -> tuple[float, dict]:
+def describe(seed: int, history: list[dict], wall: float, raw: dict[str, float],
+             raw_with_resets: dict[str, float], lengths: dict[str, int]) -> tuple[float, dict]:
     evals = [h for h in history if "eval/success_rate" in h]
     first, last = evals[0], evals[-1]
     gain = last["eval/success_rate"] - first["eval/success_rate"]
@@ -88,9 +105,11 @@ def describe(seed: int, history: list[dict], wall: float, raw: dict[str, float])
           f"+ update {mean('perf/update_s'):.2f}s + eval {mean('perf/eval_s'):.1f}s amortised "
           f"({statistics.fmean(eval_iters) if eval_iters else 0.0:.1f}s on evaluation iterations); "
           f"contexts tried/iteration {mean('sampling/contexts_tried'):.1f}", flush=True)
-    efficiency = rollout_efficiency(history, raw)
-    print(f"   rollouts {mean('perf/env_steps_per_s'):,.0f} env steps/s = {efficiency:.2f} of raw stepping "
-          f"with the same processes (task-weighted)", flush=True)
+    print(f"   rollouts {mean('perf/env_steps_per_s'):,.0f} env steps/s = {rollout_efficiency(history, raw):.2f} of "
+          f"pure raw stepping, {rollout_efficiency(history, raw_with_resets):.2f} of raw stepping with resets at the "
+          f"run's mean episode length ({', '.join(f'{t} {n}' for t, n in lengths.items())}: "
+          + ", ".join(f"{t} {r:,.0f}/s" for t, r in raw_with_resets.items()) + "), same processes, task-weighted",
+          flush=True)
     return gain, {t: last[f"eval/success_rate/{t}"] - first[f"eval/success_rate/{t}"] for t in tasks}
 
 
@@ -110,7 +129,8 @@ def main() -> None:
     for seed in args.seeds:
         cfg = load_config(args.config, [*args.set, f"algo.model_seed={seed}"])
         history, wall = run(cfg, Tracker(), f"{tmp}/seed{seed}")
-        gain, tasks = describe(seed, history, wall, raw)
+        lengths = mean_episode_lengths(history)
+        gain, tasks = describe(seed, history, wall, raw, raw_rates(cfg, args.raw_seconds, lengths), lengths)
         gains.append(gain)
         per_task.append(tasks)
     spread = f" (sd {100 * statistics.stdev(gains):.1f})" if len(gains) > 1 else ""

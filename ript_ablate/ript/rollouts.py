@@ -73,9 +73,10 @@ class IterationRollouts:
             eps = [e for e in self.all_episodes if e.task == task]
             if eps:
                 out[f"train/success_rate/{task}"] = float(np.mean([e.success for e in eps]))
-            steps = sum(e.length for e in self.all_episodes + self.surplus_episodes if e.task == task)
-            if steps:
-                out[f"perf/env_steps/{task}"] = float(steps)
+            ran = [e for e in self.all_episodes + self.surplus_episodes if e.task == task]
+            if ran:
+                out[f"perf/env_steps/{task}"] = float(sum(e.length for e in ran))
+                out[f"perf/episodes/{task}"] = float(len(ran))
         return out
 
 

@@ -11,6 +11,7 @@ into batches deterministically before dispatch, so results do not depend on whic
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import time
 import traceback
@@ -198,19 +199,24 @@ class EpisodeRunner:
                                valid=np.ones((t, 1), dtype=bool)))
         return out
 
-    def raw_steps(self, task: str, n_envs: int, seconds: float) -> tuple[int, float]:
-        """Random-action stepping on this runner's envs: the ceiling rollouts are measured against."""
+    def raw_steps(self, task: str, n_envs: int, seconds: float,
+                  episode_length: int | None = None) -> tuple[int, float]:
+        """Random-action stepping on this runner's envs: the ceiling rollouts are measured against. With
+        `episode_length`, each env is reset onto a new variation every that many steps, as rollouts do."""
         mw.quiet()
         envs = self._envs(task, n_envs)
-        vecs = mw.sample_variations(task, 0, n_envs)
-        for env, vec in zip(envs, vecs):
-            mw.set_variation(env, task, vec)
+        variations = itertools.cycle(mw.sample_variations(task, 0, 4 * n_envs, envs[0]))
+        for env in envs:
+            mw.set_variation(env, task, next(variations))
             env.reset()
+        limit = episode_length or envs[0].max_path_length - 1
         rng = np.random.default_rng(0)
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             for env in envs:
-                if env.curr_path_length >= env.max_path_length - 1:
+                if env.curr_path_length >= limit:
+                    if episode_length:
+                        mw.set_variation(env, task, next(variations))
                     env.reset()
                 env.step(rng.uniform(-1, 1, 4))
                 count += 1
@@ -336,9 +342,10 @@ class RolloutPool:
                     busy[conn] = nxt  # type: ignore[index]
         return results  # type: ignore[return-value]
 
-    def raw_steps_per_second(self, task: str, seconds: float = 3.0) -> float:
-        """Aggregate random-action stepping rate of all workers at once, with their batch size of envs."""
-        counts = self._call_all("raw_steps", task, self.envs_per_worker, seconds)
+    def raw_steps_per_second(self, task: str, seconds: float = 3.0, episode_length: int | None = None) -> float:
+        """Aggregate random-action stepping rate of all workers at once, with their batch size of envs (and
+        resets onto new variations every `episode_length` steps when given)."""
+        counts = self._call_all("raw_steps", task, self.envs_per_worker, seconds, episode_length)
         return sum(c for c, _ in counts) / max(s for _, s in counts)
 
     def close(self) -> None:
