@@ -131,3 +131,15 @@ def test_shipped_configs_are_valid():
 
     for path in glob.glob("configs/*.yaml"):
         load_config(path)
+
+
+def test_benchmark_scripts_report_a_bad_config_in_one_line(monkeypatch, capsys, tiny_yaml):
+    """`python -m ript_ablate.bench.*` with a mistyped key: the error names it and exits 1, no traceback."""
+    from ript_ablate.bench import ript_gain, run_main
+
+    monkeypatch.setattr("sys.argv", ["ript_gain", str(tiny_yaml), "--set", "algo.scale_factr=40"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(ript_gain.main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "algo.scale_factr" in err and "algo.scale_factor" in err and "Traceback" not in err

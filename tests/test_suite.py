@@ -96,7 +96,6 @@ def test_success_is_sticky_and_ends_the_episode(tiny_cfg):
     assert ep.success and ep.length < 120 and ep.actions.shape[0] == ep.length
 
 
-
 def test_raw_stepping_with_an_episode_length_resets_onto_new_variations(monkeypatch):
     """The efficiency ceiling that includes resets: every `episode_length` steps an env moves to a new variation."""
     from ript_ablate.suites import rollouts
@@ -104,8 +103,12 @@ def test_raw_stepping_with_an_episode_length_resets_onto_new_variations(monkeypa
 
     switched: list[bytes] = []
     set_variation = rollouts.mw.set_variation
-    monkeypatch.setattr(rollouts.mw, "set_variation",
-                        lambda env, task, vec: (switched.append(np.asarray(vec).tobytes()), set_variation(env, task, vec)))
+
+    def recording_set_variation(env, task, vec):
+        switched.append(np.asarray(vec).tobytes())
+        set_variation(env, task, vec)
+
+    monkeypatch.setattr(rollouts.mw, "set_variation", recording_set_variation)
     runner = EpisodeRunner(2)
     count, seconds = runner.raw_steps("reach-v3", 2, 0.3, episode_length=3)
     assert seconds >= 0.3 and count >= 6

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ript_ablate.bench import run_main
 from ript_ablate.report.render import write_report
 from ript_ablate.report.synthetic import log_synthetic_study
 from ript_ablate.study.spec import load_study
@@ -44,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

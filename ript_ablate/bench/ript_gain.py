@@ -7,8 +7,8 @@ into rollout, update and evaluation, and rollout env steps/s as a fraction of ra
 same invocation: random-action stepping of each task on a rollout pool of the same shape (workers x envs per
 worker), weighted by the steps the run spent on each task. It is given twice: against pure stepping (resets only
 at the env's own limit) and against stepping that resets onto a new variation at the run's mean episode length
-per task (so the resets a rollout cannot avoid are in the ceiling too). With --overhead N, runs seed 0 for N iterations
-tracked in MLflow (a temporary sqlite store) and untracked, side by side, and prints the ratio of wall times.
+per task (so the resets a rollout cannot avoid are in the ceiling too). With --overhead N, runs seed 0 for N
+iterations tracked in MLflow (a temporary sqlite store) and untracked, side by side, and prints the ratio of wall times.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 
+from ript_ablate.bench import run_main
 from ript_ablate.config import Config, load_config
 from ript_ablate.ript.trainer import Trainer
 from ript_ablate.suites import build_suite
@@ -150,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ript_ablate.bench import run_main
 from ript_ablate.config import load_config
 from ript_ablate.policy import build_policy
 from ript_ablate.suites import build_suite
@@ -52,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from ript_ablate.bench import run_main
 from ript_ablate.cli import main as cli
 from ript_ablate.study.spec import load_study
 from ript_ablate.study.store import StudyStore
@@ -75,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
