@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 import warnings
@@ -21,6 +22,7 @@ import yaml
 from ript_ablate.errors import ConfigError
 
 LOG_PROB_MODES = ("sum_on_action_dim", "avg_on_action_dim", "ratio_on_action_dim")
+LORA_INITS = ("gaussian", "kaiming_uniform")
 
 # Keys present in original RIPT configs that the original code never reads: accepted, with a warning.
 ORIGINAL_UNUSED_ALGO_KEYS = (
@@ -63,7 +65,10 @@ class PolicyConfig:
     vocab_size: int = _f(512, "Hashed word vocabulary of the instruction embedding.")
     scale_bias_init: float = _f(-3.0, "Initial bias of the scale head (log_b), as in the original.")
     obs_std_floor: float = _f(0.01, "Floor of the observation std used for normalisation.")
-    lora_alpha: float = _f(16.0, "LoRA alpha of the backbone adapters (rank is algo.lora_rank).")
+    lora_alpha: float | None = _f(None, "LoRA alpha of the backbone adapters (null: min(algo.lora_rank, 16), "
+                                        "the original's rule).")
+    lora_init: str = _f("gaussian", "LoRA A initialisation: gaussian (the original's) or kaiming_uniform "
+                                    "(peft's default).")
     lora_targets: list[str] = _f(["q", "k", "v", "o", "fc1", "fc2"], "Backbone linear layers carrying LoRA.")
     seed: int = _f(0, "Seed of the policy's initial weights.")
 
@@ -92,11 +97,13 @@ class AlgoConfig:
     header_lr: float = _f(1e-5, "Learning rate of the action head (and the scale head unless fixed).")
     use_laplace_sampling: bool = _f(True, "Laplace action noise; false samples a Gaussian of the same scale.")
     scale_factor: float = _f(1.0, "Multiplies the predicted scale when sampling only (not in the log-prob).")
-    log_scale_clip: list[float] = _f([-2.0, 0.5], "[low, high] clamp of log_b inside the log-prob only.")
+    log_scale_clip: list[float] | None = _f([-2.0, 0.5], "[low, high] clamp of log_b inside the log-prob only "
+                                             "(null: no clamp, the original base config's default).")
     log_prob_mode: str = _f("sum_on_action_dim", "sum_on_action_dim | avg_on_action_dim | ratio_on_action_dim.")
     fix_scale_head: bool = _f(True, "Keep the scale head out of the optimizer (gradient still reaches the backbone).")
     enable_dynamic_sampling: bool = _f(True, "Discard contexts whose K rewards are all equal; try the next one.")
-    early_stop_percentage: float = _f(1.0, "Stop sampling once this fraction of the context quota is accepted.")
+    early_stop_percentage: float = _f(1.0, "Stop sampling at int(this x the context quota) accepted groups "
+                                           "(floor, with or without dynamic sampling, as the original).")
     use_val_init: bool = _f(False, "Draw rollout contexts from the evaluation initial states.")
     mix_val_init_in_rloo: bool = _f(False, "With use_val_init: each of the K rollouts gets its own state.")
     rloo_over_all_rollouts: bool = _f(False, "RLOO baseline over all rollouts of the iteration, not per group.")
@@ -106,6 +113,8 @@ class AlgoConfig:
     lora_adaptor_ckpt: str | None = _f(None, "Adapter directory (LoRA + action and scale heads) to resume from.")
     # --- beyond the original ---
     exact_behavior_logprob: bool = _f(False, "Ratio uses the exact sampling density (scale_factor, no clamp).")
+    loss_on_executed_steps_only: bool = _f(False, "Loss counts only executed actions (the original counts all H "
+                                                  "positions of each recorded chunk).")
     max_sampling_attempts: int = _f(0, "Cap on contexts tried per iteration (0 = 4 x the context quota).")
     # --- original keys this project reads with the same meaning ---
     lora_rank: int = _f(32, "Rank of the backbone LoRA adapters.")
@@ -177,7 +186,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}.get(
         tp, str(tp)
     )
 
@@ -213,11 +222,13 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML 1.1 reads '1e-4' (no dot) as a string: accept numeric strings.
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    raise ValueError from None
+            if not isinstance(value, str):
+                raise ValueError
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError from None
+        if not math.isfinite(float(value)):
             raise ValueError
         return float(value)
     if tp is str:
@@ -292,14 +303,52 @@ def config_from_dict(data: Any, source: str = "<dict>") -> Config:
     return cfg
 
 
-def load_yaml(path: str | Path) -> Any:
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently,
+    which turns a 3-value factor into a 1-value one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Safe YAML with duplicate keys refused; a syntax error is a ConfigError naming the file and line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {' '.join(str(exc).split())}"], source) from None
+
+
+def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
+    """A YAML file's content; a missing, binary, non-UTF-8, empty or malformed file is a ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError([f"{p} is a directory, expected a {what}"], str(p))
     if not p.is_file():
         raise ConfigError([f"file not found: {p}"], str(p))
+    raw = p.read_bytes()
     try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], str(p)) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): expected a {what}"],
+                          str(p)) from None
+    if "\x00" in text:
+        raise ConfigError([f"a binary file (it holds NUL bytes): expected a {what}"], str(p))
+    data = parse_yaml(text, str(p))
+    if data is None:
+        raise ConfigError([f"the file is empty (no YAML content): expected a {what}"], str(p))
+    return data
 
 
 def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -337,9 +386,16 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+STUDY_SPEC_KEYS = {"config", "mode", "factors", "search_space", "seeds", "objective"}
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML config, apply `--set` overrides, validate; raises ConfigError with every problem."""
-    data = load_yaml(path)
+    data = load_yaml(path, "config")
+    if isinstance(data, dict) and "config" in data and not set(SECTIONS) & set(data):
+        raise ConfigError([f"this is a study spec (it has {', '.join(sorted(STUDY_SPEC_KEYS & set(data)))}), not a "
+                           f"config: run it with `ript-ablate study run {path}`; a config has the sections "
+                           f"{', '.join(SECTIONS)}"], str(path))
     nested, problems = parse_overrides(overrides or [])
     if problems:
         raise ConfigError(problems, str(path))
@@ -369,9 +425,53 @@ def _check(problems: list[str], ok: bool, key: str, value: Any, expected: str) -
         problems.append(f"{key}: got {value!r}, expected {expected}")
 
 
+# Upper bounds: what a run allocates or generates up front grows with these, so an absurd value must fail in
+# validation with its reason, not after minutes at 100% CPU (a Meta-World initial state costs one env reset, about
+# 8 ms; a demonstration one scripted episode; the policy's memory grows with its sizes).
+UPPER_BOUNDS: dict[str, tuple[int, str]] = {
+    "suite.demos_per_task": (1000, "each is a scripted episode run before training"),
+    "suite.contexts_per_task": (10_000, "each is sampled up front by an env reset (10,000 take about 80 s a task)"),
+    "suite.eval_states_per_task": (10_000, "each is sampled up front and evaluated at every evaluation"),
+    "suite.num_workers": (256, "one process each"),
+    "suite.envs_per_worker": (1024, "one Meta-World env instance each, about 10-60 MB"),
+    "policy.d_model": (4096, "the stand-in policy's width"),
+    "policy.n_layers": (64, "the stand-in policy's depth"),
+    "policy.n_heads": (256, "attention heads"),
+    "policy.mlp_ratio": (32, "the MLP's width multiple"),
+    "policy.n_obs_tokens": (256, "tokens per observation"),
+    "policy.chunk_size": (256, "actions per policy call"),
+    "policy.max_instruction_tokens": (1024, "instruction tokens"),
+    "policy.vocab_size": (1_000_000, "rows of the word embedding"),
+    "sft.steps": (10_000_000, "behaviour-cloning steps"),
+    "sft.scale_steps": (10_000_000, "scale-head steps"),
+    "sft.batch_size": (1_000_000, "pairs per behaviour-cloning batch"),
+    "algo.rloo_batch_size": (4096, "rollouts per context"),
+    "algo.gradient_accumulation_steps": (1_000_000, "trajectories per optimizer step"),
+    "algo.num_ppo_epochs": (10_000, "passes over an iteration's trajectories"),
+    "algo.max_step_batch_size": (1_000_000, "policy calls per forward pass"),
+    "algo.max_sampling_attempts": (1_000_000, "contexts tried per iteration"),
+    "algo.lora_rank": (4096, "adapter rank"),
+    "training.n_iterations": (1_000_000, "RIPT iterations"),
+    "training.contexts_per_iteration": (100_000, "RLOO groups per iteration"),
+}
+MAX_EPISODES_PER_ITERATION = 1_000_000  # contexts_per_iteration x rloo_batch_size: each episode is held in memory
+
+
+def _bounded(p: list[str], cfg: Config) -> None:
+    for key, (limit, why) in UPPER_BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(p, value <= limit, key, value, f"at most {limit:,} ({why})")
+    episodes = cfg.training.contexts_per_iteration * cfg.algo.rloo_batch_size
+    _check(p, episodes <= MAX_EPISODES_PER_ITERATION, "training.contexts_per_iteration",
+           cfg.training.contexts_per_iteration, f"contexts_per_iteration x algo.rloo_batch_size ({episodes:,} episodes "
+           f"an iteration) at most {MAX_EPISODES_PER_ITERATION:,}: every episode of an iteration is held in memory")
+
+
 def validate(cfg: Config) -> list[str]:
     """Value checks; returns every problem as 'key: got value, expected ...'."""
     p: list[str] = []
+    _bounded(p, cfg)
     s, pol, sft, a, t = cfg.suite, cfg.policy, cfg.sft, cfg.algo, cfg.training
     _check(p, s.name == "metaworld", "suite.name", s.name, "'metaworld'")
     _check(p, len(s.tasks) > 0, "suite.tasks", s.tasks, "at least one task or preset")
@@ -387,6 +487,8 @@ def validate(cfg: Config) -> list[str]:
     _check(p, pol.n_heads >= 1 and pol.d_model % max(pol.n_heads, 1) == 0, "policy.n_heads", pol.n_heads,
            f"a divisor of policy.d_model ({pol.d_model})")
     _check(p, pol.obs_std_floor > 0, "policy.obs_std_floor", pol.obs_std_floor, "> 0")
+    _check(p, pol.lora_alpha is None or pol.lora_alpha > 0, "policy.lora_alpha", pol.lora_alpha, "null or > 0")
+    _check(p, pol.lora_init in LORA_INITS, "policy.lora_init", pol.lora_init, "one of " + ", ".join(LORA_INITS))
     _check(p, len(pol.lora_targets) > 0, "policy.lora_targets", pol.lora_targets, "at least one layer name")
     unknown_targets = sorted(set(pol.lora_targets) - {"q", "k", "v", "o", "fc1", "fc2"})
     _check(p, not unknown_targets, "policy.lora_targets", pol.lora_targets, "names among q, k, v, o, fc1, fc2")
@@ -404,9 +506,14 @@ def validate(cfg: Config) -> list[str]:
     _check(p, a.header_lr > 0, "algo.header_lr", a.header_lr, "> 0")
     _check(p, a.scale_factor > 0, "algo.scale_factor", a.scale_factor, "> 0")
     clip = a.log_scale_clip
-    _check(p, len(clip) == 2 and clip[0] < clip[1], "algo.log_scale_clip", clip, "[low, high] with low < high")
+    _check(p, clip is None or (len(clip) == 2 and clip[0] < clip[1]), "algo.log_scale_clip", clip,
+           "null (no clamp) or [low, high] with low < high")
     _check(p, a.log_prob_mode in LOG_PROB_MODES, "algo.log_prob_mode", a.log_prob_mode, "one of " + ", ".join(LOG_PROB_MODES))
     _check(p, 0 < a.early_stop_percentage <= 1, "algo.early_stop_percentage", a.early_stop_percentage, "a number in (0, 1]")
+    _check(p, not 0 < a.early_stop_percentage <= 1 or int(a.early_stop_percentage * t.contexts_per_iteration) >= 1,
+           "algo.early_stop_percentage", a.early_stop_percentage,
+           f"at least 1 / training.contexts_per_iteration ({t.contexts_per_iteration}): the sampling target "
+           "int(early_stop_percentage x contexts_per_iteration) must be >= 1")
     _check(p, a.max_step_batch_size >= 1, "algo.max_step_batch_size", a.max_step_batch_size, ">= 1")
     _check(p, a.max_sampling_attempts >= 0, "algo.max_sampling_attempts", a.max_sampling_attempts, ">= 0 (0 = automatic)")
     _check(p, a.lora_rank >= 1, "algo.lora_rank", a.lora_rank, ">= 1")

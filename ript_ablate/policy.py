@@ -119,15 +119,26 @@ def build_policy(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> ReferenceP
     return ReferencePolicy(cfg, obs_dim, action_dim)
 
 
-def inject_lora(policy: ReferencePolicy, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
+def default_lora_alpha(rank: int) -> float:
+    """The original's rule: lora_alpha = min(rank, 16), so the adapter scaling alpha / rank is at most 1."""
+    return float(min(rank, 16))
+
+
+def inject_lora(policy: ReferencePolicy, rank: int, alpha: float | None, dropout: float, targets: list[str],
+                init: str = "gaussian") -> None:
     """Wrap the backbone's target linear layers with peft LoRA adapters and freeze the base backbone.
 
     Only the adapter (lora_A / lora_B) stays trainable in the backbone, as in RIPT's OpenVLA-OFT path.
+    `alpha=None` applies the original's min(rank, 16); `init` "gaussian" is the original's
+    `init_lora_weights="gaussian"` (A ~ N(0, 1/rank)), "kaiming_uniform" peft's default. B starts at zero in both,
+    so the policy is unchanged at the start; the init sets the size of the first updates.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     pattern = r".*\.(" + "|".join(map(re.escape, targets)) + r")$"
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
+    config = LoraConfig(r=rank, lora_alpha=default_lora_alpha(rank) if alpha is None else alpha,
+                        lora_dropout=dropout, target_modules=pattern,
+                        init_lora_weights="gaussian" if init == "gaussian" else True)
     inject_adapter_in_model(config, policy.backbone)
     for name, param in policy.backbone.named_parameters():
         param.requires_grad = "lora_" in name

@@ -1,6 +1,11 @@
 """RIPT post-training gain on a config over seeds, with the time split, rollout efficiency and tracking overhead.
 
     python -m ript_ablate.bench.ript_gain CONFIG --seeds 0 1 2 [--set key=value ...] [--overhead [N]]
+        [--variant NAME key=value ...]
+
+With one or more --variant, each variant (the config with its own overrides on top of --set) runs over the same
+seeds in this one invocation, and the gains are printed side by side, e.g. the defaults against the behaviour of an
+earlier release:  --variant now  --variant before policy.lora_init=kaiming_uniform algo.loss_on_executed_steps_only=true
 
 Prints, per seed: evaluation success before and after (overall and per task), mean seconds per iteration split
 into rollout, update and evaluation, and rollout env steps/s as a fraction of raw env stepping measured in this
@@ -122,21 +127,35 @@ def main() -> None:
     parser.add_argument("--raw-seconds", type=float, default=3.0, help="seconds of raw stepping per task")
     parser.add_argument("--overhead", type=int, nargs="?", const=5, default=0, metavar="N",
                         help="also compare a tracked and an untracked run of N iterations (default 5)")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                        help="a named set of overrides run over the same seeds (repeat to compare variants)")
     args = parser.parse_args()
+    variants = {v[0]: v[1:] for v in args.variant} or {"config": []}
+    for overrides in variants.values():
+        load_config(args.config, [*args.set, *overrides])  # every variant's mistakes before any compute
     tmp = tempfile.mkdtemp(prefix="ript-gain-")
     raw = raw_rates(load_config(args.config, args.set), args.raw_seconds)
     print("raw stepping, same pool shape: " + ", ".join(f"{t} {r:,.0f}/s" for t, r in raw.items()), flush=True)
-    gains, per_task = [], []
-    for seed in args.seeds:
-        cfg = load_config(args.config, [*args.set, f"algo.model_seed={seed}"])
-        history, wall = run(cfg, Tracker(), f"{tmp}/seed{seed}")
-        lengths = mean_episode_lengths(history)
-        gain, tasks = describe(seed, history, wall, raw, raw_rates(cfg, args.raw_seconds, lengths), lengths)
-        gains.append(gain)
-        per_task.append(tasks)
-    spread = f" (sd {100 * statistics.stdev(gains):.1f})" if len(gains) > 1 else ""
-    print(f"mean gain over {len(gains)} seeds: {100 * statistics.fmean(gains):+.1f} points{spread}; per task: "
-          + ", ".join(f"{t} {100 * statistics.fmean(p[t] for p in per_task):+.1f}" for t in per_task[0]))
+    summary = []
+    for name, overrides in variants.items():
+        if len(variants) > 1:
+            print(f"--- variant {name}: {' '.join(overrides) or '(the config as it is)'}", flush=True)
+        gains, per_task = [], []
+        for seed in args.seeds:
+            cfg = load_config(args.config, [*args.set, *overrides, f"algo.model_seed={seed}"])
+            history, wall = run(cfg, Tracker(), f"{tmp}/{name}/seed{seed}")
+            lengths = mean_episode_lengths(history)
+            gain, tasks = describe(seed, history, wall, raw, raw_rates(cfg, args.raw_seconds, lengths), lengths)
+            gains.append(gain)
+            per_task.append(tasks)
+        spread = f" (sd {100 * statistics.stdev(gains):.1f})" if len(gains) > 1 else ""
+        line = (f"mean gain over {len(gains)} seeds: {100 * statistics.fmean(gains):+.1f} points{spread}; per task: "
+                + ", ".join(f"{t} {100 * statistics.fmean(p[t] for p in per_task):+.1f}" for t in per_task[0])
+                + "; per seed: " + " ".join(f"{100 * g:+.1f}" for g in gains))
+        print(line, flush=True)
+        summary.append(f"{name}: {line}")
+    if len(variants) > 1:
+        print("side by side:\n  " + "\n  ".join(summary))
     if args.overhead:
         cfg = load_config(args.config, [*args.set, "algo.model_seed=0", f"training.n_iterations={args.overhead}"])
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"

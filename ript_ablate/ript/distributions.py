@@ -4,7 +4,7 @@ Per element (chunk step h, action dim d) with b = exp(log_b):
     Laplace   -log_b - |a - mu| / b - log 2
     Gaussian  -log_b - (a - mu)^2 / (2 b^2) - log(2 pi) / 2
 Original behaviour (`exact=False`): log_b is clamped to `log_scale_clip` (no gradient where the clamp is
-active) and `scale_factor` is left out, although sampling used b * scale_factor unclamped: the ratio's density
+active; `None`, the original base config's null, means no clamp) and `scale_factor` is left out, although sampling used b * scale_factor unclamped: the ratio's density
 is not the behaviour density. `exact=True` uses the sampling density itself (scale_factor in, no clamp).
 The noise family follows the sampling switch (Laplace, or this project's Gaussian ablation).
 
@@ -17,6 +17,7 @@ Reduction over action dims (`log_prob_mode`):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -24,10 +25,12 @@ LOG2 = math.log(2.0)
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def effective_log_scale(log_b: torch.Tensor, log_scale_clip: tuple[float, float], scale_factor: float,
+def effective_log_scale(log_b: torch.Tensor, log_scale_clip: Sequence[float] | None, scale_factor: float,
                         exact: bool) -> torch.Tensor:
     if exact:
         return log_b + math.log(scale_factor)
+    if log_scale_clip is None:
+        return log_b
     return torch.clamp(log_b, log_scale_clip[0], log_scale_clip[1])
 
 
@@ -51,7 +54,7 @@ def reduce_action_dims(logp: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def log_prob(actions: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor, *, laplace: bool, mode: str,
-             log_scale_clip: tuple[float, float], scale_factor: float = 1.0, exact: bool = False) -> torch.Tensor:
+             log_scale_clip: Sequence[float] | None, scale_factor: float = 1.0, exact: bool = False) -> torch.Tensor:
     """The log-prob entering the PPO ratio, shaped per `mode` (see module docstring)."""
     log_scale = effective_log_scale(log_b, log_scale_clip, scale_factor, exact)
     return reduce_action_dims(elementwise_log_prob(actions, mu, log_scale, laplace), mode)

@@ -1,7 +1,8 @@
 """One iteration's rollouts: contexts x K stochastic episodes, with dynamic sampling.
 
 Dynamic sampling (`enable_dynamic_sampling`): a context whose K rewards are all 0 or all 1 carries no RLOO signal
-and is discarded; further contexts are tried until `early_stop_percentage` x quota groups are accepted. The
+and is discarded; further contexts are tried until int(`early_stop_percentage` x quota) groups are accepted (the
+original applies that floor with dynamic sampling off too; a short iteration is never padded). The
 original loops forever when every context is solved (upstream issue #10); here the attempts are capped
 (`max_sampling_attempts`, 0 = 4 x quota) and the shortfall is logged, never padded with duplicates.
 
@@ -49,7 +50,7 @@ class IterationRollouts:
     zero_variance: int
     all_episodes: list[Episode] = field(repr=False)
     seconds: float
-    quota: int
+    quota: int  # the groups this iteration aimed at (after early_stop_percentage)
     surplus_episodes: list[Episode] = field(default_factory=list, repr=False)  # rolled out past the quota
     group_size: int = 1
 
@@ -84,6 +85,12 @@ def sampling_of(algo: AlgoConfig) -> Sampling:
     return Sampling(laplace=algo.use_laplace_sampling, scale_factor=algo.scale_factor)
 
 
+def sampling_target(algo: AlgoConfig, quota: int) -> int:
+    """Accepted groups an iteration stops at: int(early_stop_percentage x quota), floored, with or without dynamic
+    sampling, as the original's shared counter does (without dynamic sampling every group is accepted)."""
+    return int(algo.early_stop_percentage * quota)
+
+
 def attempt_cap(algo: AlgoConfig, quota: int) -> int:
     return algo.max_sampling_attempts or 4 * quota
 
@@ -109,7 +116,7 @@ def collect(pool: RolloutPool, contexts: list[InitialState], algo: AlgoConfig, q
     rng = np.random.default_rng(stream_seed(algo.model_seed, "contexts", iteration))
     order = rng.permutation(len(contexts))
     cap = attempt_cap(algo, quota) if algo.enable_dynamic_sampling else quota
-    target = math.ceil(algo.early_stop_percentage * quota) if algo.enable_dynamic_sampling else quota
+    target = sampling_target(algo, quota)
     accepted: list[Group] = []
     all_episodes: list[Episode] = []
     surplus: list[Episode] = []
@@ -139,5 +146,5 @@ def collect(pool: RolloutPool, contexts: list[InitialState], algo: AlgoConfig, q
             else:
                 zero_variance += int(group.degenerate)
                 accepted.append(group)
-    return IterationRollouts(accepted, tried, zero_variance, all_episodes, time.perf_counter() - start, quota,
+    return IterationRollouts(accepted, tried, zero_variance, all_episodes, time.perf_counter() - start, target,
                              surplus, k)

@@ -55,7 +55,8 @@ def load_start_policy(cfg: Config, suite, pool: RolloutPool) -> tuple[ReferenceP
     if algo.header_checkpoint:
         tensors = checkpoints.load_tensors(algo.header_checkpoint, "header checkpoint")
         checkpoints.load_into(policy, tensors, algo.header_checkpoint, "header checkpoint", strict=False)
-    inject_lora(policy, algo.lora_rank, cfg.policy.lora_alpha, algo.lora_dropout, cfg.policy.lora_targets)
+    inject_lora(policy, algo.lora_rank, cfg.policy.lora_alpha, algo.lora_dropout, cfg.policy.lora_targets,
+                cfg.policy.lora_init)
     meta: dict = {}
     if algo.lora_adaptor_ckpt:
         directory = Path(algo.lora_adaptor_ckpt)

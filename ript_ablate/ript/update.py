@@ -4,13 +4,22 @@ trajectories, and two parameter groups (backbone adapter at `lr`; heads at `head
 Per action step (or per element in ratio_on_action_dim mode):
     ratio = exp(logp_new - logp_old)
     loss  = max(-A * ratio, -A * clamp(ratio, 1 - ppo_clip_range, 1 + ppo_clip_high))
-A trajectory's loss is the mean over its valid steps; GA trajectories are averaged per optimizer step, and a
-leftover group smaller than GA at the end of a pass still steps (the original leaks it into the next
-iteration). No KL, entropy or value terms. Statistics stay on the device and are read once per iteration.
+A trajectory's loss is the mean over the action positions it counts (all H positions of every chunk the
+original records, see `Episode.loss_mask`); GA trajectories are averaged per optimizer step, and a leftover group
+smaller than GA at the end of a pass still steps (the original leaks it into the next iteration). No KL, entropy
+or value terms. Statistics stay on the device and are read once per iteration.
+
+Logged as the original logs them: `ppo/loss` is the mean over the original's micro-batches (one forward of
+`max_step_batch_size` chunks of one trajectory) of each micro-batch's share of the loss, i.e. the sum of the loss
+over the pass divided by the number of such micro-batches; `ppo/clip_fraction` counts the positions where the
+clipped term is the one taken (`-A clamp(r) > -A r`), split into `ppo/clip_fraction_low` (r < 1 - low, A < 0) and
+`ppo/clip_fraction_high` (r > 1 + high, A > 0). Fractions are over counted positions, which equals the original's
+mean over micro-batches when every micro-batch has the same size (`max_step_batch_size: 1`, the original default).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +40,11 @@ class Trajectory:
     mask: torch.Tensor  # (C, H) or (C, H, D): float, 1 where the step counts
     old_logp: torch.Tensor  # same shape as mask
     advantage: float
+    counted_chunks: int | None = None  # chunks with any counted position (None: read from the mask)
+
+    def __post_init__(self) -> None:
+        if self.counted_chunks is None:
+            self.counted_chunks = int((self.mask.reshape(self.mask.shape[0], -1).sum(-1) > 0).sum())
 
 
 def clipped_loss(ratio: torch.Tensor, advantage: torch.Tensor | float, clip_low: float,
@@ -39,13 +53,21 @@ def clipped_loss(ratio: torch.Tensor, advantage: torch.Tensor | float, clip_low:
     return torch.maximum(-advantage * ratio, -advantage * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
 
 
+def active_clips(ratio: torch.Tensor, advantage: torch.Tensor | float, clip_low: float,
+                 clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) boolean masks of the positions where the clipped term is the one the max takes: below the
+    band with a negative advantage, above it with a positive one (the original's clip fraction is their union)."""
+    adv = torch.as_tensor(advantage, device=ratio.device)
+    return (ratio < 1.0 - clip_low) & (adv < 0), (ratio > 1.0 + clip_high) & (adv > 0)
+
+
 def policy_log_prob(policy: ReferencePolicy, obs: torch.Tensor, instr: torch.Tensor, actions: torch.Tensor,
                     algo: AlgoConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp per `log_prob_mode`, log_b) of `actions` under the current policy."""
     with autocast(device):
         mu, log_b = policy(obs, instr)
     logp = log_prob(actions, mu.float(), log_b.float(), laplace=algo.use_laplace_sampling, mode=algo.log_prob_mode,
-                    log_scale_clip=tuple(algo.log_scale_clip), scale_factor=algo.scale_factor,
+                    log_scale_clip=algo.log_scale_clip, scale_factor=algo.scale_factor,
                     exact=algo.exact_behavior_logprob)
     return logp, log_b.float()
 
@@ -54,7 +76,7 @@ def old_log_prob(mu: np.ndarray, log_b: np.ndarray, actions: np.ndarray, algo: A
     """Behaviour-time log-prob from the mu/log_b stored at rollout (no recompute before the update)."""
     return log_prob(torch.from_numpy(actions), torch.from_numpy(mu), torch.from_numpy(log_b),
                     laplace=algo.use_laplace_sampling, mode=algo.log_prob_mode,
-                    log_scale_clip=tuple(algo.log_scale_clip), scale_factor=algo.scale_factor,
+                    log_scale_clip=algo.log_scale_clip, scale_factor=algo.scale_factor,
                     exact=algo.exact_behavior_logprob)
 
 
@@ -99,7 +121,8 @@ class PPOUpdater:
                                 for t, w in zip(trajs, weights)])
         tail = (1,) * (mask.dim() - 1)  # broadcast per-row values over (H,) or (H, D)
         size = algo.max_step_batch_size
-        lo, hi = algo.log_scale_clip
+        lo, hi = algo.log_scale_clip if algo.log_scale_clip is not None else (-math.inf, math.inf)
+        stats["micro_batches"] += sum(math.ceil(t.counted_chunks / size) for t in trajs)
         for s in range(0, obs.shape[0], size):
             m = mask[s:s + size]
             logp, log_b = policy_log_prob(self.policy, obs[s:s + size], instr[s:s + size], actions[s:s + size],
@@ -111,11 +134,12 @@ class PPOUpdater:
                     * row_weight[s:s + size].view(-1, *tail)).sum()
             loss.backward()
             with torch.no_grad():
-                outside = (ratio < 1 - algo.ppo_clip_range) | (ratio > 1 + algo.ppo_clip_high)
+                low, high = active_clips(ratio, adv, algo.ppo_clip_range, algo.ppo_clip_high)
                 step_valid = m if m.dim() == log_b.dim() else m.unsqueeze(-1).expand_as(log_b)
                 stats["loss"] += loss.detach()
                 stats["ratio"] += (ratio * m).sum()
-                stats["clipped"] += (outside * m).sum()
+                stats["clipped_low"] += (low * m).sum()
+                stats["clipped_high"] += (high * m).sum()
                 stats["approx_kl"] += (((ratio - 1) - log_ratio) * m).sum()
                 stats["count"] += m.sum()
                 stats["log_b"] += (log_b * step_valid).sum()
@@ -145,8 +169,9 @@ class PPOUpdater:
 
     def update(self, trajectories: list[Trajectory], rng: np.random.Generator, max_nonfinite: int) -> dict:
         """`num_ppo_epochs` reshuffled passes. Returns metrics and whether the run diverged."""
-        keys = ("loss", "ratio", "clipped", "approx_kl", "count", "log_b", "log_b_clipped", "log_b_count",
-                "grad_norm_backbone", "grad_norm_header", "steps", "nonfinite", "step_loss")
+        keys = ("loss", "ratio", "clipped_low", "clipped_high", "approx_kl", "count", "log_b", "log_b_clipped",
+                "log_b_count", "micro_batches", "grad_norm_backbone", "grad_norm_header", "steps", "nonfinite",
+                "step_loss")
         stats = {k: torch.zeros((), device=self.device) for k in keys}
         ga = self.algo.gradient_accumulation_steps
         diverged = False
@@ -169,9 +194,11 @@ class PPOUpdater:
         count, steps = max(values["count"], 1.0), max(values["steps"], 1.0)
         return {
             "metrics": {
-                "ppo/loss": values["loss"] / max(values["steps"] + values["nonfinite"], 1.0),
+                "ppo/loss": values["loss"] / max(values["micro_batches"], 1.0),
                 "ppo/ratio_mean": values["ratio"] / count,
-                "ppo/clip_fraction": values["clipped"] / count,
+                "ppo/clip_fraction": (values["clipped_low"] + values["clipped_high"]) / count,
+                "ppo/clip_fraction_low": values["clipped_low"] / count,
+                "ppo/clip_fraction_high": values["clipped_high"] / count,
                 "ppo/approx_kl": values["approx_kl"] / count,
                 "ppo/optimizer_steps": values["steps"],
                 "grad_norm/backbone": values["grad_norm_backbone"] / steps,
@@ -191,9 +218,10 @@ def build_trajectories(groups: list, advantages: np.ndarray, instr_of: dict[str,
     for g, group in enumerate(groups):
         for k, ep in enumerate(group.episodes):
             d = ep.actions.shape[-1]
-            mask = step_mask(torch.from_numpy(ep.valid).float(), algo.log_prob_mode, d)
+            counted = ep.loss_mask(executed_only=algo.loss_on_executed_steps_only)
+            mask = step_mask(torch.from_numpy(counted).float(), algo.log_prob_mode, d)
             old = old_log_prob(ep.mu, ep.log_b, ep.actions, algo)
             out.append(Trajectory(torch.from_numpy(ep.obs).to(device), instr_of[ep.task].to(device),
                                   torch.from_numpy(ep.actions).to(device), mask.to(device), old.to(device),
-                                  float(advantages[g, k])))
+                                  float(advantages[g, k]), int(counted.any(-1).sum())))
     return out

@@ -65,6 +65,21 @@ class Episode:
     mu: np.ndarray | None = None  # (C, H, D) behaviour-time mean
     log_b: np.ndarray | None = None  # (C, H, D) behaviour-time log-scale (unclamped)
 
+    def recorded_chunks(self) -> np.ndarray:
+        """(C,) bool: the chunks the original records. It appends a chunk after stepping its first action, unless
+        that step ended the episode in success (its loop breaks before the append); a time limit does not break."""
+        recorded = np.ones(self.valid.shape[0], dtype=bool)
+        if self.success and self.valid.shape[0] and self.valid[-1].sum() == 1:
+            recorded[-1] = False
+        return recorded
+
+    def loss_mask(self, executed_only: bool = False) -> np.ndarray:
+        """(C, H) bool: the action positions the PPO loss counts. As the original: all H positions of each
+        recorded chunk, executed or not. `executed_only`: the steps actually executed, in every chunk."""
+        if executed_only:
+            return self.valid.copy()
+        return np.repeat(self.recorded_chunks()[:, None], self.valid.shape[1], axis=1)
+
 
 class EpisodeRunner:
     """Runs batches of episodes in one process; the unit a worker process wraps."""
