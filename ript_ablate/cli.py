@@ -20,6 +20,30 @@ from ript_ablate.progress import console
 EXIT_DIVERGED = 3  # a run that ended "diverged" (non-finite updates): a result, distinct from an error
 
 
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], or one line naming the value and the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {value}")
+        return value
+    return parse
+
+
+def fraction_in_unit_interval(text: str) -> float:
+    """An argparse type: a finite number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (a fall in success rate), got {text}")
+    return value
+
+
 def _load(args: argparse.Namespace) -> Config:
     """Load the config; original-but-unused keys print one warning line each."""
     with warnings.catch_warnings(record=True) as caught:
@@ -166,7 +190,7 @@ def add_report_command(sub) -> None:
     p.add_argument("--reports", default="reports", help="where report directories go (default: reports)")
     p.add_argument("--storage", default=None, help="the study's Optuna storage (optuna mode; as for study run)")
     p.add_argument("--output-dir", default=None, help="the study's output directory (as for study run)")
-    p.add_argument("--collapse-threshold", type=float, default=0.15,
+    p.add_argument("--collapse-threshold", type=fraction_in_unit_interval, default=0.15,
                    help="a fall below the running best evaluation success that counts as collapse (default 0.15)")
     p.add_argument("--no-upload", action="store_true", help="do not attach the report to the study's MLflow run")
     p.set_defaults(func=cmd_report)
@@ -188,7 +212,7 @@ def add_study_commands(sub) -> None:
         return p
 
     p = add("run", cmd_study_run, "Run a study (again: resumes, skipping finished cells, re-running lost ones).")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=int_in(1, 256), default=None,
                    help="parallel trials (CPU: default 1, cores are split between them; GPU: one per device)")
     p.add_argument("--devices", default="auto", help="auto | cpu | cuda | cuda:0,cuda:1")
     p.add_argument("--retry-failed", action="store_true", help="give cells that failed after all retries another go")

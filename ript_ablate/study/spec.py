@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ript_ablate.config import Config, all_keys, config_from_dict, load_yaml, merge, parse_overrides
+from ript_ablate.config import SECTIONS, Config, all_keys, config_from_dict, load_yaml, merge, parse_overrides
 from ript_ablate.errors import ConfigError
 
 SEED_KEY = "algo.model_seed"
+MAX_CELLS = 100_000
 REDUCTIONS = ("final", "best", "auc")
 AGGREGATIONS = ("mean", "iqm")
 DIRECTIONS = ("maximize", "minimize")
@@ -142,6 +143,10 @@ class _Checker:
         return ok
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _parse_param(key: str, raw: Any, check: _Checker) -> Param | None:
     where = f"search_space.{key}"
     if isinstance(raw, list):
@@ -160,8 +165,8 @@ def _parse_param(key: str, raw: Any, check: _Checker) -> Param | None:
             return Param(key, kind, choices=tuple(choices))
         return None
     low, high, log = raw.get("low"), raw.get("high"), bool(raw.get("log", False))
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
-    if not check.need(numeric and low < high, f"{where}.low/high", (low, high), "numbers with low < high"):
+    numeric = all(_finite(v) for v in (low, high))
+    if not check.need(numeric and low < high, f"{where}.low/high", (low, high), "finite numbers with low < high"):
         return None
     if log:
         check.need(low > 0, f"{where}.low", low, "> 0 for a log-scaled range")
@@ -184,10 +189,15 @@ def param_samples(param: Param) -> list[Any]:
 def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudySpec:
     """Load and check a study spec; raises ConfigError listing every problem, before anything runs."""
     path = Path(path)
-    raw = load_yaml(path)
+    raw = load_yaml(path, "study spec")
     check = _Checker(path)
     if not isinstance(raw, dict):
         raise ConfigError([f"a study spec is a mapping, got {type(raw).__name__}"], str(path))
+    sections = sorted(set(SECTIONS) & set(raw))
+    if sections and "config" not in raw:
+        raise ConfigError([f"this is a config (it has the sections {', '.join(sections)}), not a study spec: train it "
+                           f"with `ript-ablate train {path}`, or name it as `config:` in a study spec (see studies/)"],
+                          str(path))
     for key in sorted(set(raw) - set(TOP_KEYS)):
         check.problems.append(f"{key}: unknown study key (known: {', '.join(TOP_KEYS)})")
     name = raw.get("name")
@@ -208,10 +218,14 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         base = merge(base, nested)
     mode = raw.get("mode", "grid")
     check.need(mode in ("grid", "optuna"), "mode", mode, "grid | optuna")
-    seeds = raw.get("seeds", [0])
-    seeds_ok = check.need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool)
-                                                                      for s in seeds)
-                          and len(set(seeds)) == len(seeds), "seeds", seeds, "a non-empty list of distinct integers")
+    seeds = raw.get("seeds")
+    if "seeds" not in raw:
+        check.problems.append("seeds: missing; list the seeds every configuration runs with, e.g. seeds: [0, 1, 2] "
+                              "(each sets algo.model_seed; one seed cannot tell an effect from noise)")
+    seeds_ok = "seeds" in raw and check.need(
+        isinstance(seeds, list) and bool(seeds) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        and len(set(seeds)) == len(seeds) and len(seeds) <= 10_000, "seeds", seeds,
+        "a non-empty list of distinct integers")
     obj_raw = raw.get("objective") or {}
     objective = Objective()
     if check.need(isinstance(obj_raw, dict), "objective", obj_raw, "a mapping"):
@@ -244,6 +258,9 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
                     factors[key] = list(values)
         for key in ("search_space", "n_configs"):
             check.need(key not in raw, key, raw.get(key), "nothing in grid mode (it belongs to mode: optuna)")
+        cells = math.prod(len(v) for v in factors.values()) * (len(seeds) if seeds_ok else 1)
+        check.need(cells <= MAX_CELLS, "factors", f"{cells:,} cells", f"at most {MAX_CELLS:,} cells (configurations x "
+                   "seeds): every cell is a training run, enqueued up front")
     elif mode == "optuna":
         raw_space = raw.get("search_space")
         if check.need(isinstance(raw_space, dict) and raw_space, "search_space", raw_space,
@@ -261,12 +278,17 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         check.need(isinstance(n_configs, int) and n_configs >= 1, "n_configs", n_configs, "an integer >= 1")
         check.need("factors" not in raw, "factors", raw.get("factors"), "nothing in optuna mode (use search_space)")
     retries = raw.get("retries", 1)
-    check.need(isinstance(retries, int) and retries >= 0, "retries", retries, "an integer >= 0")
+    check.need(isinstance(retries, int) and not isinstance(retries, bool) and 0 <= retries <= 100, "retries",
+               retries, "an integer in 0..100")
     timeout = raw.get("timeout_s")
-    check.need(timeout is None or (isinstance(timeout, (int, float)) and timeout > 0), "timeout_s", timeout,
-               "seconds > 0 or null")
+    check.need(timeout is None or (_finite(timeout) and timeout > 0), "timeout_s", timeout,
+               "a finite number of seconds > 0, or null for none")
     heartbeat = raw.get("heartbeat_s", 10.0)
-    check.need(isinstance(heartbeat, (int, float)) and heartbeat > 0, "heartbeat_s", heartbeat, "seconds > 0")
+    check.need(_finite(heartbeat) and 0 < heartbeat <= 3600, "heartbeat_s", heartbeat, "seconds in (0, 3600]")
+    if mode == "optuna":
+        check.need(isinstance(raw.get("sampler_seed", 0), int), "sampler_seed", raw.get("sampler_seed"), "an integer")
+        n_configs = raw.get("n_configs")
+        check.need(not isinstance(n_configs, int) or n_configs <= 100_000, "n_configs", n_configs, "at most 100,000")
     storage = raw.get("storage")
     check.need(storage is None or isinstance(storage, str), "storage", storage, "a URL or journal file path")
     if check.problems:
