@@ -226,6 +226,10 @@ def test_sigkill_mid_cell_then_rerun_completes_every_cell_once(study_env):
 
     steps = [m.step for m in MlflowClient().get_metric_history(runs[1].info.run_id, "eval/success_rate")]
     assert steps[0] == 0 and steps[-1] == 6, "the resumed run carries the whole curve, from iteration 0"
+    assert len(steps) == len(set(steps)), f"one point per evaluated iteration after a resume: {steps}"
+    for key in ("train/success_rate", "ppo/loss"):
+        per_iteration = [m.step for m in MlflowClient().get_metric_history(runs[1].info.run_id, key)]
+        assert per_iteration == list(range(1, 7)), key
 
 
 def test_retry_then_success_and_permanent_failure_with_reason(study_env, monkeypatch, capsys):
@@ -271,3 +275,219 @@ def test_optuna_search_runs_each_configuration_on_all_seeds_and_tells_the_mean(s
         assert json.loads(seeds[0].user_attrs["values"]) == config.params
     _, children = child_runs(path)
     assert not [r for r in children if r.info.status == "RUNNING"]
+    assert main(["report", str(path), "--reports", str(study_env / "reports")]) == 0
+    report = (study_env / "reports" / spec.name / "report.md").read_text()
+    assert (study_env / "reports" / spec.name / "optuna_params.png").is_file()
+    assert "Which switches matter" not in report, "no paired effects over sampled float levels"
+    import re
+
+    assert not re.search(r"\d\.\d{7,}", report), "parameters are rounded for reading"
+
+
+# --- faults: infrastructure, signals, stale workers, independent workers --------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_is_one_line_at_start(study_env, monkeypatch, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    path = write_spec(study_env)
+    for argv in (["study", "run", str(path)], ["train", str(study_env / "tiny.yaml")], ["report", str(path)]):
+        start = time.time()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert time.time() - start < 20, argv
+        assert f"MLflow tracking server {url} (from MLFLOW_TRACKING_URI) is unreachable" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    assert not (study_env / "studies").exists(), "nothing is created while the tracking store is away"
+
+
+def test_storage_errors_read_as_one_line(study_env):
+    from ript_ablate.errors import is_infrastructure_error, readable_error
+    from ript_ablate.study.store import StorageError
+
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    try:
+        sqlalchemy.create_engine(f"postgresql+psycopg2://u@127.0.0.1:{free_port()}/db").connect()
+    except Exception as exc:  # a real driver error, with the SQLAlchemy decorations
+        line = readable_error(exc)
+        assert is_infrastructure_error(exc)
+    assert line.startswith("OperationalError: ") and "\n" not in line and "sqlalche.me" not in line, line
+    with pytest.raises(StorageError) as err:
+        StudyStore(load_study(write_spec(study_env)), f"postgresql://u@127.0.0.1:{free_port()}/db")
+    assert "\n" not in str(err.value) and "[SQL" not in str(err.value)
+
+
+def test_infrastructure_failure_is_waited_out_not_charged_to_the_cell(study_env, monkeypatch):
+    path = write_spec(study_env, retries=0, factors={"algo.ppo_clip_high": [0.2]})
+    spec = load_study(path)
+    (cell,) = [f"{config_id_for(v)}-s0" for v in spec.grid_configs()]
+    monkeypatch.setenv("RIPT_ABLATE_INJECT_FAULT", f"{cell}@1:infra")
+    assert main(["study", "run", str(path), "--workers", "1"]) == 0, "retries: 0, yet the cell completes"
+    ts = sorted(trials(path), key=lambda t: t.number)
+    assert [t.state.name for t in ts] == ["FAIL", "COMPLETE"]
+    assert ts[0].user_attrs["status"] == "infra" and "connection refused" in ts[0].user_attrs["reason"]
+    assert ts[1].user_attrs["attempt"] == 1 and ts[1].user_attrs["infra_failures"] == 1
+    log = (spec.study_dir / "logs" / "worker-0.log").read_text()
+    assert "infrastructure unavailable" in log and "not counted against any cell's retries" in log
+    _, children = child_runs(path)
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+
+
+def test_finalize_survives_a_tracking_store_that_went_away(study_env, monkeypatch, capsys):
+    from ript_ablate.study.runner import finalize
+
+    path = write_spec(study_env)
+    assert main(["study", "run", str(path), "--workers", "1"]) == 0
+    spec = load_study(path)
+    store = StudyStore(spec, spec.storage_url(), create=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    assert finalize(spec, store, None) == 1
+    err = capsys.readouterr().err
+    assert "could not close runs left open" in err and "Traceback" not in err
+
+
+def wait_for(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_trial(path: Path):
+    from ript_ablate.study.store import StorageError
+
+    try:
+        return next((t for t in trials(path) if t.state.name == "RUNNING" and "cell_pid" in t.user_attrs), None)
+    except StorageError:  # not set up yet
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the process group"])
+def test_signals_stop_workers_and_cells_and_leave_nothing_running(study_env, how):
+    config = yaml.safe_load((study_env / "tiny.yaml").read_text())
+    config["training"].update(n_iterations=8)
+    (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
+    path = write_spec(study_env)
+    proc = subprocess.Popen([sys.executable, "-m", "ript_ablate.cli", "study", "run", str(path), "--workers", "1"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    trial = wait_for(lambda: running_trial(path), 120, "a running cell")
+    worker_pid, cell_pid = int(trial.user_attrs["pid"]), int(trial.user_attrs["cell_pid"])
+    wait_for(lambda: list(load_study(path).study_dir.glob("cells/*/attempt-1/run.json")), 60, "the cell's MLflow run")
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the runner and its workers
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "marked killed" in err and "Traceback" not in err
+    assert not alive(worker_pid) and not alive(cell_pid), "workers and cells are stopped, not orphaned"
+    ts = trials(path)
+    assert not [t for t in ts if t.state.name == "RUNNING"]
+    killed = [t for t in ts if t.user_attrs.get("status") == "killed"]
+    assert len(killed) == 1 and killed[0].state.name == "FAIL"
+    parent, children = child_runs(path)
+    assert parent.info.status == "KILLED" and not [r for r in children if r.info.status == "RUNNING"]
+    assert [r.info.status for r in children] == ["KILLED"]
+    # the next run resumes and completes every cell once
+    assert main(["study", "run", str(path), "--workers", "1"]) == 0
+    complete = Counter(t.user_attrs["cell_id"] for t in trials(path) if t.state.name == "COMPLETE")
+    assert len(complete) == 2 and set(complete.values()) == {1}
+
+
+def test_stale_worker_that_comes_back_writes_nothing(study_env):
+    """A worker paused past its lease (SIGSTOP) while another recovers and finishes its cell: resumed (SIGCONT),
+    the stale cell writes no history line and closes its MLflow run KILLED; one FINISHED run per cell."""
+    config = yaml.safe_load((study_env / "tiny.yaml").read_text())
+    config["training"].update(n_iterations=6)
+    (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
+    path = write_spec(study_env, factors={"algo.ppo_clip_high": [0.2]}, heartbeat_s=1, lease_timeout_s=4)
+    spec = load_study(path)
+    first = subprocess.Popen([sys.executable, "-m", "ript_ablate.cli", "study", "run", str(path), "--workers", "1"],
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trial = wait_for(lambda: running_trial(path), 120, "a running cell")
+    stale = [int(trial.user_attrs["pid"]), int(trial.user_attrs["cell_pid"])]
+    history = next(iter(spec.study_dir.glob("cells/*")), None)
+    wait_for(lambda: (spec.study_dir / "cells" / trial.user_attrs["cell_id"] / "history.jsonl").is_file()
+             and (spec.study_dir / "cells" / trial.user_attrs["cell_id"] / "history.jsonl").read_text().count("\n")
+             >= 2, 60, "two history lines")
+    for pid in stale:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # another worker finds the lease expired, fails the trial, and runs the retry to the end
+        assert main(["study", "worker", str(path)]) == 0
+    finally:
+        for pid in stale:
+            os.kill(pid, signal.SIGCONT)
+    first.wait(timeout=120)
+    cell_dir = spec.study_dir / "cells" / trial.user_attrs["cell_id"]
+    iterations = [json.loads(line)["iteration"] for line in (cell_dir / "history.jsonl").read_text().splitlines()]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 6, iterations
+    _, children = child_runs(path)
+    statuses = Counter(r.info.status for r in children)
+    assert statuses["FINISHED"] == 1 and statuses["RUNNING"] == 0, statuses
+    stale_runs = [r for r in children if r.data.tags.get("ript.trial_number") == str(trial.number)]
+    assert [r.info.status for r in stale_runs] == ["KILLED"]
+    assert Counter(t.state.name for t in trials(path)) == {"FAIL": 1, "COMPLETE": 1}
+    del history
+
+
+def test_workers_on_postgresql_can_start_before_any_study_run(study_env, postgres_url):
+    path = write_spec(study_env, factors={"algo.ppo_clip_high": [0.2, 0.3, 0.4]}, seeds=[0, 1])
+    cmd = [sys.executable, "-m", "ript_ablate.cli", "study", "worker", str(path), "--storage", postgres_url,
+           "--devices", "cpu"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    ts = trials(path, postgres_url)
+    complete = Counter(t.user_attrs["cell_id"] for t in ts if t.state.name == "COMPLETE")
+    assert len(ts) == 6 and len(complete) == 6 and set(complete.values()) == {1}
+    assert main(["study", "run", str(path), "--storage", postgres_url]) == 0  # closes the parent run
+    parent, children = child_runs(path)  # one parent, every run nested
+    assert parent.info.status == "FINISHED" and len(children) == 6
+
+
+def test_prune_decision_keeps_final_results_and_one_state_per_configuration():
+    from ript_ablate.study.cell import prune_decision
+
+    class FakeTrial:
+        _trial_id = 7
+
+        def __init__(self, prune: bool):
+            self.prune = prune
+
+        def should_prune(self) -> bool:
+            return self.prune
+
+    class FakeStore:
+        def __init__(self, states: set[str]):
+            self.states = states
+
+        def seed_states(self, config_id: str, exclude_trial: int | None = None) -> set[str]:
+            assert exclude_trial == 7
+            return self.states
+
+    assert prune_decision(FakeTrial(True), FakeStore(set()), "cfg", 2, 2) is None  # the last evaluation
+    assert prune_decision(FakeTrial(True), FakeStore(set()), "cfg", 1, 2) == "pruned at iteration 1"
+    assert prune_decision(FakeTrial(True), FakeStore({"COMPLETE"}), "cfg", 1, 2) is None  # a sibling finished
+    assert "another seed was pruned" in prune_decision(FakeTrial(False), FakeStore({"PRUNED"}), "cfg", 1, 2)
+    assert prune_decision(FakeTrial(False), FakeStore({"RUNNING"}), "cfg", 1, 2) is None

@@ -75,22 +75,26 @@ EvalCallback = Callable[[int, dict[str, float]], None]
 class Trainer:
     """One RIPT run. `on_eval(iteration, metrics)` is called after every evaluation (a study's pruner raises
     from it to stop the run); `prior_history` holds the metrics of the iterations before a resume point, so a
-    resumed run's history (and MLflow run) is complete."""
+    resumed run's history (and MLflow run) is complete; `guard()` is called before every write that matters
+    (history line, MLflow batch, checkpoint) and raises to stop a run that must not write any more (a study cell
+    whose lease was taken over)."""
 
     def __init__(self, cfg: Config, tracker: Tracker | None = None, on_eval: EvalCallback | None = None,
-                 prior_history: list[dict[str, float]] | None = None):
+                 prior_history: list[dict[str, float]] | None = None, guard: Callable[[], None] | None = None):
         self.cfg = cfg
         self.tracker = tracker or Tracker()
         self.device = resolve_device(cfg.training.device)
         self.on_eval = on_eval
         self.prior_history = prior_history or []
         self.history_file: Path | None = None
+        self.guard = guard or (lambda: None)
 
     def run(self, output_dir: str | Path | None = None) -> TrainResult:
         cfg, algo = self.cfg, self.cfg.algo
         torch.manual_seed(algo.model_seed)
         out = Path(output_dir or Path(cfg.training.output_dir) / time.strftime("run-%Y%m%d-%H%M%S"))
         out.mkdir(parents=True, exist_ok=True)
+        self.guard()
         (out / "config.yaml").write_text(to_yaml(cfg))
         self.history_file = out / HISTORY_LOG
         self.history_file.write_text("")
@@ -120,7 +124,8 @@ class Trainer:
                                                  cfg.policy.max_instruction_tokens)) for t in suite.tasks}
             result = TrainResult("finished", output_dir=out, run_id=getattr(self.tracker, "run_id", None))
             self._replay_prior(start_iteration, result)
-            self._evaluate(policy, suite, pool, start_iteration, result)
+            if not any(h["iteration"] == start_iteration and "eval/success_rate" in h for h in result.history):
+                self._evaluate(policy, suite, pool, start_iteration, result)  # one point per iteration, also on resume
             if algo.eval_only:
                 self._finish(policy, updater, out, start_iteration, result, base)
                 return result
@@ -188,6 +193,7 @@ class Trainer:
                 f.write(json.dumps(entry) + "\n")
 
     def _log(self, iteration: int, metrics: dict[str, float], result: TrainResult) -> None:
+        self.guard()
         result.history.append({"iteration": iteration, **metrics})
         self._append_history(result.history[-1])
         self.tracker.record(metrics, iteration)
@@ -206,12 +212,14 @@ class Trainer:
         console.print(" | ".join(parts))
 
     def _save(self, policy, updater, directory: Path, iteration: int, base: str) -> Path:
+        self.guard()
         meta = {"iteration": iteration, "base_checkpoint": base}
         return checkpoints.save_run_checkpoint(directory, policy, merged_state_dict(policy), updater.optimizer, meta)
 
     def _finish(self, policy, updater, out: Path, iteration: int, result: TrainResult, base: str) -> None:
         final = self._save(policy, updater, out / "checkpoints" / "final", iteration, base)
         result.final_checkpoint = final
+        self.guard()
         (out / "history.json").write_text(json.dumps(result.history, indent=1))
         self.tracker.log_artifact(out / "config.yaml")
         if self.cfg.tracking.log_checkpoint:

@@ -1,12 +1,13 @@
 """One cell of a study: a full training run in its own process (`python -m ript_ablate.study.cell JOB.json`).
 
 The worker writes the job file, starts this process and reads `result.json` when it exits. This process creates
-the cell's MLflow child run (explicit parent run id, so it nests from any process), writes the run id to
-`run.json` at once (so a worker can mark the run killed if this process dies), reports evaluations to the pruner,
-and exits on its own if its worker dies (no orphaned trainings).
+the cell's MLflow child run (explicit parent run id, so it nests from any process), writes the run id to the
+attempt's `run.json` at once (so a worker can mark the run killed if this process dies), reports evaluations to
+the pruner, and exits on its own if its worker dies (no orphaned trainings).
 
-RIPT_ABLATE_INJECT_FAULT="<cell_id>@<attempt>[,...]" (attempt `*` = every attempt) makes the named attempts
-raise after their first evaluation: a way to check that a study set-up retries and reports failures as expected.
+RIPT_ABLATE_INJECT_FAULT="<cell_id>@<attempt>[:infra][,...]" (attempt `*` = every attempt) makes the named
+attempts raise after their first evaluation: a way to check that a study set-up retries and reports failures as
+expected. `:infra` raises a connection error instead (once per attempt), as a tracking store that went away would.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +35,69 @@ class Pruned(Exception):
     """The study's pruner stopped this run after an evaluation."""
 
 
+class LeaseLost(Exception):
+    """This attempt's trial is no longer RUNNING in the study storage: another worker declared this one dead
+    (e.g. it was paused past its lease) and the cell's next attempt owns the cell directory now."""
+
+
+def prune_decision(trial: Any, store: Any, config_id: str, iteration: int, n_iterations: int) -> str | None:
+    """Why to stop this seed now, or None. Never at the run's last evaluation (the result is complete: pruning would
+    only discard it); one configuration ends in one state: a seed stops when another seed of its configuration was
+    pruned, and is never pruned once another seed of it finished; otherwise the study's pruner decides."""
+    if iteration >= n_iterations:
+        return None
+    siblings = store.seed_states(config_id, exclude_trial=trial._trial_id)
+    if "PRUNED" in siblings:
+        return f"pruned at iteration {iteration} with its configuration (another seed was pruned)"
+    if "COMPLETE" in siblings:
+        return None
+    if trial.should_prune():
+        return f"pruned at iteration {iteration}"
+    return None
+
+
+def lease_guard(job: dict[str, Any]) -> Callable[[], None] | None:
+    """A fencing check run before every write that matters (history line, checkpoint, MLflow update): the
+    attempt's trial (its lease generation) must still be RUNNING. None when the job carries no lease."""
+    lease = job.get("lease")
+    if not lease:
+        return None
+    from optuna.trial import TrialState
+
+    from ript_ablate.errors import is_infrastructure_error
+    from ript_ablate.study.store import open_storage
+
+    storage = open_storage(lease["storage"])
+    trial_id = int(lease["trial_id"])
+
+    def check() -> None:
+        try:
+            state = storage.get_trial(trial_id).state
+        except Exception as exc:  # the storage is away: nobody can take the lease meanwhile; the finish decides
+            if is_infrastructure_error(exc):
+                return
+            raise
+        if state != TrialState.RUNNING:
+            raise LeaseLost(f"trial {trial_id} is {state.name}: this attempt lost its lease")
+
+    return check
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(path)
 
 
-def fault_planned(cell_id: str, attempt: int, spec: str | None = None) -> bool:
+def fault_planned(cell_id: str, attempt: int, spec: str | None = None) -> str | None:
+    """The kind of fault planned for this attempt: None, "error" or "infra"."""
     spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, when = item.partition("@")
+        when, _, kind = when.partition(":")
         if name == cell_id and when in ("*", str(attempt)):
-            return True
-    return False
+            return kind or "error"
+    return None
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -77,6 +129,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ript_ablate.config import config_from_dict
+    from ript_ablate.errors import is_infrastructure_error, readable_error
     from ript_ablate.ript.trainer import Trainer
     from ript_ablate.study.objective import metric_points, reduce_points
     from ript_ablate.tracking import MlflowTracker, Tracker
@@ -98,7 +151,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         class CellTracker(MlflowTracker):
             def start(self, params: dict[str, Any], run_tags: dict[str, str]) -> None:
                 super().start(params, {**run_tags, **tags})
-                write_json(out / RUN_FILE, {"mlflow_run_id": self.run_id})
+                write_json(Path(job["attempt_dir"]) / RUN_FILE, {"mlflow_run_id": self.run_id})
 
         tracker: Tracker = CellTracker(track.get("uri"), track["experiment"], track.get("run_name"),
                                        parent_run_id=track.get("parent_run_id"))
@@ -106,46 +159,71 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         tracker = Tracker()
 
     objective = job["objective"]
-    pruning_trial = _pruning_trial(job)
+    pruning = _pruning_trial(job)
+    guard = lease_guard(job)
 
     inject = fault_planned(job["cell_id"], int(job["attempt"]))
+    if inject == "infra" and int(job.get("infra_failures", 0)) > 0:
+        inject = None  # an injected outage happens once; the attempt's next run goes through
 
     def on_eval(iteration: int, metrics: dict[str, float]) -> None:
+        if inject == "infra":
+            raise ConnectionRefusedError(f"injected outage ({FAULT_ENV}): connection refused by the tracking store")
         if inject:  # after the first evaluation, so the run exists in MLflow as a real failure's would
             raise InjectedFault(f"injected fault ({FAULT_ENV}) in {job['cell_id']} attempt {job['attempt']}")
-        if pruning_trial is None or objective["metric"] not in metrics:
+        if pruning is None or objective["metric"] not in metrics:
             return
-        pruning_trial.report(float(metrics[objective["metric"]]), iteration)
-        if pruning_trial.should_prune():
-            raise Pruned(f"pruned at iteration {iteration}")
+        trial, store = pruning
+        trial.report(float(metrics[objective["metric"]]), iteration)
+        why = prune_decision(trial, store, job["tags"]["ript.config_id"], iteration, cfg.training.n_iterations)
+        if why:
+            raise Pruned(why)
 
     start = time.perf_counter()
     result: dict[str, Any] = {"resumed_from": checkpoint}
     try:
-        trained = Trainer(cfg, tracker, on_eval=on_eval, prior_history=prior).run(out)
+        trained = Trainer(cfg, tracker, on_eval=on_eval, prior_history=prior, guard=guard).run(out)
         history = trained.history
         result["status"] = trained.status
     except Pruned as exc:
         history = _read_history(out)
         result.update(status="pruned", reason=str(exc))
+    except LeaseLost as exc:  # write nothing more: the cell's next attempt owns its directory and its result
+        result.update(status="lease_lost", reason=str(exc), train_s=time.perf_counter() - start,
+                      mlflow_run_id=getattr(tracker, "run_id", None))
+        if getattr(tracker, "run_id", None):
+            tracker.buffer.clear()
+            tracker.set_tags({"ript.status": "lease-lost", "ript.reason": str(exc)})  # type: ignore[attr-defined]
+            tracker.end("KILLED")
+        return result
     except Exception as exc:  # the worker decides about retries; the reason is kept for `study status`
         history = _read_history(out)
-        result.update(status="error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        status = "infra" if is_infrastructure_error(exc) else "error"
+        result.update(status=status, reason=readable_error(exc), traceback=traceback.format_exc())
     result["train_s"] = time.perf_counter() - start
     points = metric_points(history, objective["metric"])
     result["value"] = reduce_points(points, objective["reduction"], objective["direction"]) if points else None
     result["points"] = points
     result["mlflow_run_id"] = getattr(tracker, "run_id", None)
     if result["mlflow_run_id"]:
-        status_tag = result["status"] if result["status"] != "error" else "failed"
         try:
+            if guard is not None:
+                guard()
+            status_tag = {"error": "failed", "infra": "infrastructure"}.get(result["status"], result["status"])
             tracker.set_tags({"ript.status": status_tag,  # type: ignore[attr-defined]
                               **({"ript.reason": result["reason"][:5000]} if "reason" in result else {})})
-            if result["value"] is not None:
+            if result["value"] is not None and result["status"] != "infra":
                 tracker.record({"study/objective": result["value"]}, points[-1][0])
-        finally:
-            mlflow_status = {"finished": "FINISHED", "pruned": "KILLED"}.get(result["status"], "FAILED")
-            tracker.end(mlflow_status)
+            tracker.end({"finished": "FINISHED", "pruned": "KILLED"}.get(result["status"], "FAILED"))
+        except LeaseLost as exc:  # the next attempt owns the cell: this run ends KILLED and says why
+            tracker.buffer.clear()
+            tracker.set_tags({"ript.status": "lease-lost", "ript.reason": str(exc)})  # type: ignore[attr-defined]
+            tracker.end("KILLED")
+            return {**result, "status": "lease_lost", "reason": str(exc)}
+        except Exception as exc:  # the store went away at the end: the worker (or the next sweep) closes the run
+            if not is_infrastructure_error(exc):
+                raise
+            result.update(status="infra", reason=readable_error(exc))
     return result
 
 
@@ -165,7 +243,8 @@ def _read_history(out: Path) -> list[dict[str, float]]:
 
 
 def _pruning_trial(job: dict[str, Any]):
-    """The cell's Optuna trial, for report/should_prune; None when the study has no pruner."""
+    """(the cell's Optuna trial, the study store), for report/should_prune and the configuration's other seeds;
+    None when the study has no pruner."""
     pruning = job.get("pruning")
     if not pruning:
         return None
@@ -175,7 +254,7 @@ def _pruning_trial(job: dict[str, Any]):
     from ript_ablate.study.store import StudyStore
 
     store = StudyStore(load_study(pruning["spec"], pruning.get("output_dir")), pruning["storage"], create=False)
-    return optuna.trial.Trial(store.cells, int(pruning["trial_id"]))
+    return optuna.trial.Trial(store.cells, int(pruning["trial_id"])), store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_job(job)
     except Exception as exc:  # a failure outside the training itself (MLflow unreachable, bad job)
-        result = {"status": "error", "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        from ript_ablate.errors import is_infrastructure_error, readable_error
+
+        result = {"status": "infra" if is_infrastructure_error(exc) else "error", "reason": readable_error(exc),
+                  "traceback": traceback.format_exc()}
     write_json(job_path.parent / RESULT_FILE, result)
     return 0
 

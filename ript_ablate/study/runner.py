@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ript_ablate.errors import is_infrastructure_error, readable_error
 from ript_ablate.progress import console
 from ript_ablate.study.resources import Slot, plan_slots
 from ript_ablate.study.runs import ensure_parent_run, finish_parent, sweep_orphans
@@ -47,27 +48,34 @@ def summary_counts(records: list[CellRecord], spec: StudySpec) -> dict[str, int]
 
 
 def status_table(records: list[CellRecord], spec: StudySpec) -> Table:
+    """Every cell, one row each, readable at 80 columns: ids never break, long reasons end in an ellipsis."""
     table = Table(title=f"study {spec.name} ({spec.mode}, objective {spec.objective.reduction} "
-                        f"{spec.objective.metric})", title_justify="left")
-    for col in ("cell", "configuration", "seed", "state", "objective", "attempts", "result", "reason"):
-        table.add_column(col, overflow="fold")
+                        f"{spec.objective.metric})", title_justify="left", pad_edge=False, box=None)
+    table.add_column("cell", no_wrap=True)
+    table.add_column("configuration", overflow="fold", ratio=2)
+    table.add_column("seed", no_wrap=True, justify="right")
+    table.add_column("state", no_wrap=True)
+    table.add_column("objective", no_wrap=True, justify="right")
+    table.add_column("tries", no_wrap=True, justify="right")
+    table.add_column("reason", overflow="ellipsis", no_wrap=True, ratio=1, min_width=10)
     style = {"done": "green", "failed": "red", "running": "cyan", "pruned": "yellow", "retrying": "magenta"}
     for rec in records:
         value = f"{rec.value:.3f}" if rec.value is not None else "-"
+        state = rec.state if rec.status in ("", "finished") or rec.state == "running" else f"{rec.state} ({rec.status})"
         table.add_row(rec.cell_id, describe(rec.values), str(rec.seed),
-                      f"[{style.get(rec.state, 'white')}]{rec.state}[/]", value, str(rec.attempts), rec.status,
-                      rec.reason[:160])
+                      f"[{style.get(rec.state, 'white')}]{state}[/]", value, str(rec.attempts), rec.reason[:160])
     return table
 
 
 def progress_line(counts: dict[str, int], eta_s: float | None, started: float) -> str:
+    """One status line of at most about 75 characters, so an 80-column terminal shows it whole."""
     ended = counts["done"] + counts["failed"] + counts["pruned"]
     eta = f"ETA {eta_s / 60:.1f} min" if eta_s is not None else "ETA -"
     return (f"[bold]{ended}/{counts['total']}[/] ended: [green]{counts['done']} done[/], "
-            f"[cyan]{counts['running']} running[/], {counts['waiting'] + counts['retrying']} waiting, "
+            f"[cyan]{counts['running']} run[/], {counts['waiting'] + counts['retrying']} wait, "
             f"[red]{counts['failed']} failed[/]" + (f", [yellow]{counts['pruned']} pruned[/]" if counts['pruned']
                                                     else "")
-            + f" | {(time.time() - started) / 60:.1f} min elapsed | {eta}")
+            + f" | {(time.time() - started) / 60:.1f} min | {eta}")
 
 
 def eta_seconds(records: list[CellRecord], counts: dict[str, int], workers: int) -> float | None:
@@ -104,20 +112,39 @@ def worker_command(spec_path: Path, url: str, slot: Slot, output_dir: Path) -> l
             "--output-dir", str(output_dir), "--slot", json.dumps(asdict(slot))]
 
 
+EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM: what was running is marked killed and resumes next time
+WORKER_STOP_S = 60.0  # how long stopped workers get to stop their cells and record them
+
+
+def study_params(spec: StudySpec, store: StudyStore) -> dict:
+    return {"study.name": spec.name, "study.mode": spec.mode, "study.seeds": spec.seeds,
+            "study.objective": json.dumps(spec.objective.__dict__), "study.spec": str(spec.path),
+            "study.storage": redact(store.url),
+            **({f"factor.{k}": v for k, v in spec.factors.items()} if spec.mode == "grid" else
+               {f"space.{p.key}": p.__dict__ for p in spec.search_space})}
+
+
+def set_up(spec: StudySpec, store: StudyStore, tracking_uri: str | None) -> tuple[str, int]:
+    """The study's MLflow parent run and, for a grid, every cell enqueued: once, even when several processes
+    (a `study run` and `study worker`s on other machines) set the same study up at the same moment."""
+    with store.setup_lock():
+        parent = ensure_parent_run(tracking_uri, spec.experiment_name, spec.name, store.parent_run_id,
+                                   study_params(spec, store))
+        store.set_parent_run_id(parent)
+        added = store.enqueue_grid() if spec.mode == "grid" else 0
+    return parent, added
+
+
 def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str | None,
               retry_failed: bool = False) -> int:
+    from ript_ablate.tracking import check_tracking_store, resolve_tracking_uri
+
     slots = plan_slots(workers, devices)
+    tracking_uri = resolve_tracking_uri(spec.tracking_uri)
+    check_tracking_store(tracking_uri)  # one line now, not minutes of retries in every cell
     store = open_store(spec, storage, create=True)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking_uri
-    params = {"study.name": spec.name, "study.mode": spec.mode, "study.seeds": spec.seeds,
-              "study.objective": json.dumps(spec.objective.__dict__), "study.spec": str(spec.path),
-              "study.storage": redact(store.url),
-              **({f"factor.{k}": v for k, v in spec.factors.items()} if spec.mode == "grid" else
-                 {f"space.{p.key}": p.__dict__ for p in spec.search_space})}
-    parent = ensure_parent_run(tracking_uri, spec.experiment_name, spec.name, store.parent_run_id, params)
-    store.set_parent_run_id(parent)
+    parent, added = set_up(spec, store, tracking_uri)
     if spec.mode == "grid":
-        added = store.enqueue_grid()
         console.print(f"study {spec.name}: {len(spec.grid_configs())} configurations x {len(spec.seeds)} seeds = "
                       f"{len(spec.grid_configs()) * len(spec.seeds)} cells ({added} newly enqueued); storage "
                       f"{redact(store.url)}; MLflow experiment {spec.experiment_name!r}, parent run {parent}")
@@ -134,19 +161,20 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
                                                          if "config_trial" in last else {}),
                                                       "attempt": int(last.get("attempt", 1)) + 1})
         console.print(f"re-enqueued {len(requeued)} failed cell(s)")
-    prepare_bases(spec)
-    logs = spec.study_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for slot in slots:
-        log = (logs / f"worker-{slot.index}.log").open("a")
-        procs.append(subprocess.Popen(worker_command(spec.path, store.url, slot, spec.output_dir), stdout=log,
-                                      stderr=subprocess.STDOUT))
-    console.print(f"{len(slots)} worker(s): " + ", ".join(f"{s.device} x{s.threads} threads, "
-                                                          f"{s.rollout_workers} rollout proc" for s in slots)
-                  + f"; logs in {logs}")
-    started = time.time()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    procs: list[subprocess.Popen] = []
     try:
+        prepare_bases(spec)
+        logs = spec.study_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for slot in slots:
+            log = (logs / f"worker-{slot.index}.log").open("a")
+            procs.append(subprocess.Popen(worker_command(spec.path, store.url, slot, spec.output_dir), stdout=log,
+                                          stderr=subprocess.STDOUT))
+        console.print(f"{len(slots)} worker(s): " + ", ".join(f"{s.device} x{s.threads} threads, "
+                                                              f"{s.rollout_workers} rollout proc" for s in slots)
+                      + f"; logs in {logs}")
+        started = time.time()
         with Live(console=console, refresh_per_second=1, transient=False) as live:
             while any(p.poll() is None for p in procs):
                 records = store.records()
@@ -156,14 +184,57 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
             records = store.records()
             counts = summary_counts(records, spec)
             live.update(progress_line(counts, 0.0, started))
+        if not console.is_terminal:
+            console.print()  # the last status line ends its line in a log file too
     except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait()
-        console.print("[red]interrupted[/]: run the same command again to resume")
-        raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return interrupt(spec, store, tracking_uri, procs)
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _raise_interrupt:
+            signal.signal(signal.SIGTERM, previous)
     return finalize(spec, store, tracking_uri)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt(spec: StudySpec, store: StudyStore, tracking_uri: str | None, procs: list[subprocess.Popen]) -> int:
+    """Stop every worker (each stops its cell's process group and records the cell killed, to run again), close
+    the parent run KILLED, and say so in one line."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + WORKER_STOP_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    killed = 0
+    try:
+        records = store.records()
+        killed = sum(1 for r in records for t in r.trials if t.user_attrs.get("status") == "killed"
+                     and t.datetime_complete is not None and t.datetime_complete.timestamp() > time.time() - 3600)
+        _close_parent(spec, store, tracking_uri, "KILLED", {"ript.status": "interrupted"})
+    except Exception as exc:  # the store is away too: the next `study run` cleans up
+        console.print(f"[yellow]warning:[/] could not record the interruption ({readable_error(exc)})")
+    console.print(f"[red]interrupted[/]: workers stopped, {killed} running cell(s) marked killed; run "
+                  f"`ript-ablate study run {spec.path}` again to resume")
+    return EXIT_INTERRUPTED
+
+
+def _close_parent(spec: StudySpec, store: StudyStore, tracking_uri: str | None, status: str,
+                  tags: dict[str, str]) -> None:
+    """Sweep child runs left RUNNING by dead processes and end the parent run with `status`."""
+    parent = store.parent_run_id
+    if not parent:
+        return
+    live = {str(t.number) for t in store.cells.get_trials(deepcopy=False) if t.state.name == "RUNNING"}
+    sweep_orphans(tracking_uri, spec.experiment_name, parent, live, "its worker ended without closing it")
+    finish_parent(tracking_uri, parent, status, {}, tags, [])
 
 
 def finalize(spec: StudySpec, store: StudyStore, tracking_uri: str | None) -> int:
@@ -173,7 +244,13 @@ def finalize(spec: StudySpec, store: StudyStore, tracking_uri: str | None) -> in
     parent = store.parent_run_id
     live = {str(t.number) for r in records for t in r.trials if t.state.name == "RUNNING"}
     if parent:
-        sweep_orphans(tracking_uri, spec.experiment_name, parent, live, "its worker ended without closing it")
+        try:
+            sweep_orphans(tracking_uri, spec.experiment_name, parent, live, "its worker ended without closing it")
+        except Exception as exc:  # the tracking store is away: report, and let the next `study run` sweep
+            if not is_infrastructure_error(exc):
+                raise
+            console.print(f"[yellow]warning:[/] could not close runs left open ({readable_error(exc)}); run "
+                          "`study run` again once the tracking store is back")
     console.print(status_table(records, spec))
     ended = counts["done"] + counts["failed"] + counts["pruned"]
     if ended < counts["total"]:
@@ -189,9 +266,16 @@ def finalize(spec: StudySpec, store: StudyStore, tracking_uri: str | None) -> in
                    "study/cells_pruned": counts["pruned"], "study/best_objective": best}
         if walls:
             metrics["study/runner_overhead_s_mean"] = sum(walls) / len(walls)
-        finish_parent(tracking_uri, parent, "FAILED" if counts["failed"] else "FINISHED", metrics,
-                      {"ript.status": "complete" if not counts["failed"] else "complete-with-failures"},
-                      [str(csv_path)])
+        try:
+            finish_parent(tracking_uri, parent, "FAILED" if counts["failed"] else "FINISHED", metrics,
+                          {"ript.status": "complete" if not counts["failed"] else "complete-with-failures"},
+                          [str(csv_path)])
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            console.print(f"[yellow]warning:[/] could not finish the study's MLflow run ({readable_error(exc)}); "
+                          "run `study run` again once the tracking store is back")
+            return 1
     console.print(f"study {spec.name}: {counts['done']} done, {counts['failed']} failed, {counts['pruned']} pruned; "
                   f"cells table {csv_path}")
     return EXIT_CELLS_FAILED if counts["failed"] else 0
@@ -214,17 +298,31 @@ def write_cells_csv(spec: StudySpec, records: list[CellRecord]) -> Path:
 
 
 def run_worker(spec: StudySpec, storage: str | None, devices: str, slot_json: str | None) -> int:
-    """One worker in this process: `study run` starts these; on another machine it joins the study."""
+    """One worker in this process: `study run` starts these; on another machine it joins the study. On
+    PostgreSQL a worker may be the first to arrive: it then sets the study up from its spec (the same
+    fingerprint rule as `study run`), so machines can start in any order."""
+    from ript_ablate.study.store import RDB_PREFIXES
+    from ript_ablate.tracking import check_tracking_store, resolve_tracking_uri
+
     slot = Slot(**json.loads(slot_json)) if slot_json else plan_slots(1, devices)[0]
-    store = open_store(spec, storage, create=False)
-    if not store.parent_run_id:
-        console.print("[yellow]warning:[/] the study has no MLflow parent run yet (start it with `study run`)")
-    if spec.mode == "grid" and not store.cells.get_trials(deepcopy=False):
-        console.print("[yellow]warning:[/] no cells enqueued yet; `ript-ablate study run` enqueues them")
-    if not slot_json:
+    tracking_uri = resolve_tracking_uri(spec.tracking_uri)
+    url = spec.storage_url(storage)
+    independent = slot_json is None
+    if independent:
+        check_tracking_store(tracking_uri)
+    store = open_store(spec, storage, create=independent and url.startswith(RDB_PREFIXES))
+    if independent:
+        parent, added = set_up(spec, store, tracking_uri)
+        prepare_bases(spec)
         console.print(f"joined study {spec.name} at {redact(store.url)} on {slot.device} "
-                      f"({slot.threads} threads, {slot.rollout_workers} rollout processes)")
-    ran = Worker(spec, store, slot).run()
+                      f"({slot.threads} threads, {slot.rollout_workers} rollout processes); parent run {parent}"
+                      + (f"; enqueued {added} cell(s)" if added else ""))
+    worker = Worker(spec, store, slot, tracking_uri)
+    ran = worker.run()
+    if worker.stopping:
+        console.print(f"worker {slot.index}: stopped by {worker.signal_name or 'a signal'} after {ran} cell(s); the "
+                      "cell it was running is marked killed and runs again on the next `study run`")
+        return EXIT_INTERRUPTED
     console.print(f"worker {slot.index}: ran {ran} cell(s); nothing left to claim")
     return 0
 

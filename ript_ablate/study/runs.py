@@ -3,7 +3,6 @@ whose process died (a killed cell's run is marked KILLED, so nothing is left RUN
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 STUDY_TAG = "ript.study"
@@ -13,7 +12,9 @@ ROLE_TAG = "ript.role"
 def client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri)
+    from ript_ablate.tracking import resolve_tracking_uri
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
 
 
 def experiment_id(mlflow, name: str) -> str:

@@ -34,7 +34,7 @@ PRUNERS = ("none", "median", "hyperband")
 PARAM_TYPES = ("categorical", "float", "int")
 TOP_KEYS = ("name", "config", "set", "mode", "factors", "search_space", "sampler", "sampler_seed", "n_configs",
             "pruner", "seeds", "objective", "retries", "timeout_s", "storage", "output_dir", "tracking_uri",
-            "experiment", "heartbeat_s", "description")
+            "experiment", "heartbeat_s", "lease_timeout_s", "description")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,13 @@ class StudySpec:
     tracking_uri: str | None = None
     experiment: str | None = None
     heartbeat_s: float = 10.0
+    lease_timeout_s: float | None = None
     description: str = ""
+
+    @property
+    def lease_timeout(self) -> float:
+        """Seconds without a heartbeat after which a running cell's worker counts as dead."""
+        return self.lease_timeout_s or max(3 * self.heartbeat_s, 30.0)
 
     @property
     def study_dir(self) -> Path:
@@ -128,8 +134,16 @@ def cell_id_for(config_id: str, seed: int) -> str:
     return f"{config_id}-s{seed}"
 
 
+def format_value(value: Any) -> str:
+    """A factor value for people: floats to 3 significant digits (an Optuna sample is 0.283, not
+    0.28316032453460394); everything else as it is."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
 def describe(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in values.items()) or "base"
+    return ", ".join(f"{k.split('.', 1)[1]}={format_value(v)}" for k, v in values.items()) or "base"
 
 
 class _Checker:
@@ -285,6 +299,9 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
                "a finite number of seconds > 0, or null for none")
     heartbeat = raw.get("heartbeat_s", 10.0)
     check.need(_finite(heartbeat) and 0 < heartbeat <= 3600, "heartbeat_s", heartbeat, "seconds in (0, 3600]")
+    lease = raw.get("lease_timeout_s")
+    check.need(lease is None or (_finite(lease) and _finite(heartbeat) and lease > heartbeat), "lease_timeout_s",
+               lease, "null (default max(3 x heartbeat_s, 30)) or seconds > heartbeat_s")
     if mode == "optuna":
         check.need(isinstance(raw.get("sampler_seed", 0), int), "sampler_seed", raw.get("sampler_seed"), "an integer")
         n_configs = raw.get("n_configs")
@@ -301,6 +318,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         pruner=raw.get("pruner", "none"), retries=retries, timeout_s=timeout, storage=storage,
         output_dir=Path(output_dir or raw.get("output_dir") or "runs/studies"),
         tracking_uri=raw.get("tracking_uri"), experiment=raw.get("experiment"), heartbeat_s=float(heartbeat),
+        lease_timeout_s=float(lease) if lease is not None else None,
         description=str(raw.get("description", "")),
     )
     _check_cells(spec)

@@ -7,15 +7,18 @@ a heartbeat time in its user attributes); a trial whose worker died is failed by
 RUNNING -> FAIL transition, and only that process enqueues the retry. In optuna mode the sampler lives in a second
 study `<name>:search` whose trials are configurations; a configuration is told the aggregate over its seeds.
 
-sqlite is refused as study storage: it has no row locks and ran cells twice under concurrent workers (FACTS.md).
+sqlite is refused as study storage: it has no row locks, and concurrent workers ran cells twice on it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ STATE_LABELS = {TrialState.WAITING: "waiting", TrialState.RUNNING: "running", Tr
                 TrialState.FAIL: "failed", TrialState.PRUNED: "pruned"}
 RDB_PREFIXES = ("postgresql", "mysql")
 SEARCH_SUFFIX = ":search"
+MIN_CONFIGS_BEFORE_PRUNING = 3  # the median pruner's warm-up, in configurations (x seeds = trials)
 REQUEUE_GRACE_S = 30.0  # a failed trial without its retry for this long lost the process that was to enqueue it
 
 
@@ -54,10 +58,17 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise StorageError(f"study storage {url}: sqlite has no row locks, so concurrent workers can run a cell "
                            "twice; use a journal file path (the default) or postgresql://...")
     if url.startswith(RDB_PREFIXES):
-        try:
-            return optuna.storages.RDBStorage(with_driver(url), engine_kwargs={"pool_pre_ping": True})
-        except Exception as exc:  # sqlalchemy raises many kinds; all mean the same to the user
-            raise StorageError(f"cannot open study storage {redact(url)}: {str(exc).splitlines()[0]}") from None
+        from ript_ablate.errors import readable_error
+
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(with_driver(url), engine_kwargs={"pool_pre_ping": True})
+            except Exception as exc:  # sqlalchemy raises many kinds; all mean the same to the user
+                text = str(exc).lower()
+                if attempt < 4 and ("duplicate key" in text or "already exists" in text):
+                    time.sleep(0.5 + attempt)  # another worker is creating Optuna's tables right now: use theirs
+                    continue
+                raise StorageError(f"cannot open study storage {redact(url)}: {readable_error(exc)}") from None
     if "://" in url:
         raise StorageError(f"study storage {url}: expected a journal file path or postgresql://user@host/db")
     from optuna.storages.journal import JournalFileBackend
@@ -148,7 +159,11 @@ class StudyStore:
     # --- set-up -----------------------------------------------------------------------------------------------
     def _pruner(self) -> optuna.pruners.BasePruner:
         if self.spec.pruner == "median":
-            return optuna.pruners.MedianPruner(n_startup_trials=max(2, len(self.spec.seeds)), n_warmup_steps=1)
+            # compare only once MIN_CONFIGS_BEFORE_PRUNING configurations have all their seeds done, and never on
+            # the first third of a run (early evaluations of RL runs rank poorly)
+            n = int(self.spec.base.get("training", {}).get("n_iterations", 15))
+            return optuna.pruners.MedianPruner(n_startup_trials=MIN_CONFIGS_BEFORE_PRUNING * len(self.spec.seeds),
+                                               n_warmup_steps=max(1, n // 3))
         if self.spec.pruner == "hyperband":
             n = int(self.spec.base.get("training", {}).get("n_iterations", 15))
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, n))
@@ -174,6 +189,34 @@ class StudyStore:
             raise StorageError(
                 f"study {self.spec.name!r} in {redact(self.url)} was started from a different spec (factors, seeds, "
                 f"base config or objective changed); give the study a new name, or remove its storage to start over")
+
+    @contextmanager
+    def setup_lock(self) -> Iterator[None]:
+        """Serialise setting the study up (parent run, grid cells) across processes and machines: an advisory lock
+        on PostgreSQL, a file lock beside a journal file."""
+        if isinstance(self.storage, optuna.storages.RDBStorage) and self.url.startswith("postgresql"):
+            from sqlalchemy import text
+
+            key = int(hashlib.sha1(f"ript-ablate:{self.spec.name}".encode()).hexdigest()[:15], 16)
+            with self.storage.engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+            return
+        if "://" in self.url:  # another RDB: no portable advisory lock; set-up is left to `study run`
+            yield
+            return
+        import fcntl
+
+        with open(f"{self.url}.setup.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
     def parent_run_id(self) -> str | None:
@@ -254,6 +297,14 @@ class StudyStore:
         self.cells.enqueue_trial({}, user_attrs={**nxt, "attempt": attempt + 1, "previous_reason": reason})
         return True
 
+    def enqueue_again(self, attrs: dict[str, Any], reason: str) -> None:
+        """Enqueue the same attempt once more after a failure that was not the cell's own (the tracking store or
+        the study storage was away, or the user stopped the study): counted in `infra_failures`, not in retries."""
+        keep = ("cell_id", "config_id", "seed", "values", "config_trial", "attempt")
+        nxt = {k: attrs[k] for k in keep if k in attrs}
+        self.cells.enqueue_trial({}, user_attrs={**nxt, "infra_failures": int(attrs.get("infra_failures", 0)) + 1,
+                                                 "previous_reason": reason})
+
     def is_stale(self, trial: FrozenTrial, now: float) -> str | None:
         """Why a RUNNING trial's worker is gone, or None while its lease holds."""
         attrs = trial.user_attrs
@@ -264,7 +315,7 @@ class StudyStore:
         beat = attrs.get("heartbeat")
         if beat is None and trial.datetime_start is not None:
             beat = trial.datetime_start.timestamp()
-        grace = max(3 * self.spec.heartbeat_s, 30.0)
+        grace = self.spec.lease_timeout
         if beat is not None and now - float(beat) > grace:
             return f"no heartbeat from {attrs.get('host', '?')}:{attrs.get('pid', '?')} for {now - float(beat):.0f}s"
         return None
@@ -370,6 +421,11 @@ class StudyStore:
             self.cells.enqueue_trial({}, user_attrs=self.cell_attrs(values, seed, config_id,
                                                                     config_trial=trial.number))
         return True
+
+    def seed_states(self, config_id: str, exclude_trial: int | None = None) -> set[str]:
+        """The states (COMPLETE, PRUNED, ...) of the other trials of one configuration."""
+        return {t.state.name for t in self.cells.get_trials(deepcopy=False)
+                if t.user_attrs.get("config_id") == config_id and t._trial_id != exclude_trial}
 
     def config_pruned(self, config_id: str) -> bool:
         return any(t.state == TrialState.PRUNED and t.user_attrs.get("config_id") == config_id

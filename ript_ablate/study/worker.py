@@ -17,11 +17,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
 
+from ript_ablate.errors import is_infrastructure_error, readable_error
 from ript_ablate.progress import console
 from ript_ablate.study.cell import RESULT_FILE, RUN_FILE, write_json
 from ript_ablate.study.resources import Slot
@@ -30,6 +32,14 @@ from ript_ablate.study.spec import StudySpec, describe
 from ript_ablate.study.store import Claim, StudyStore
 
 POLL_S = 2.0  # how often an idle worker looks for work (a failed cell's retry, a dead worker's cell)
+INFRA_FIRST_WAIT_S = 5.0  # back-off after a store or server failure: 5 s, doubling, at most INFRA_MAX_WAIT_S
+INFRA_MAX_WAIT_S = 120.0
+MAX_INFRA_FAILURES = 20  # a cell whose attempts failed this often on the infrastructure fails for real
+STOP_GRACE_S = 10.0  # SIGTERM to a cell's process group, then SIGKILL after this long
+
+
+class CellInterrupted(Exception):
+    """The worker was asked to stop (SIGTERM or SIGINT) while a cell ran; the cell has been stopped."""
 
 
 @dataclass
@@ -62,37 +72,107 @@ class Heartbeat:
         self.thread.join(timeout=5)
 
 
+def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> int:
+    """SIGTERM to the process's whole group, SIGKILL after `grace` seconds; returns its exit code."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
 class Worker:
     def __init__(self, spec: StudySpec, store: StudyStore, slot: Slot, tracking_uri: str | None = None,
                  log=None):
+        from ript_ablate.tracking import resolve_tracking_uri
+
         self.spec = spec
         self.store = store
         self.slot = slot
-        self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or spec.tracking_uri
+        self.tracking_uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
         self.log = log or (lambda msg: console.print(f"worker {slot.index}: {msg}"))
         self.stopping = False
+        self.signal_name = ""
+        self.infra_streak = 0  # consecutive infrastructure failures: sets the back-off
 
     def run(self) -> int:
-        """Work until the study has nothing left; returns the number of cells this worker ran."""
+        """Work until the study has nothing left or a signal stops it; returns the number of cells this worker
+        ran. A store or server that fails is waited out with a growing back-off, never charged to a cell."""
         ran = 0
-        signal.signal(signal.SIGTERM, self._on_term)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self.stopping:
+                try:
+                    claim = self._next_claim()
+                except Exception as exc:
+                    if not is_infrastructure_error(exc):
+                        raise
+                    self._back_off(readable_error(exc))
+                    continue
+                if claim is None:
+                    break
+                outcome = self.run_cell(claim)
+                ran += 1
+                if outcome.attrs.get("status") == "infra":
+                    self._back_off(outcome.attrs.get("reason", "infrastructure failure"))
+                else:
+                    self.infra_streak = 0
+            self._persist(self.store.settle_configs)
+        except KeyboardInterrupt:
+            self.stopping = True
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return ran
+
+    def _next_claim(self) -> Claim | None:
+        """Recover dead workers' cells, settle finished configurations, then claim; None when nothing is left."""
         while not self.stopping:
             for trial, why in self.store.recover_stale():
                 self.log(f"recovered {trial.user_attrs.get('cell_id')} ({why})")
                 self._mark_lost(trial.number, why)
             self.store.settle_configs()
             claim = self.store.claim()
-            if claim is None:
-                if self.spec.mode == "optuna" and self.store.ask_config():
-                    continue
-                if self.store.done():
-                    break
-                time.sleep(POLL_S)
+            if claim is not None:
+                return claim
+            if self.spec.mode == "optuna" and self.store.ask_config():
                 continue
-            self.run_cell(claim)
-            ran += 1
-        self.store.settle_configs()
-        return ran
+            if self.store.done():
+                return None
+            time.sleep(POLL_S)
+        return None
+
+    def _back_off(self, reason: str) -> None:
+        wait = min(INFRA_MAX_WAIT_S, INFRA_FIRST_WAIT_S * 2 ** self.infra_streak)
+        self.infra_streak += 1
+        self.log(f"[yellow]infrastructure unavailable[/] ({reason}); waiting {wait:.0f}s before going on "
+                 "(not counted against any cell's retries)")
+        deadline = time.time() + wait
+        while not self.stopping and time.time() < deadline:
+            time.sleep(0.5)
+
+    def _persist(self, write: Callable[[], Any]) -> Any:
+        """A storage write that must not be lost (an outcome, a retry): retried with back-off while the storage
+        is unreachable, for as long as the worker is not asked to stop."""
+        while True:
+            try:
+                return write()
+            except Exception as exc:
+                if not is_infrastructure_error(exc) or self.stopping:
+                    raise
+                self._back_off(readable_error(exc))
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stopping:  # a second signal while stopping: let the clean-up finish
+            return
+        self.stopping = True
+        self.signal_name = signal.Signals(signum).name
+        raise KeyboardInterrupt
 
     def _mark_lost(self, trial_number: int, why: str) -> None:
         """The dead worker's cell run in MLflow (found by its trial number tag) is marked KILLED."""
@@ -105,10 +185,6 @@ class Worker:
             if run.info.status == "RUNNING" and run.data.tags.get("ript.trial_number") == str(trial_number):
                 mark_run(self.tracking_uri, run.info.run_id, "KILLED", {"ript.status": "lost", "ript.reason": why})
 
-    def _on_term(self, signum: int, frame: Any) -> None:
-        self.stopping = True
-        raise KeyboardInterrupt
-
     # --- one cell ---------------------------------------------------------------------------------------------
     def run_cell(self, claim: Claim) -> CellOutcome:
         started = time.time()
@@ -120,26 +196,48 @@ class Worker:
             self.store.finish(claim, outcome.state, None, outcome.attrs)
             return outcome
         self.log(f"start {label}")
+        interrupted = False
         with Heartbeat(self.store, claim.trial_id, self.spec.heartbeat_s):
-            outcome = self._execute(claim, values)
+            try:
+                outcome = self._execute(claim, values)
+            except CellInterrupted as exc:
+                interrupted = True
+                outcome = CellOutcome(TrialState.FAIL, None, {"status": "killed", "reason": str(exc)})
         outcome.attrs["wall_s"] = round(time.time() - started, 2)
         if "train_s" in outcome.attrs:
             outcome.attrs["overhead_s"] = round(outcome.attrs["wall_s"] - outcome.attrs["train_s"], 2)
-        final = outcome.state == TrialState.FAIL and self.store.is_last_attempt(claim.attrs)
+        # a cell stopped by the infrastructure or by the user runs again at the same attempt: not its own failure
+        again = (outcome.attrs.get("status") in ("infra", "killed")
+                 and int(claim.attrs.get("infra_failures", 0)) < MAX_INFRA_FAILURES)
+        final = outcome.state == TrialState.FAIL and not again and self.store.is_last_attempt(claim.attrs)
         outcome.attrs["final"] = final
-        if not self.store.finish(claim, outcome.state, outcome.value, outcome.attrs):
+        if not self._persist(lambda: self.store.finish(claim, outcome.state, outcome.value, outcome.attrs)):
             self.log(f"[yellow]lost the lease of {claim.cell_id}[/]: another worker declared this one dead; "
                      "its result is discarded (the retry counts)")
-            mark_run(self.tracking_uri, outcome.attrs.get("mlflow_run_id"), "KILLED",
-                            {"ript.status": "lease-lost"})
+            self._mark_run(outcome.attrs.get("mlflow_run_id"), "KILLED", {"ript.status": "lease-lost"})
             return outcome
         if outcome.state == TrialState.FAIL and not final:
-            self.store.enqueue_retry(claim.attrs, outcome.attrs.get("reason", ""))
+            reason = outcome.attrs.get("reason", "")
+            if again:
+                self._persist(lambda: self.store.enqueue_again(claim.attrs, reason))
+            else:
+                self._persist(lambda: self.store.enqueue_retry(claim.attrs, reason))
         value = f"{outcome.value:.3f}" if outcome.value is not None else "-"
         self.log(f"end {claim.cell_id}: {outcome.attrs.get('status')} objective {value} "
                  f"in {outcome.attrs['wall_s']:.0f}s" + (f" ({outcome.attrs.get('reason')})"
                                                          if outcome.state == TrialState.FAIL else ""))
+        if interrupted:
+            raise KeyboardInterrupt
         return outcome
+
+    def _mark_run(self, run_id: str | None, status: str, tags: dict[str, str]) -> None:
+        """Close a cell's MLflow run on its behalf; with the tracking store away, the next sweep closes it."""
+        try:
+            mark_run(self.tracking_uri, run_id, status, tags)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            self.log(f"[yellow]could not mark MLflow run {run_id} {status}[/] ({readable_error(exc)})")
 
     def job(self, claim: Claim, values: dict[str, Any]) -> dict[str, Any]:
         from ript_ablate.study.spec import SEED_KEY, with_values
@@ -152,13 +250,15 @@ class Worker:
                 "ript.trial_number": str(claim.number), "ript.worker": f"{self.store.host}:{os.getpid()}",
                 **{f"factor.{k}": str(v) for k, v in values.items()}}
         job: dict[str, Any] = {
-            "cell_id": claim.cell_id, "attempt": claim.attempt, "config": data, "threads": self.slot.threads,
+            "cell_id": claim.cell_id, "attempt": claim.attempt,
+            "infra_failures": int(claim.attrs.get("infra_failures", 0)), "config": data, "threads": self.slot.threads,
             "output_dir": str(self.spec.study_dir / "cells" / claim.cell_id), "parent_pid": os.getpid(),
             "objective": dict(self.spec.objective.__dict__), "tags": tags,
             "tracking": {"enabled": cfg.tracking.enabled, "uri": self.tracking_uri,
                          "experiment": self.spec.experiment_name, "parent_run_id": self.store.parent_run_id,
                          "run_name": claim.cell_id + (f"-a{claim.attempt}" if claim.attempt > 1 else "")},
         }
+        job["lease"] = {"storage": self.store.url, "trial_id": claim.trial_id}
         if self.spec.mode == "optuna" and self.spec.pruner != "none":
             job["pruning"] = {"spec": str(self.spec.path), "output_dir": str(self.spec.output_dir),
                               "storage": self.store.url, "trial_id": claim.trial_id}
@@ -167,34 +267,37 @@ class Worker:
     def _execute(self, claim: Claim, values: dict[str, Any]) -> CellOutcome:
         attempt_dir = self.spec.study_dir / "cells" / claim.cell_id / f"attempt-{claim.attempt}"
         attempt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (attempt_dir / RESULT_FILE, attempt_dir.parent / RUN_FILE):
+        for stale in (attempt_dir / RESULT_FILE, attempt_dir / RUN_FILE):
             stale.unlink(missing_ok=True)
-        job = self.job(claim, values)
+        job = {**self.job(claim, values), "attempt_dir": str(attempt_dir)}
         write_json(attempt_dir / "job.json", job)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.slot.threads), "MKL_NUM_THREADS": str(self.slot.threads)}
         with (attempt_dir / "output.log").open("w") as log:
+            # its own process group, so that stopping it stops its rollout processes too
             proc = subprocess.Popen([sys.executable, "-m", "ript_ablate.study.cell", str(attempt_dir / "job.json")],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env)
-            self.store.set_attrs(claim.trial_id, {"cell_pid": proc.pid, "log": str(attempt_dir / "output.log")})
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self._persist(lambda: self.store.set_attrs(claim.trial_id, {"cell_pid": proc.pid,
+                                                                        "log": str(attempt_dir / "output.log")}))
             try:
                 code = proc.wait(timeout=self.spec.timeout_s)
                 timed_out = False
             except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
+                code = stop_process_group(proc)
                 timed_out = True
-            except KeyboardInterrupt:  # this worker is asked to stop: stop the cell too, leave the lease to expire
-                proc.kill()
-                proc.wait()
-                raise
-        run_id = self._run_id(attempt_dir.parent)
+            except KeyboardInterrupt:  # this worker is asked to stop: stop the cell, mark its run killed
+                stop_process_group(proc)
+                why = f"stopped by {self.signal_name or 'a signal'} to the worker; resumes on the next `study run`"
+                self._mark_run(self._run_id(attempt_dir), "KILLED", {"ript.status": "killed",
+                                                                              "ript.reason": why})
+                raise CellInterrupted(why) from None
+        run_id = self._run_id(attempt_dir)
         result_path = attempt_dir / RESULT_FILE
         if timed_out or not result_path.is_file():
             why = (f"timeout after {self.spec.timeout_s:g}s" if timed_out
                    else f"cell process exited with code {code}" + (" (killed by a signal)" if code < 0 else "")
                    + f"; see {attempt_dir / 'output.log'}")
-            mark_run(self.tracking_uri, run_id, "KILLED" if code < 0 or timed_out else "FAILED",
-                            {"ript.status": "failed", "ript.reason": why})
+            self._mark_run(run_id, "KILLED" if code < 0 or timed_out else "FAILED",
+                           {"ript.status": "failed", "ript.reason": why})
             return CellOutcome(TrialState.FAIL, None, {"status": "timeout" if timed_out else "crashed",
                                                        "reason": why, "mlflow_run_id": run_id or ""})
         result = json.loads(result_path.read_text())
@@ -210,12 +313,15 @@ class Worker:
             return CellOutcome(TrialState.COMPLETE, float(result["value"]), attrs)
         if result["status"] == "pruned":
             return CellOutcome(TrialState.PRUNED, None, {**attrs, "reason": result.get("reason", "")})
+        if result["status"] == "infra":
+            self._mark_run(attrs["mlflow_run_id"], "FAILED", {"ript.status": "infrastructure",
+                                                              "ript.reason": result.get("reason", "")})
         return CellOutcome(TrialState.FAIL, None, {**attrs, "reason": result.get("reason", "unknown error")[:2000]})
 
     @staticmethod
-    def _run_id(cell_dir: Path) -> str | None:
+    def _run_id(attempt_dir: Path) -> str | None:
         try:
-            return json.loads((cell_dir / RUN_FILE).read_text()).get("mlflow_run_id")
+            return json.loads((attempt_dir / RUN_FILE).read_text()).get("mlflow_run_id")
         except (OSError, json.JSONDecodeError):
             return None
 
