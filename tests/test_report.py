@@ -101,6 +101,76 @@ def test_collapse_flagged_and_partial_study_lists_missing_cells(synthetic, tmp_p
 
 def test_report_of_an_unknown_study_is_a_clear_error(synthetic, tmp_path, capsys):
     path = tmp_path / "never.yaml"
-    path.write_text(yaml.safe_dump({"name": "never", "config": "base.yaml", "factors": {"algo.lr": [1e-4]}}))
+    path.write_text(yaml.safe_dump({"name": "never", "config": "base.yaml", "factors": {"algo.lr": [1e-4]},
+                                    "seeds": [0]}))
     assert main(["report", str(path)]) == 1
     assert "no runs of study 'never'" in capsys.readouterr().err
+
+
+def test_intervals_are_honest_for_few_seeds():
+    point, lo, hi, method = stats.seed_interval(np.array([[0.4], [0.6]]))
+    half = 12.7062 * np.std([0.4, 0.6], ddof=1) / np.sqrt(2)  # t(0.975, df 1) = 12.706
+    assert point == pytest.approx(0.5) and (lo, hi) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-3)
+    assert method == "t, 2 seeds" and lo < 0.4 - 0.5  # far wider than the two numbers' range
+    _, blo, bhi = stats.stratified_bootstrap_ci(np.array([[0.4], [0.6]]))
+    assert (blo, bhi) == pytest.approx((0.4, 0.6))  # what the bootstrap claimed: the range of two numbers
+    assert stats.seed_interval(np.array([[0.4]]))[3] == "1 seed: no interval"
+    assert np.isnan(stats.seed_interval(np.array([[0.4]]))[1])
+    assert stats.seed_interval(np.linspace(0.1, 0.5, 5)[:, None])[3] == "bootstrap, 5 seeds"
+
+
+def test_report_shows_base_final_and_gain_per_configuration(synthetic, tmp_path):
+    spec, spec_path = synthetic("gains", [0, 1], effect=planted, noise=0.0)
+    assert main(["report", str(spec_path), "--reports", str(tmp_path / "reports")]) == 0
+    report = (tmp_path / "reports" / "gains" / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| configuration | seeds | base"))
+    assert header.split("|")[3:6] == [" base ", " final ", " gain "]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in report.splitlines()
+            if line.startswith("| use_laplace_sampling=True, fix_scale_head=True |") and "t, 2 seeds" in line}
+    row = rows["use_laplace_sampling=True, fix_scale_head=True"]
+    # synthetic curves start at base - 0.1 = 0.30 and end at 0.4 + 0.2 = 0.60 with no noise: gain +30.0 exactly
+    assert row[3].strip() == "30.0" and row[4].strip().startswith("60.0") and row[5].strip().startswith("+30.0")
+    assert "Largest gain over the base" in report and "(2 seeds" in report
+    assert "prefer True (2 seeds)" in report
+
+
+def test_one_kl_spike_is_not_instability_but_a_persistent_one_is(synthetic, tmp_path):
+    one = {"algo.use_laplace_sampling": False, "algo.fix_scale_head": True}
+    two = {"algo.use_laplace_sampling": True, "algo.fix_scale_head": True}
+    spikes = {cell_id_for(config_id_for(one), 0): [7], cell_id_for(config_id_for(two), 0): [7, 8]}
+    spec, _ = synthetic("kl", [0, 1, 2], effect=planted, kl_spikes=spikes)
+    verdicts = analyse(collect(spec)).verdicts
+    isolated = verdicts["use_laplace_sampling=False, fix_scale_head=True"]
+    persistent = verdicts["use_laplace_sampling=True, fix_scale_head=True"]
+    assert isolated.startswith("stable") and "1 isolated approx-KL spike(s), no drawdown: not counted" in isolated
+    assert persistent.startswith("unstable") and "persistent approx-KL spikes (2 iterations in a row)" in persistent
+
+
+def test_pruned_cells_are_called_pruned_not_missing(synthetic, tmp_path):
+    cell = cell_id_for(config_id_for({"algo.use_laplace_sampling": False, "algo.fix_scale_head": False}), 1)
+    spec, spec_path = synthetic("pruning", [0, 1], effect=planted, pruned={cell})
+    data = collect(spec)
+    assert [p.split(" ")[0] for p in data.pruned] == [cell] and not data.missing
+    assert main(["report", str(spec_path), "--reports", str(tmp_path / "reports")]) == 0
+    report = (tmp_path / "reports" / "pruning" / "report.md").read_text()
+    assert "1 cell(s) **pruned**" in report and "missing" not in report
+
+
+def test_success_axes_never_span_less_than_a_quarter():
+    from ript_ablate.report.plots import MIN_SPAN, _zoom
+
+    got = []
+    _zoom(lambda lo, hi: got.append((lo, hi)), (0.50, 0.52))
+    lo, hi = got[0]
+    assert hi - lo >= MIN_SPAN and lo < 0.50 and hi > 0.52
+    got.clear()
+    _zoom(lambda lo, hi: got.append((lo, hi)), (0.95, 1.0))
+    assert got[0][1] <= 1.02 and got[0][1] - got[0][0] >= MIN_SPAN
+
+
+def test_factor_values_read_with_three_significant_digits():
+    from ript_ablate.study.spec import describe
+
+    assert describe({"algo.ppo_clip_high": 0.28316032453460394, "algo.use_laplace_sampling": True}) == \
+        "ppo_clip_high=0.283, use_laplace_sampling=True"
+    assert describe({"algo.header_lr": 1.2345e-05}) == "header_lr=1.23e-05"

@@ -22,6 +22,7 @@ class Thresholds:
     clip_spike: float = 0.5  # clip fraction above this
     grad_outlier_k: float = 5.0  # robust standard deviations above the median
     spread: float = 0.2  # seed-to-seed range of final success that counts as unstable
+    persistence: int = 2  # consecutive spike iterations that make a warning sign count on its own
 
 
 @dataclass
@@ -52,11 +53,14 @@ def run_table(data: StudyData, th: Thresholds) -> pd.DataFrame:
 
         tried, accepted = values("sampling/contexts_tried"), values("sampling/accepted_groups")
         log_b = values("scale/log_b_mean")
+        kl = stats.spike_mask(values("ppo/approx_kl"), th.kl_spike_factor, th.kl_spike_floor)
+        base = float(points[0][1]) if points and points[0][0] == 0 else float("nan")
+        final = reduce_points(points, "final")
         row = {**cell.to_dict(),
-               "final": reduce_points(points, "final"), "best": reduce_points(points, "best"),
+               "base": base, "final": final, "gain": final - base, "best": reduce_points(points, "best"),
                "auc": reduce_points(points, "auc"), "drawdown": stats.drawdown(curve.values),
                "collapsed": stats.collapsed(curve.values, th.collapse),
-               "kl_spikes": stats.spikes(values("ppo/approx_kl"), th.kl_spike_factor, th.kl_spike_floor),
+               "kl_spikes": int(kl.sum()), "kl_run": stats.longest_run(kl),
                "clip_spikes": int(np.sum(values("ppo/clip_fraction") > th.clip_spike)),
                "grad_outliers": stats.outliers(values("grad_norm/backbone"), th.grad_outlier_k),
                "nonfinite": float(np.nansum(values("health/nonfinite_events"))),
@@ -89,16 +93,25 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
     for config, group in runs.groupby("config", sort=False):
         m = score_matrix(group, data.tasks)
         matrices[config] = m
-        final, flo, fhi = stats.stratified_bootstrap_ci(m, stats.mean, reps)
-        best, blo, bhi = stats.stratified_bootstrap_ci(group[["best"]].to_numpy(float), stats.mean, reps)
+        final, flo, fhi, method = stats.seed_interval(m, reps)
+        best, blo, bhi, _ = stats.seed_interval(group[["best"]].to_numpy(float), reps)
         iqm_point, ilo, ihi = stats.stratified_bootstrap_ci(m, stats.iqm, min(reps, 1000))
-        auc, alo, ahi = stats.stratified_bootstrap_ci(group[["auc"]].to_numpy(float), stats.mean, reps)
-        rows.append({"config": config, "seeds": len(group), "final": final, "final_lo": flo, "final_hi": fhi,
+        if len(group) < stats.MIN_BOOTSTRAP_SEEDS:
+            ilo = ihi = float("nan")  # no honest interval for an IQM of so few seeds
+        auc, alo, ahi, _ = stats.seed_interval(group[["auc"]].to_numpy(float), reps)
+        gains = group["gain"].dropna().to_numpy(float)
+        gain = stats.paired_effect(str(config), gains, reps)
+        rows.append({"config": config, "seeds": len(group), "interval": method,
+                     "base": float(group["base"].mean()), "gain": gain.estimate, "gain_lo": gain.low,
+                     "gain_hi": gain.high, "gain_p": gain.p_value,
+                     "final": final, "final_lo": flo, "final_hi": fhi,
                      "best": best, "best_lo": blo, "best_hi": bhi, "iqm": iqm_point, "iqm_lo": ilo, "iqm_hi": ihi,
                      "auc": auc, "auc_lo": alo, "auc_hi": ahi,
                      "spread": float(group["final"].max() - group["final"].min()),
                      "collapse_rate": float(group["collapsed"].mean()), "max_drawdown": float(group["drawdown"].max()),
-                     "kl_spikes": int(group["kl_spikes"].sum()), "clip_spikes": int(group["clip_spikes"].sum()),
+                     "kl_spikes": int(group["kl_spikes"].sum()), "kl_run": int(group["kl_run"].max()),
+                     "kl_with_drawdown": int(((group["kl_spikes"] > 0) & (group["drawdown"] >= th.collapse)).sum()),
+                     "clip_spikes": int(group["clip_spikes"].sum()),
                      "grad_outliers": int(group["grad_outliers"].sum()), "nonfinite": float(group["nonfinite"].sum()),
                      "log_b_drift": float(group["log_b_drift"].mean()),
                      "tried_per_group": float(group["tried_per_group"].mean())})
@@ -108,8 +121,9 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
         [[stats.probability_of_improvement(matrices[a], matrices[b]) if a != b else np.nan for b in names]
          for a in names], index=names, columns=names)
     analysis = Analysis(configs, runs, improvement=improvement)
-    analysis.effects = factor_effects(runs, data, reps)
-    analysis.interactions = interactions(runs, data, reps)
+    if data.spec.mode == "grid":  # a search's configurations share no levels to pair on: importances instead
+        analysis.effects = factor_effects(runs, data, reps)
+        analysis.interactions = interactions(runs, data, reps)
     p_adj = stats.holm([e.p_value for e in analysis.effects]) if analysis.effects else []
     for effect, p in zip(analysis.effects, p_adj):
         effect.p_holm = p
@@ -166,21 +180,30 @@ def interactions(runs: pd.DataFrame, data: StudyData, reps: int) -> list[stats.E
 
 
 def verdict(row: pd.Series, th: Thresholds) -> str:
-    """One plain line: stable or not, and why."""
-    reasons = []
+    """One plain line: stable or not, and which rule fired. A warning sign (an approx-KL spike) counts only when
+    it persists over `th.persistence` consecutive iterations or comes with a consequence (a drawdown of at least
+    the collapse threshold in the same run): one noisy value does not make a run unstable."""
+    reasons, notes = [], []
     if row["nonfinite"] > 0:
         reasons.append(f"{row['nonfinite']:.0f} non-finite update(s)")
     if row["collapse_rate"] > 0:
-        reasons.append(f"{row['collapse_rate']:.0%} of seeds collapsed (largest drawdown {row['max_drawdown']:.2f})")
+        reasons.append(f"collapse: {row['collapse_rate']:.0%} of seeds collapsed (fell more than {th.collapse:.2f} "
+                       f"below their best and stayed; largest drawdown {row['max_drawdown']:.2f})")
     if row["spread"] > th.spread:
-        reasons.append(f"seeds disagree by {row['spread']:.2f} in final success")
+        reasons.append(f"spread: seeds disagree by {row['spread']:.2f} in final success (> {th.spread:.2f})")
     if row["kl_spikes"] > 0:
-        reasons.append(f"{row['kl_spikes']} approx-KL spike(s)")
+        if row["kl_run"] >= th.persistence:
+            reasons.append(f"persistent approx-KL spikes ({row['kl_run']} iterations in a row)")
+        elif row["kl_with_drawdown"] > 0:
+            reasons.append(f"approx-KL spike with a drawdown >= {th.collapse:.2f} in {row['kl_with_drawdown']} run(s)")
+        else:
+            notes.append(f"{row['kl_spikes']} isolated approx-KL spike(s), no drawdown: not counted")
     if row["grad_outliers"] > 0:
-        reasons.append(f"{row['grad_outliers']} gradient-norm outlier(s)")
+        notes.append(f"{row['grad_outliers']} gradient-norm outlier(s)")
+    if row["clip_spikes"]:
+        notes.append(f"clip fraction above {th.clip_spike} on {row['clip_spikes']} iteration(s)")
+    tail = ("; " + "; ".join(notes)) if notes else ""
     if not reasons:
-        extra = f"; clip fraction above {th.clip_spike} on {row['clip_spikes']} iteration(s)" if row["clip_spikes"] \
-            else ""
         return (f"stable: no collapse, seeds within {row['spread']:.2f}, largest drawdown {row['max_drawdown']:.2f}"
-                + extra)
-    return "unstable: " + "; ".join(reasons)
+                + tail)
+    return "unstable: " + "; ".join(reasons) + tail

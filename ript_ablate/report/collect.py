@@ -27,6 +27,7 @@ class StudyData:
     frame: pd.DataFrame  # long: cell_id, config_id, config, seed, factor columns, run_id, status, iteration, metric, value
     cells: pd.DataFrame  # one row per cell with a result: cell_id, config_id, config, seed, factors, run_id, status
     missing: list[str] = field(default_factory=list)  # cell ids (with their configuration) without a result
+    pruned: list[str] = field(default_factory=list)  # cell ids (with their configuration) stopped by the pruner
     failed_attempts: int = 0
     tasks: list[str] = field(default_factory=list)
 
@@ -56,9 +57,13 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
     parent = find_parent_run(spec, tracking_uri)
     runs = child_runs(tracking_uri, spec.experiment_name, parent) if parent else []
     chosen: dict[str, object] = {}
+    pruned_ids: set[str] = set()
     failed = 0
     for run in sorted(runs, key=lambda r: r.info.start_time):
         tags = run.data.tags
+        if tags.get("ript.status") == "pruned":
+            pruned_ids.add(tags["ript.cell_id"])
+            continue
         usable = run.info.status == "FINISHED" or tags.get("ript.status") == "diverged"
         if not usable:
             failed += 1
@@ -71,8 +76,10 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
         order = [f"factor.{k}" for k in spec.factors] or [f"factor.{p.key}" for p in spec.search_space]
         found = [k for k in tags if k.startswith("factor.")]
         factors = {k: _parse(tags[k]) for k in [*[o for o in order if o in tags], *sorted(set(found) - set(order))]}
-        info = {"cell_id": cell_id, "config_id": tags.get("ript.config_id", ""),
-                "config": describe({k[len("factor."):]: v for k, v in factors.items()}),
+        label = describe({k[len("factor."):]: v for k, v in factors.items()})
+        if spec.mode == "optuna":  # sampled values can round alike: the configuration id keeps them apart
+            label = f"{tags.get('ript.config_id', '')}: {label}"
+        info = {"cell_id": cell_id, "config_id": tags.get("ript.config_id", ""), "config": label,
                 "seed": int(tags.get("ript.seed", 0)), **factors, "run_id": run.info.run_id,
                 "status": tags.get("ript.status", "finished")}
         cell_rows.append(info)
@@ -86,8 +93,9 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
     if not cells.empty:
         cells = cells.sort_values(["config", "seed"]).reset_index(drop=True)
     want = expected if expected is not None else expected_cells(spec)
-    missing = [f"{cid} ({desc})" for cid, desc in want.items() if cid not in chosen]
-    return StudyData(spec, parent, frame, cells, missing, failed, sorted(tasks))
+    missing = [f"{cid} ({desc})" for cid, desc in want.items() if cid not in chosen and cid not in pruned_ids]
+    pruned = [f"{cid} ({want.get(cid, '?')})" for cid in sorted(pruned_ids) if cid not in chosen]
+    return StudyData(spec, parent, frame, cells, missing, pruned, failed, sorted(tasks))
 
 
 def _parse(text: str):

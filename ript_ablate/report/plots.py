@@ -25,11 +25,31 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+MIN_SPAN = 0.25  # a success axis never spans less: 2 points must not look like 20
+LINESTYLES = ["-", "--", "-.", ":"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
 def _zoom(setter, limits: tuple[float, float]) -> None:
-    """Success rates: zoom to the data (differences of a few points stay visible), padded, within [0, 1]."""
+    """Success rates: zoom to the data, but over at least MIN_SPAN and within [0, 1], so differences of a few
+    points stay visible without looking large."""
     lo, hi = limits
-    pad = max(0.05, 0.15 * (hi - lo))
+    if hi - lo < MIN_SPAN:
+        mid = (lo + hi) / 2
+        lo, hi = mid - MIN_SPAN / 2, mid + MIN_SPAN / 2
+        if lo < 0:
+            lo, hi = 0.0, MIN_SPAN
+        if hi > 1:
+            lo, hi = 1.0 - MIN_SPAN, 1.0
+    pad = 0.05 * (hi - lo)
     setter(max(-0.02, lo - pad), min(1.02, hi + pad))
+
+
+def _title(ax, text: str, width: int = 70, size: int = 10) -> None:
+    """A title wrapped to the figure instead of cut off at its edge."""
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(text, width)), fontsize=size)
 
 
 def _save(fig, path: Path) -> Path:
@@ -47,8 +67,11 @@ def learning_curves(data: StudyData, analysis: Analysis, path: Path, metric: str
         return None
     runs = analysis.runs.set_index("cell_id")
     order = list(analysis.configs["config"])
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    for color, config in zip(_colors(len(order)), order):
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    n = len(order)
+    dodge = 0.08 * (np.arange(n) - (n - 1) / 2) if n > 1 else np.zeros(1)  # overlapping lines stay visible
+    bases = []
+    for k, (color, config) in enumerate(zip(_colors(n), order)):
         cells = [c for c in runs.index[runs["config"] == config] if c in curves.index]
         block = curves.loc[cells].sort_index(axis=1)
         its = block.columns.to_numpy(int)
@@ -57,15 +80,20 @@ def learning_curves(data: StudyData, analysis: Analysis, path: Path, metric: str
         mean = np.array([s[0] for s in stats])
         lo = np.array([s[1] for s in stats])
         hi = np.array([s[2] for s in stats])
-        ax.plot(its, mean, marker="o", ms=3, color=color, label=f"{config} (n={len(cells)})")
+        if len(its) and its[0] == 0:
+            bases.append(mean[0])
+        ax.plot(its + dodge[k], mean, marker=MARKERS[k % len(MARKERS)], ms=4,
+                linestyle=LINESTYLES[k % len(LINESTYLES)], color=color, label=f"{config} (n={len(cells)})")
         if len(cells) > 1:
-            ax.fill_between(its, lo, hi, color=color, alpha=0.15, linewidth=0)
+            ax.fill_between(its + dodge[k], lo, hi, color=color, alpha=0.12, linewidth=0)
+    if bases:
+        ax.axhline(float(np.mean(bases)), color="black", lw=0.9, ls=":", label="base (iteration 0, mean)")
     ax.set_xlabel("RIPT iteration")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _zoom(ax.set_ylim, ax.get_ylim())
     ax.grid(alpha=0.3)
-    ax.set_title(f"Learning curves: mean over seeds, 95% bootstrap band ({metric})", fontsize=10)
+    _title(ax, f"Learning curves ({metric}): mean over seeds with a 95% band; dotted: the base before RIPT")
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     return _save(fig, path)
 
@@ -86,7 +114,7 @@ def forest(effects: list[Effect], path: Path, title: str) -> Path | None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(ys, [e.label for e in effects], fontsize=8)
     ax.set_xlabel("change in final success rate (treatment - baseline), paired")
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     lo = min(e.low for e in effects if np.isfinite(e.low)) if any(np.isfinite(e.low) for e in effects) else -0.1
     hi = max(e.high for e in effects if np.isfinite(e.high)) if any(np.isfinite(e.high) for e in effects) else 0.1
     span = max(hi - lo, 0.05)
@@ -107,15 +135,16 @@ def stability_panels(data: StudyData, analysis: Analysis, path: Path) -> Path | 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     for ax, (metric, label) in zip(axes.ravel(), panels):
         frame = frames[metric]
-        for color, config in zip(_colors(len(order)), order):
+        for k, (color, config) in enumerate(zip(_colors(len(order)), order)):
             cells = [c for c in runs.index[runs["config"] == config] if c in frame.index]
             if not cells:
                 continue
             block = frame.loc[cells].sort_index(axis=1)
-            ax.plot(block.columns.to_numpy(int), block.mean(axis=0).to_numpy(), color=color, label=config)
+            ax.plot(block.columns.to_numpy(int), block.mean(axis=0).to_numpy(), color=color, label=config,
+                    linestyle=LINESTYLES[k % len(LINESTYLES)], lw=1.6 - 0.2 * (k % 4))  # equal lines stay visible
             ax.fill_between(block.columns.to_numpy(int), block.min(axis=0).to_numpy(), block.max(axis=0).to_numpy(),
                             color=color, alpha=0.12, linewidth=0)
-        ax.set_title(f"{label} (mean, min-max over seeds)", fontsize=9)
+        _title(ax, f"{label} (mean, min-max over seeds)", width=45, size=9)
         ax.set_xlabel("RIPT iteration", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
@@ -133,21 +162,30 @@ def final_by_config(analysis: Analysis, path: Path) -> Path | None:
     configs = analysis.configs
     if configs.empty:
         return None
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(configs)))
+    fig, ax = plt.subplots(figsize=(8, 1.9 + 0.5 * len(configs)))
     ys = np.arange(len(configs))[::-1]
     for y, (_, row) in zip(ys, configs.iterrows()):
         ax.errorbar(row["final"], y, xerr=[[row["final"] - row["final_lo"]], [row["final_hi"] - row["final"]]]
-                    if np.isfinite(row["final_lo"]) else None, fmt="s", color="tab:blue", capsize=4)
+                    if np.isfinite(row["final_lo"]) else None, fmt="s", color="tab:blue", capsize=4,
+                    label="final: mean and 95% interval" if y == ys[0] else None)
+        if np.isfinite(row.get("base", np.nan)):
+            ax.scatter([row["base"]], [y + 0.18], marker="|", s=120, color="black", zorder=3,
+                       label="base (iteration 0)" if y == ys[0] else None)
         seeds = analysis.runs.loc[analysis.runs["config"] == row["config"], "final"]
-        ax.scatter(seeds, np.full(len(seeds), y) - 0.15, s=12, color="tab:orange", zorder=3,
+        ax.scatter(seeds, np.full(len(seeds), y) - 0.18, s=12, color="tab:orange", zorder=3,
                    label="one seed" if y == ys[0] else None)
     ax.set_yticks(ys, list(configs["config"]), fontsize=8)
+    ax.set_ylim(ys.min() - 0.6, ys.max() + 0.6)
     ax.set_xlabel("final evaluation success rate")
     _zoom(ax.set_xlim, ax.get_xlim())
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Final success: mean with 95% stratified-bootstrap interval, and each seed", fontsize=10)
-    return _save(fig, path)
+    _title(ax, "Final success per configuration: mean with its 95% interval, each seed, and the base before RIPT")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)  # below: never over a point
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def optuna_history(trials: pd.DataFrame, direction: str, path: Path) -> Path | None:
@@ -176,4 +214,34 @@ def importances(values: dict[str, float], path: Path) -> Path | None:
     ax.tick_params(axis="y", labelsize=8)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Parameter importances", fontsize=10)
+    return _save(fig, path)
+
+
+def objective_vs_params(done: pd.DataFrame, params: dict[str, str], metric: str, path: Path) -> Path | None:
+    """For a search: the objective of each completed configuration against each parameter (log axis for a
+    parameter sampled over decades), so continuous parameters are read as curves, not as paired levels."""
+    if done.empty or not params:
+        return None
+    n = len(params)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, (name, column) in zip(axes.ravel(), params.items()):
+        x = done[column]
+        if x.dtype == object or x.dtype == bool:
+            labels = [str(v) for v in x]
+            levels = sorted(set(labels))
+            ax.scatter([levels.index(v) for v in labels], done["value"], s=18, color="tab:blue")
+            ax.set_xticks(range(len(levels)), levels, fontsize=7)
+        else:
+            xs = x.astype(float)
+            ax.scatter(xs, done["value"], s=18, color="tab:blue")
+            if (xs > 0).all() and xs.max() / xs.min() > 20:
+                ax.set_xscale("log")
+        _title(ax, name.split(".", 1)[-1], width=40, size=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    axes[0, 0].set_ylabel(f"objective ({metric})", fontsize=8)
     return _save(fig, path)

@@ -9,20 +9,21 @@ from pathlib import Path
 import numpy as np
 
 from ript_ablate.progress import console
-from ript_ablate.report import plots
+from ript_ablate.report import plots, stats
 from ript_ablate.report.analysis import Analysis, Thresholds, analyse
 from ript_ablate.report.collect import StudyData, collect, expected_cells
-from ript_ablate.study.spec import StudySpec, describe
+from ript_ablate.study.spec import StudySpec, describe, format_value
 
 
 def _pct(x: float) -> str:
     return "-" if not np.isfinite(x) else f"{100 * x:.1f}"
 
 
-def _ci(point: float, lo: float, hi: float) -> str:
+def _ci(point: float, lo: float, hi: float, signed: bool = False) -> str:
+    fmt = (lambda x: "-" if not np.isfinite(x) else f"{100 * x:+.1f}") if signed else _pct
     if not np.isfinite(lo):
-        return f"{_pct(point)} (1 seed: no interval)"
-    return f"{_pct(point)} [{_pct(lo)}, {_pct(hi)}]"
+        return fmt(point)
+    return f"{fmt(point)} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -48,7 +49,7 @@ def optuna_section(spec: StudySpec, storage: str | None, out: Path) -> tuple[str
                 expected[f"{t.user_attrs['config_id']}-s{s}"] = describe(t.params)
     done = trials[trials["state"] == "COMPLETE"].sort_values("value", ascending=spec.objective.direction != "maximize")
     param_cols = [c for c in trials.columns if c.startswith("params_")]
-    rows = [[str(int(r["number"])), f"{r['value']:.3f}", *[str(r[c]) for c in param_cols]]
+    rows = [[str(int(r["number"])), f"{r['value']:.3f}", *[format_value(r[c]) for c in param_cols]]
             for _, r in done.head(5).iterrows()]
     text = ["### Best configurations (Optuna)", "",
             _table(["trial", f"objective ({spec.objective.aggregation} over seeds)",
@@ -71,6 +72,13 @@ def optuna_section(spec: StudySpec, storage: str | None, out: Path) -> tuple[str
             figures.append(path)
             text += ["", "Parameter importances (PED-ANOVA): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()), "", f"![importances]({path.name})"]
+    params = {c[len("params_"):]: c for c in param_cols}
+    scatter = plots.objective_vs_params(done, params, spec.objective.metric, out / "optuna_params.png")
+    if scatter:
+        figures.append(scatter)
+        text += ["", "Which parameters matter: a search's configurations share no levels to pair on, so instead of "
+                 "paired effects, the importances above and the objective against each parameter (one point per "
+                 "completed configuration):", "", f"![objective against each parameter]({scatter.name})"]
     n_pruned = int((trials["state"] == "PRUNED").sum())
     text += ["", f"{len(done)} configuration(s) complete, {n_pruned} pruned, "
              f"{int((trials['state'] == 'FAIL').sum())} failed."]
@@ -80,7 +88,11 @@ def optuna_section(spec: StudySpec, storage: str | None, out: Path) -> tuple[str
 def write_report(spec: StudySpec, out_root: Path = Path("reports"), storage: str | None = None,
                  tracking_uri: str | None = None, thresholds: Thresholds | None = None,
                  upload: bool = True) -> Path:
+    from ript_ablate.tracking import check_tracking_store, describe_tracking_uri, resolve_tracking_uri
+
     start = time.perf_counter()
+    tracking_uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
+    check_tracking_store(tracking_uri)
     th = thresholds or Thresholds()
     out = out_root / spec.name
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +104,8 @@ def write_report(spec: StudySpec, out_root: Path = Path("reports"), storage: str
         from ript_ablate.errors import RiptAblateError
 
         raise RiptAblateError(f"no runs of study {spec.name!r} in MLflow experiment {spec.experiment_name!r} "
-                              f"(tracking URI {tracking_uri or 'default'}); run `ript-ablate study run {spec.path}`")
+                              f"at {describe_tracking_uri(tracking_uri)}; run `ript-ablate study run {spec.path}` "
+                              "with the same tracking URI")
     data.frame.to_csv(out / "metrics.csv", index=False)
     analysis = analyse(data, th)
     figures = [f for f in (
@@ -129,17 +142,26 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
     if data.missing:
         lines += [f"**Partial study: {len(data.missing)} cell(s) missing** (no finished run yet); the statistics "
                   "below use what exists:", ""] + [f"- {m}" for m in data.missing] + [""]
+    if data.pruned:
+        lines += [f"{len(data.pruned)} cell(s) **pruned** by the study's pruner (stopped early as unpromising; left "
+                  "out of the comparison):", ""] + [f"- {m}" for m in data.pruned] + [""]
     if a.configs.empty:
         return "\n".join(lines + ["No finished runs to report yet."])
     lines += ["## Comparison", "",
-              "Success rates in %, with 95% stratified-bootstrap intervals (seeds resampled within each task; "
-              "rliable). Final: the last evaluation; best: the best evaluation of a run; IQM: interquartile mean of "
-              "seed x task final scores; AUC: the mean success over training (area under the learning curve "
-              "divided by its length).", "",
-              _table(["configuration", "seeds", "final", "best", "IQM", "AUC"],
-                     [[r["config"], str(r["seeds"]), _ci(r["final"], r["final_lo"], r["final_hi"]),
+              "Success rates in %. **Base** is the evaluation before the first update (iteration 0), **gain** the "
+              "final evaluation minus the base, paired per seed: a configuration that gains nothing is told apart "
+              "from one that hurts. Final: the last evaluation; best: the best evaluation of a run; IQM: "
+              "interquartile mean of seed x task final scores; AUC: the mean success over training. Intervals are "
+              "95% and honest for the seeds they rest on (column *interval*): none for one seed, a Student-t "
+              f"interval over seeds below {stats.MIN_BOOTSTRAP_SEEDS} seeds (a bootstrap of 2-4 seeds is little more "
+              "than their range), rliable's stratified bootstrap (seeds resampled within each task) from "
+              f"{stats.MIN_BOOTSTRAP_SEEDS} seeds on; the IQM gets no interval below that.", "",
+              _table(["configuration", "seeds", "base", "final", "gain", "best", "IQM", "AUC", "interval"],
+                     [[r["config"], str(r["seeds"]), _pct(r["base"]), _ci(r["final"], r["final_lo"], r["final_hi"]),
+                       _ci(r["gain"], r["gain_lo"], r["gain_hi"], signed=True),
                        _ci(r["best"], r["best_lo"], r["best_hi"]), _ci(r["iqm"], r["iqm_lo"], r["iqm_hi"]),
-                       _ci(r["auc"], r["auc_lo"], r["auc_hi"])] for _, r in a.configs.iterrows()]), "",
+                       _ci(r["auc"], r["auc_lo"], r["auc_hi"]), r["interval"]] for _, r in a.configs.iterrows()]),
+              "", _gain_sentence(a), "",
               "![learning curves](learning_curves.png)", "", "![final success](final_success.png)", ""]
     if a.effects:
         lines += ["## Which switches matter", "",
@@ -150,7 +172,8 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                   "interval excludes 0 and the corrected p < 0.05.", "",
                   _table(["factor", "effect (points)", "95% interval", "pairs", "p", "p (Holm)", "decision"],
                          [[e.label, f"{100 * e.estimate:+.1f}", f"[{100 * e.low:+.1f}, {100 * e.high:+.1f}]",
-                           str(e.n_pairs), f"{e.p_value:.3g}", f"{e.p_holm:.3g}", decision(e)]
+                           str(e.n_pairs), f"{e.p_value:.3g}", f"{e.p_holm:.3g}",
+                           f"{decision(e)} ({len(spec.seeds)} seeds)"]
                           for e in a.effects]), ""]
         if a.interactions:
             lines += ["Interactions (difference of differences, paired):", "",
@@ -167,7 +190,9 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
         lines += ["## Search", "", optuna_text, ""]
     lines += ["## Stability", "",
               f"Collapse: a run that falls more than {th.collapse:.2f} below its running best evaluation and ends "
-              f"there. KL spike: approx-KL above {th.kl_spike_factor:g}x its median (and {th.kl_spike_floor}). "
+              f"there. KL spike: approx-KL above {th.kl_spike_factor:g}x its median (and {th.kl_spike_floor}); it "
+              f"makes a configuration unstable only when it persists {th.persistence}+ iterations in a row or its run also "
+              f"has a drawdown of {th.collapse:.2f} or more (the verdict names the rule that fired). "
               f"Gradient outlier: backbone gradient norm more than {th.grad_outlier_k:g} robust SDs above its median. "
               "log b drift: last minus first mean log-scale. Sampling load: contexts tried per accepted group.", "",
               _table(["configuration", "verdict", "final spread", "collapse rate", "max drawdown", "KL spikes",
@@ -185,6 +210,22 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
               f"Tidy metrics: `metrics.csv` (one row per cell, iteration and metric). Report built in {seconds:.1f}s "
               f"at {time.strftime('%Y-%m-%d %H:%M')}.", ""]
     return "\n".join(lines)
+
+
+def _gain_sentence(a: Analysis) -> str:
+    """The headline a reader wants first: which configuration gained most over its starting point, and whether
+    the interval says it gained at all."""
+    best = a.configs.sort_values("gain", ascending=False).iloc[0]
+    if not np.isfinite(best["gain"]):
+        return "No configuration has an iteration-0 evaluation to measure a gain from."
+    if np.isfinite(best["gain_lo"]):
+        verdict = ("its interval excludes 0" if best["gain_lo"] > 0 or best["gain_hi"] < 0
+                   else "its interval includes 0: no gain shown")
+        interval = f" [{100 * best['gain_lo']:+.1f}, {100 * best['gain_hi']:+.1f}]"
+    else:
+        verdict, interval = "one seed: no interval", ""
+    return (f"Largest gain over the base: **{best['config']}**, {100 * best['gain']:+.1f} points{interval} "
+            f"({best['seeds']} seeds; {verdict}).")
 
 
 def decision(e) -> str:

@@ -49,6 +49,37 @@ def stratified_bootstrap_ci(matrix: np.ndarray, statistic: Statistic = mean, rep
     return point, float(lo), float(hi)
 
 
+MIN_BOOTSTRAP_SEEDS = 5  # below this a bootstrap over seeds is about the range of those few seeds: too narrow
+
+
+def seed_interval(matrix: np.ndarray, reps: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float, float, str]:
+    """(mean, low, high, method) of a configuration's score, honest for the number of seeds it rests on: none for
+    one seed; a Student-t interval over the seeds' scores (each the mean over tasks) below MIN_BOOTSTRAP_SEEDS;
+    rliable's stratified bootstrap from there on. With 2 seeds the percentile bootstrap is the range of the two
+    numbers, far narrower than the t interval (t = 12.7 at one degree of freedom)."""
+    m = np.asarray(matrix, dtype=float)
+    m = m[:, None] if m.ndim == 1 else m
+    n = m.shape[0]
+    point = float(m.mean())
+    if n < 2:
+        return point, float("nan"), float("nan"), "1 seed: no interval"
+    if n < MIN_BOOTSTRAP_SEEDS:
+        lo, hi = t_interval(m.mean(axis=1), level)
+        return point, lo, hi, f"t, {n} seeds"
+    _, lo, hi = stratified_bootstrap_ci(m, mean, reps, level, seed)
+    return point, lo, hi, f"bootstrap, {n} seeds"
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of `values` (nan for fewer than 2)."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(1 - (1 - level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean() - half), float(v.mean() + half)
+
+
 def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
     """P(X > Y) + P(X = Y)/2 per task (Mann-Whitney), averaged over tasks; x, y are runs x tasks."""
     x, y = np.atleast_2d(np.asarray(x, float).T).T, np.atleast_2d(np.asarray(y, float).T).T
@@ -120,8 +151,7 @@ def paired_effect(label: str, diffs: np.ndarray, reps: int = 5000, level: float 
     if len(d) < 2:
         lo, hi = np.nan, np.nan
     elif len(d) < MIN_BOOTSTRAP_PAIRS:
-        half = stats.t.ppf(1 - (1 - level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-        lo, hi = d.mean() - half, d.mean() + half
+        lo, hi = t_interval(d, level)
     else:
         rng = np.random.default_rng(seed)
         boots = d[rng.integers(0, len(d), size=(reps, len(d)))].mean(axis=1)
@@ -168,14 +198,27 @@ def collapsed(values: np.ndarray, threshold: float) -> bool:
     return bool(len(v) > 1 and np.max(v) - v[-1] > threshold)
 
 
+def spike_mask(values: np.ndarray, factor: float = 5.0, floor: float = 0.0) -> np.ndarray:
+    """Per iteration: does a positive quantity exceed `factor` x its median (and `floor`)?"""
+    v = np.asarray(values, float)
+    finite = v[np.isfinite(v)]
+    if len(finite) < 3:
+        return np.zeros(len(v), dtype=bool)
+    return np.isfinite(v) & (v > max(factor * float(np.median(finite)), floor))
+
+
 def spikes(values: np.ndarray, factor: float = 5.0, floor: float = 0.0) -> int:
     """Iterations where a positive quantity exceeds `factor` x its median (and `floor`)."""
-    v = np.asarray(values, float)
-    v = v[np.isfinite(v)]
-    if len(v) < 3:
-        return 0
-    med = float(np.median(v))
-    return int(np.sum(v > max(factor * med, floor)))
+    return int(spike_mask(values, factor, floor).sum())
+
+
+def longest_run(mask: np.ndarray) -> int:
+    """The longest stretch of consecutive True values (persistence of a warning sign)."""
+    best = current = 0
+    for flag in np.asarray(mask, bool):
+        current = current + 1 if flag else 0
+        best = max(best, current)
+    return best
 
 
 def outliers(values: np.ndarray, k: float = 5.0) -> int:

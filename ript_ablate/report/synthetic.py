@@ -17,8 +17,10 @@ EffectFn = Callable[[dict], float]
 
 def log_synthetic_study(spec: StudySpec, effect: EffectFn, tracking_uri: str | None = None, base: float = 0.4,
                         noise: float = 0.05, n_iterations: int = 15, eval_interval: int = 5,
-                        collapse: set[str] | None = None, skip: set[str] | None = None, seed: int = 0) -> str:
-    """Log one FINISHED child run per grid cell (except `skip`); cells in `collapse` rise then fall to 0.05."""
+                        collapse: set[str] | None = None, skip: set[str] | None = None, seed: int = 0,
+                        kl_spikes: dict[str, list[int]] | None = None, pruned: set[str] | None = None) -> str:
+    """Log one FINISHED child run per grid cell (except `skip`); cells in `collapse` rise then fall to 0.05; cells
+    in `kl_spikes` get an approx-KL of 0.5 at the listed iterations; cells in `pruned` end KILLED as pruned."""
     rng = np.random.default_rng(seed)
     from mlflow.entities import Metric
 
@@ -52,7 +54,8 @@ def log_synthetic_study(spec: StudySpec, effect: EffectFn, tracking_uri: str | N
                         metrics.append(Metric(f"eval/success_rate/{task}", float(np.clip(value + offset, 0, 1)),
                                               now, it))
                 if it > 0:
-                    metrics += [Metric("ppo/approx_kl", float(abs(rng.normal(0.01, 0.002))), now, it),
+                    kl = 0.5 if kl_spikes and it in kl_spikes.get(cell, []) else float(abs(rng.normal(0.01, 0.002)))
+                    metrics += [Metric("ppo/approx_kl", kl, now, it),
                                 Metric("ppo/clip_fraction", float(abs(rng.normal(0.2, 0.02))), now, it),
                                 Metric("grad_norm/backbone", float(abs(rng.normal(1.0, 0.1))), now, it),
                                 Metric("health/nonfinite_events", 0.0, now, it),
@@ -61,5 +64,9 @@ def log_synthetic_study(spec: StudySpec, effect: EffectFn, tracking_uri: str | N
                                 Metric("sampling/accepted_groups", 8.0, now, it)]
             for i in range(0, len(metrics), 1000):
                 mlflow.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
-            mlflow.set_terminated(run.info.run_id, "FINISHED")
+            if pruned and cell in pruned:
+                mlflow.set_tag(run.info.run_id, "ript.status", "pruned")
+                mlflow.set_terminated(run.info.run_id, "KILLED")
+            else:
+                mlflow.set_terminated(run.info.run_id, "FINISHED")
     return parent
