@@ -87,7 +87,7 @@ class SFTConfig:
 
 @dataclass
 class AlgoConfig:
-    # --- RIPT switches (original names, defaults and meaning; see RIPT_SPEC.md) ---
+    # --- RIPT switches (original names, defaults and meaning; README "Fidelity to the original RIPT") ---
     rloo_batch_size: int = _f(8, "K: rollouts per context and RLOO group size (>= 2).")
     gradient_accumulation_steps: int = _f(4, "Trajectories averaged per optimizer step.")
     num_ppo_epochs: int = _f(1, "Passes over the iteration's trajectories (reshuffled each pass).")
@@ -186,9 +186,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}.get(
-        tp, str(tp)
-    )
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any) -> Any:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# soft_wrap: a long message stays one line (a terminal wraps it whole) instead of being cut into fragments at
+# 80 columns, which is also the width rich assumes when the output is a file or a pipe.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def progress() -> Progress:

@@ -172,10 +172,18 @@ def _get_base_locked(cfg: Config, suite: Any, pool: Any, out: Path, retrain: boo
 
     start = time.perf_counter()
     with progress() as bar:
-        total = len(suite.tasks) * cfg.suite.demos_per_task
+        want = cfg.suite.demos_per_task
+        total = len(suite.tasks) * want
         task = bar.add_task("expert demonstrations", total=total, status="")
-        demos = suite.demonstrations(pool, cfg.sft.cache_dir,
-                                     on_batch=lambda eps: bar.advance(task, sum(e.success for e in eps)))
+        kept: dict[str, int] = {}
+
+        def count(episodes: list) -> None:  # successes beyond a task's quota are not kept: not counted either
+            for ep in episodes:
+                if ep.success and kept.get(ep.task, 0) < want:
+                    kept[ep.task] = kept.get(ep.task, 0) + 1
+                    bar.advance(task, 1)
+
+        demos = suite.demonstrations(pool, cfg.sft.cache_dir, on_batch=count)
     demo_seconds = time.perf_counter() - start
     data = build_bc_data(demos, suite.tasks, {t: suite.instruction(t) for t in suite.tasks}, cfg.policy)
     device = resolve_device(cfg.training.device)
