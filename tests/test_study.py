@@ -491,3 +491,17 @@ def test_prune_decision_keeps_final_results_and_one_state_per_configuration():
     assert prune_decision(FakeTrial(True), FakeStore({"COMPLETE"}), "cfg", 1, 2) is None  # a sibling finished
     assert "another seed was pruned" in prune_decision(FakeTrial(False), FakeStore({"PRUNED"}), "cfg", 1, 2)
     assert prune_decision(FakeTrial(False), FakeStore({"RUNNING"}), "cfg", 1, 2) is None
+
+
+def test_median_pruner_waits_for_whole_configurations_and_early_iterations(study_env):
+    config = yaml.safe_load((study_env / "tiny.yaml").read_text())
+    config["training"].update(n_iterations=9)
+    (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
+    path = write_spec(study_env, mode="optuna", sampler="random", n_configs=4, seeds=[0, 1, 2], pruner="median",
+                      search_space={"algo.ppo_clip_high": {"type": "float", "low": 0.1, "high": 0.4}})
+    text = yaml.safe_load(path.read_text())
+    del text["factors"]
+    path.write_text(yaml.safe_dump(text))
+    pruner = StudyStore(load_study(path), str(study_env / "j.journal"))._pruner()
+    assert pruner._n_startup_trials == 3 * 3  # three whole configurations of 3 seeds before any comparison
+    assert pruner._n_warmup_steps == 3  # not within the first third of a 9-iteration run

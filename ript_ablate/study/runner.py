@@ -47,24 +47,36 @@ def summary_counts(records: list[CellRecord], spec: StudySpec) -> dict[str, int]
     return counts
 
 
-def status_table(records: list[CellRecord], spec: StudySpec) -> Table:
-    """Every cell, one row each, readable at 80 columns: ids never break, long reasons end in an ellipsis."""
-    table = Table(title=f"study {spec.name} ({spec.mode}, objective {spec.objective.reduction} "
-                        f"{spec.objective.metric})", title_justify="left", pad_edge=False, box=None)
-    table.add_column("cell", no_wrap=True)
-    table.add_column("configuration", overflow="fold", ratio=2)
-    table.add_column("seed", no_wrap=True, justify="right")
-    table.add_column("state", no_wrap=True)
-    table.add_column("objective", no_wrap=True, justify="right")
-    table.add_column("tries", no_wrap=True, justify="right")
-    table.add_column("reason", overflow="ellipsis", no_wrap=True, ratio=1, min_width=10)
+def status_table(records: list[CellRecord], spec: StudySpec, width: int | None = None):
+    """Every cell, one row each, readable at `width` columns (80 included): ids never break, one factor value per
+    line; failure reasons fill the width that is left, or follow the table as lines when none is left."""
+    from rich.console import Group
+    from rich.text import Text
+
     style = {"done": "green", "failed": "red", "running": "cyan", "pruned": "yellow", "retrying": "magenta"}
+    rows = []
     for rec in records:
         value = f"{rec.value:.3f}" if rec.value is not None else "-"
-        state = rec.state if rec.status in ("", "finished") or rec.state == "running" else f"{rec.state} ({rec.status})"
-        table.add_row(rec.cell_id, describe(rec.values), str(rec.seed),
-                      f"[{style.get(rec.state, 'white')}]{state}[/]", value, str(rec.attempts), rec.reason[:160])
-    return table
+        config = "\n".join(describe({k: v}) for k, v in rec.values.items()) or "base"
+        rows.append((rec.cell_id, config, str(rec.seed), rec.state, value, str(rec.attempts), rec.reason[:160]))
+    natural = [max([len(h), *(max(len(part) for part in row[i].split("\n")) for row in rows)])
+               for i, h in enumerate(("cell", "configuration", "seed", "state", "objective", "tries"))]
+    room = (width or 10_000) - sum(natural) - 2 * len(natural) - 2
+    inline = room >= 16 or not any(row[6] for row in rows)
+    table = Table(title=f"study {spec.name} ({spec.mode}, objective {spec.objective.reduction} "
+                        f"{spec.objective.metric})", title_justify="left", pad_edge=False, box=None)
+    for header, justify in (("cell", "left"), ("configuration", "left"), ("seed", "right"), ("state", "left"),
+                            ("objective", "right"), ("tries", "right")):
+        table.add_column(header, no_wrap=True, justify=justify)  # type: ignore[arg-type]
+    if inline:
+        table.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=max(room, 16))
+    for cell, config, seed, state, value, tries, reason in rows:
+        cells = [cell, config, seed, f"[{style.get(state, 'white')}]{state}[/]", value, tries]
+        table.add_row(*cells, *([reason] if inline else []))
+    if inline:
+        return table
+    notes = [Text(f"{row[0]}: {row[6]}", overflow="fold") for row in rows if row[6]]
+    return Group(table, Text("reasons:"), *notes)
 
 
 def progress_line(counts: dict[str, int], eta_s: float | None, started: float) -> str:
@@ -251,7 +263,7 @@ def finalize(spec: StudySpec, store: StudyStore, tracking_uri: str | None) -> in
                 raise
             console.print(f"[yellow]warning:[/] could not close runs left open ({readable_error(exc)}); run "
                           "`study run` again once the tracking store is back")
-    console.print(status_table(records, spec))
+    console.print(status_table(records, spec, console.width))
     ended = counts["done"] + counts["failed"] + counts["pruned"]
     if ended < counts["total"]:
         console.print(f"{counts['total'] - ended} cell(s) not ended; run `ript-ablate study run {spec.path}` again "
@@ -332,6 +344,6 @@ def show_status(spec: StudySpec, storage: str | None) -> int:
     records = store.records()
     counts = summary_counts(records, spec)
     out = Console(width=max(120, console.width))  # the table is this command's output: stdout
-    out.print(status_table(records, spec))
+    out.print(status_table(records, spec, out.width))
     out.print(progress_line(counts, eta_seconds(records, counts, 1), time.time()).split(" | ")[0])
     return 0
