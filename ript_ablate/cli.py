@@ -14,7 +14,7 @@ from collections.abc import Callable
 from rich.text import Text
 
 from ript_ablate.config import Config, load_config, to_yaml
-from ript_ablate.errors import RiptAblateError
+from ript_ablate.errors import ConfigError, RiptAblateError
 from ript_ablate.progress import console
 
 EXIT_DIVERGED = 3  # a run that ended "diverged" (non-finite updates): a result, distinct from an error
@@ -65,6 +65,9 @@ def is_study_spec(path: str) -> bool:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     if is_study_spec(args.config):
+        if args.set:
+            raise ConfigError([f"--set {args.set[0]!r}: --set overrides a config; a study spec takes its overrides "
+                               "in its own `set:` list"], args.config)
         from ript_ablate.study.spec import describe, load_study
 
         spec = load_study(args.config)
@@ -260,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
         return 130
+    except OSError as exc:  # a path that cannot be read or written (a file where a directory is expected, ...)
+        if os.environ.get("RIPT_ABLATE_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        console.print(Text("error: ", style="red") + Text(f"{exc.strerror or exc}{where} (set RIPT_ABLATE_DEBUG=1 "
+                                                          "for the traceback)"), soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -113,3 +113,15 @@ def test_config_where_a_spec_is_expected_and_back(tmp_path, tiny_yaml, capsys):
     spec = spec_file(tmp_path, tiny_yaml)
     code, out = run_cli(["train", spec, "--no-track"], capsys)
     assert code == 1 and "this is a study spec" in out and "study run" in out
+
+
+def test_unwritable_output_paths_are_one_line(tmp_path, tiny_yaml, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code, out = run_cli(["train", str(tiny_yaml), "--no-track", "--output", str(a_file / "run")], capsys)
+    assert code == 1 and "Not a directory" in out and str(a_file) in out and "Traceback" not in out
+
+
+def test_set_on_a_study_spec_is_refused(tmp_path, tiny_yaml, capsys):
+    code, out = run_cli(["validate", spec_file(tmp_path, tiny_yaml), "--set", "algo.lr=1e-3"], capsys)
+    assert code == 1 and "a study spec takes its overrides in its own `set:` list" in out
