@@ -62,7 +62,7 @@ def status_table(records: list[CellRecord], spec: StudySpec, width: int | None =
     natural = [max([len(h), *(max(len(part) for part in row[i].split("\n")) for row in rows)])
                for i, h in enumerate(("cell", "configuration", "seed", "state", "objective", "tries"))]
     room = (width or 10_000) - sum(natural) - 2 * len(natural) - 2
-    inline = room >= 16 or not any(row[6] for row in rows)
+    inline = room >= 16  # else reasons (if any) follow the table
     table = Table(title=f"study {spec.name} ({spec.mode}, objective {spec.objective.reduction} "
                         f"{spec.objective.metric})", title_justify="left", pad_edge=False, box=None)
     for header, justify in (("cell", "left"), ("configuration", "left"), ("seed", "right"), ("state", "left"),
@@ -73,9 +73,9 @@ def status_table(records: list[CellRecord], spec: StudySpec, width: int | None =
     for cell, config, seed, state, value, tries, reason in rows:
         cells = [cell, config, seed, f"[{style.get(state, 'white')}]{state}[/]", value, tries]
         table.add_row(*cells, *([reason] if inline else []))
-    if inline:
-        return table
     notes = [Text(f"{row[0]}: {row[6]}", overflow="fold") for row in rows if row[6]]
+    if inline or not notes:
+        return table
     return Group(table, Text("reasons:"), *notes)
 
 
