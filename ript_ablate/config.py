@@ -141,6 +141,7 @@ class TrainingConfig:
     save_interval: int = _f(5, "Checkpoint every N iterations (and at the end).")
     output_dir: str = _f("runs", "Where run outputs (checkpoints, resolved config) go.")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N. CUDA trains with bf16 autocast.")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (also on CPU) | fp32.")
     max_nonfinite: int = _f(3, "Consecutive non-finite updates tolerated before the run ends 'diverged'.")
 
 
@@ -532,6 +533,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, t.max_nonfinite >= 0, "training.max_nonfinite", t.max_nonfinite, ">= 0")
     _check(p, t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
            t.device, "auto, cpu, cuda or cuda:N")
+    _check(p, t.precision in ("auto", "bf16", "fp32"), "training.precision", t.precision, "auto, bf16 or fp32")
     if not [q for q in p if q.startswith("suite.tasks")]:
         from ript_ablate.suites import task_problems  # late import: suites import this module
 

@@ -65,6 +65,8 @@ def sft_key(cfg: Config, demo_key: str) -> str:
     sft = asdict(cfg.sft)
     sft.pop("cache_dir")
     spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, "policy": asdict(cfg.policy), "sft": sft}
+    if cfg.training.precision != "auto":  # keeps the keys of existing bases (auto) unchanged
+        spec["precision"] = cfg.training.precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,7 +90,7 @@ def train_bc(policy: ReferencePolicy, data: BCData, cfg: Config, device: torch.d
         task = bar.add_task("behaviour cloning", total=sft.steps, status="")
         for step in range(sft.steps):
             b = index[step].to(device)
-            with autocast(device):
+            with autocast(device, cfg.training.precision):
                 mu, _ = policy(data.obs[b], data.instr[b])
             err = (mu.float() - data.target[b]).abs().mean(-1)
             loss = (err * data.mask[b]).sum() / data.mask[b].sum()
@@ -116,7 +118,7 @@ def fit_scale_head(policy: ReferencePolicy, data: BCData, cfg: Config, device: t
         task = bar.add_task("scale head (Laplace NLL)", total=sft.scale_steps, status="")
         for step in range(sft.scale_steps):
             b = index[step].to(device)
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, cfg.training.precision):
                 hidden = policy.backbone((data.obs[b] - policy.obs_mean) / policy.obs_std, data.instr[b])
                 mu = policy.action_head(hidden)
             log_b = policy.scale_head(hidden.float())

@@ -103,7 +103,7 @@ class Trainer:
         with RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker, algo.max_episode_length) as pool:
             policy, base, meta = load_start_policy(cfg, suite, pool)
             policy.to(self.device)
-            updater = PPOUpdater(policy, algo, self.device)
+            updater = PPOUpdater(policy, algo, self.device, cfg.training.precision)
             start_iteration = int(meta.get("iteration", 0))
             if algo.lora_adaptor_ckpt:
                 opt_file = Path(algo.lora_adaptor_ckpt) / checkpoints.OPTIMIZER_FILE

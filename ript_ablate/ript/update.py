@@ -62,9 +62,11 @@ def active_clips(ratio: torch.Tensor, advantage: torch.Tensor | float, clip_low:
 
 
 def policy_log_prob(policy: ReferencePolicy, obs: torch.Tensor, instr: torch.Tensor, actions: torch.Tensor,
-                    algo: AlgoConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp per `log_prob_mode`, log_b) of `actions` under the current policy."""
-    with autocast(device):
+                    algo: AlgoConfig, device: torch.device,
+                    precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp per `log_prob_mode`, log_b) of `actions` under the current policy; the forward pass under the run's
+    precision, the log-prob and the loss always in fp32."""
+    with autocast(device, precision):
         mu, log_b = policy(obs, instr)
     logp = log_prob(actions, mu.float(), log_b.float(), laplace=algo.use_laplace_sampling, mode=algo.log_prob_mode,
                     log_scale_clip=algo.log_scale_clip, scale_factor=algo.scale_factor,
@@ -93,8 +95,8 @@ def parameter_groups(policy: ReferencePolicy, algo: AlgoConfig) -> tuple[list[nn
 
 
 class PPOUpdater:
-    def __init__(self, policy: ReferencePolicy, algo: AlgoConfig, device: torch.device):
-        self.policy, self.algo, self.device = policy, algo, device
+    def __init__(self, policy: ReferencePolicy, algo: AlgoConfig, device: torch.device, precision: str = "auto"):
+        self.policy, self.algo, self.device, self.precision = policy, algo, device, precision
         self.backbone_params, self.head_params = parameter_groups(policy, algo)
         groups = [{"params": self.backbone_params, "lr": algo.lr, "name": "backbone"},
                   {"params": self.head_params, "lr": algo.header_lr, "name": "header"}]
@@ -126,7 +128,7 @@ class PPOUpdater:
         for s in range(0, obs.shape[0], size):
             m = mask[s:s + size]
             logp, log_b = policy_log_prob(self.policy, obs[s:s + size], instr[s:s + size], actions[s:s + size],
-                                          algo, self.device)
+                                          algo, self.device, self.precision)
             log_ratio = logp - old_logp[s:s + size]
             ratio = torch.exp(log_ratio)
             adv = row_adv[s:s + size].view(-1, *tail)
