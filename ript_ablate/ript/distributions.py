@@ -5,7 +5,8 @@ Per element (chunk step h, action dim d) with b = exp(log_b):
     Gaussian  -log_b - (a - mu)^2 / (2 b^2) - log(2 pi) / 2
 Original behaviour (`exact=False`): log_b is clamped to `log_scale_clip` (no gradient where the clamp is
 active; `None`, the original base config's null, means no clamp) and `scale_factor` is left out, although
-sampling used b * scale_factor unclamped: the ratio's density is not the behaviour density. `exact=True` uses the sampling density itself (scale_factor in, no clamp).
+sampling used b * scale_factor unclamped: the ratio's density is not the behaviour density. `exact=True` uses
+the sampling density itself (scale_factor in, no clamp).
 The noise family follows the sampling switch (Laplace, or this project's Gaussian ablation).
 
 Reduction over action dims (`log_prob_mode`):
