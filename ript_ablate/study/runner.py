@@ -215,6 +215,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def interrupt(spec: StudySpec, store: StudyStore, tracking_uri: str | None, procs: list[subprocess.Popen]) -> int:
     """Stop every worker (each stops its cell's process group and records the cell killed, to run again), close
     the parent run KILLED, and say so in one line."""
+    started = time.time()
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -229,7 +230,7 @@ def interrupt(spec: StudySpec, store: StudyStore, tracking_uri: str | None, proc
     try:
         records = store.records()
         killed = sum(1 for r in records for t in r.trials if t.user_attrs.get("status") == "killed"
-                     and t.datetime_complete is not None and t.datetime_complete.timestamp() > time.time() - 3600)
+                     and t.datetime_complete is not None and t.datetime_complete.timestamp() >= started - 5)
         _close_parent(spec, store, tracking_uri, "KILLED", {"ript.status": "interrupted"})
     except Exception as exc:  # the store is away too: the next `study run` cleans up
         console.print(f"[yellow]warning:[/] could not record the interruption ({readable_error(exc)})")
