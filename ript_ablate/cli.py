@@ -56,11 +56,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def is_study_spec(path: str) -> bool:
-    """A study spec names a base `config`; a config has sections (suite, algo, ...)."""
-    from ript_ablate.config import load_yaml
+    from ript_ablate.config import load_yaml, looks_like_study_spec
 
-    data = load_yaml(path)
-    return isinstance(data, dict) and "config" in data and not {"suite", "algo", "policy"} & set(data)
+    return looks_like_study_spec(load_yaml(path))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from ript_ablate.errors import ConfigError
 
 LOG_PROB_MODES = ("sum_on_action_dim", "avg_on_action_dim", "ratio_on_action_dim")
 LORA_INITS = ("gaussian", "kaiming_uniform")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 # Keys present in original RIPT configs that the original code never reads: accepted, with a warning.
 ORIGINAL_UNUSED_ALGO_KEYS = (
@@ -389,10 +390,15 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 STUDY_SPEC_KEYS = {"config", "mode", "factors", "search_space", "seeds", "objective"}
 
 
+def looks_like_study_spec(data: Any) -> bool:
+    """A study spec names a base `config` and has none of a config's sections."""
+    return isinstance(data, dict) and "config" in data and not set(SECTIONS) & set(data)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML config, apply `--set` overrides, validate; raises ConfigError with every problem."""
     data = load_yaml(path, "config")
-    if isinstance(data, dict) and "config" in data and not set(SECTIONS) & set(data):
+    if looks_like_study_spec(data):
         raise ConfigError([f"this is a study spec (it has {', '.join(sorted(STUDY_SPEC_KEYS & set(data)))}), not a "
                            f"config: run it with `ript-ablate study run {path}`; a config has the sections "
                            f"{', '.join(SECTIONS)}"], str(path))
@@ -533,7 +539,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, t.max_nonfinite >= 0, "training.max_nonfinite", t.max_nonfinite, ">= 0")
     _check(p, t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
            t.device, "auto, cpu, cuda or cuda:N")
-    _check(p, t.precision in ("auto", "bf16", "fp32"), "training.precision", t.precision, "auto, bf16 or fp32")
+    _check(p, t.precision in PRECISIONS, "training.precision", t.precision, "one of " + ", ".join(PRECISIONS))
     if not [q for q in p if q.startswith("suite.tasks")]:
         from ript_ablate.suites import task_problems  # late import: suites import this module
 

@@ -18,9 +18,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
 def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
     """`auto`: bf16 autocast on CUDA, fp32 on CPU (where fp32 keeps runs bit-reproducible and bf16 is slow)."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")

@@ -26,16 +26,12 @@ class TrackingUnavailable(RiptAblateError):
     """The MLflow tracking store cannot be reached (a server down, a wrong host or port, a missing directory)."""
 
 
-class StorageUnavailable(RiptAblateError):
-    """The study's storage (PostgreSQL or the journal file) cannot be reached."""
-
-
 # Exceptions that say "the infrastructure is away", not "this cell is broken": matched by class name along the
 # exception's chain, so this module imports neither MLflow, requests nor SQLAlchemy.
 _INFRA_CLASS_NAMES = {"ConnectionError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
                       "TimeoutError", "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NewConnectionError",
                       "OperationalError", "InterfaceError", "DisconnectionError", "TrackingUnavailable",
-                      "StorageUnavailable", "RemoteDisconnected", "BrokenPipeError"}
+                      "RemoteDisconnected", "BrokenPipeError"}
 _INFRA_PHRASES = ("connection refused", "max retries exceeded", "failed to establish a new connection",
                   "could not connect to server", "server closed the connection", "connection timed out",
                   "name or service not known", "temporary failure in name resolution", "database is locked",

@@ -191,8 +191,8 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
     lines += ["## Stability", "",
               f"Collapse: a run that falls more than {th.collapse:.2f} below its running best evaluation and ends "
               f"there. KL spike: approx-KL above {th.kl_spike_factor:g}x its median (and {th.kl_spike_floor}); it "
-              f"makes a configuration unstable only when it persists {th.persistence}+ iterations in a row or its run also "
-              f"has a drawdown of {th.collapse:.2f} or more (the verdict names the rule that fired). "
+              f"makes a configuration unstable only when it persists {th.persistence}+ iterations in a row or its run "
+              f"also has a drawdown of {th.collapse:.2f} or more (the verdict names the rule that fired). "
               f"Gradient outlier: backbone gradient norm more than {th.grad_outlier_k:g} robust SDs above its median. "
               "log b drift: last minus first mean log-scale. Sampling load: contexts tried per accepted group.", "",
               _table(["configuration", "verdict", "final spread", "collapse rate", "max drawdown", "KL spikes",

@@ -189,17 +189,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         history = _read_history(out)
         result.update(status="pruned", reason=str(exc))
     except LeaseLost as exc:  # write nothing more: the cell's next attempt owns its directory and its result
-        result.update(status="lease_lost", reason=str(exc), train_s=time.perf_counter() - start,
-                      mlflow_run_id=getattr(tracker, "run_id", None))
-        if getattr(tracker, "run_id", None):
-            tracker.buffer.clear()
-            tracker.set_tags({"ript.status": "lease-lost", "ript.reason": str(exc)})  # type: ignore[attr-defined]
-            tracker.end("KILLED")
-        return result
+        _end_lease_lost(tracker, exc)
+        return {**result, "status": "lease_lost", "reason": str(exc), "train_s": time.perf_counter() - start,
+                "mlflow_run_id": getattr(tracker, "run_id", None)}
     except Exception as exc:  # the worker decides about retries; the reason is kept for `study status`
         history = _read_history(out)
-        status = "infra" if is_infrastructure_error(exc) else "error"
-        result.update(status=status, reason=readable_error(exc), traceback=traceback.format_exc())
+        result.update(failure(exc))
     result["train_s"] = time.perf_counter() - start
     points = metric_points(history, objective["metric"])
     result["value"] = reduce_points(points, objective["reduction"], objective["direction"]) if points else None
@@ -216,15 +211,30 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 tracker.record({"study/objective": result["value"]}, points[-1][0])
             tracker.end({"finished": "FINISHED", "pruned": "KILLED"}.get(result["status"], "FAILED"))
         except LeaseLost as exc:  # the next attempt owns the cell: this run ends KILLED and says why
-            tracker.buffer.clear()
-            tracker.set_tags({"ript.status": "lease-lost", "ript.reason": str(exc)})  # type: ignore[attr-defined]
-            tracker.end("KILLED")
+            _end_lease_lost(tracker, exc)
             return {**result, "status": "lease_lost", "reason": str(exc)}
         except Exception as exc:  # the store went away at the end: the worker (or the next sweep) closes the run
             if not is_infrastructure_error(exc):
                 raise
             result.update(status="infra", reason=readable_error(exc))
     return result
+
+
+def failure(exc: BaseException) -> dict[str, str]:
+    """A failed cell's result: "infra" when a store or server was away (retried without charging the cell),
+    "error" otherwise, with a one-line reason and the traceback."""
+    from ript_ablate.errors import is_infrastructure_error, readable_error
+
+    return {"status": "infra" if is_infrastructure_error(exc) else "error", "reason": readable_error(exc),
+            "traceback": traceback.format_exc()}
+
+
+def _end_lease_lost(tracker: Any, exc: LeaseLost) -> None:
+    """End this attempt's MLflow run KILLED, saying why, without writing the metrics it still buffered."""
+    if getattr(tracker, "run_id", None):
+        tracker.buffer.clear()
+        tracker.set_tags({"ript.status": "lease-lost", "ript.reason": str(exc)})
+        tracker.end("KILLED")
 
 
 def _read_history(out: Path) -> list[dict[str, float]]:
@@ -266,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_job(job)
     except Exception as exc:  # a failure outside the training itself (MLflow unreachable, bad job)
-        from ript_ablate.errors import is_infrastructure_error, readable_error
-
-        result = {"status": "infra" if is_infrastructure_error(exc) else "error", "reason": readable_error(exc),
-                  "traceback": traceback.format_exc()}
+        result = failure(exc)
     write_json(job_path.parent / RESULT_FILE, result)
     return 0
 

@@ -9,6 +9,7 @@ an exception, a crash of the cell process or a timeout -> FAIL with the reason, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,10 +76,8 @@ class Heartbeat:
 def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> int:
     """SIGTERM to the process's whole group, SIGKILL after `grace` seconds; returns its exit code."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group has already gone
             os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
         try:
             return proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
