@@ -413,18 +413,19 @@ def test_signals_stop_workers_and_cells_and_leave_nothing_running(study_env, how
 
 
 def test_stale_worker_that_comes_back_writes_nothing(study_env):
-    """A worker paused past its lease (SIGSTOP) while another recovers and finishes its cell: resumed (SIGCONT),
-    the stale cell writes no history line and closes its MLflow run KILLED; one FINISHED run per cell."""
+    """A worker paused past its lease (SIGSTOP) while another recovers and finishes its cell: its cell, still
+    running, writes no history line once the lease is gone and closes its MLflow run KILLED; resumed (SIGCONT), the
+    worker records nothing; one FINISHED run per cell. (Only the worker is paused: a paused cell could hold the SQLite
+    tracking store's write lock, which stops every writer until it resumes.)"""
     config = yaml.safe_load((study_env / "tiny.yaml").read_text())
-    config["training"].update(n_iterations=6)
+    config["training"].update(n_iterations=20)
     (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
     path = write_spec(study_env, factors={"algo.ppo_clip_high": [0.2]}, heartbeat_s=1, lease_timeout_s=4)
     spec = load_study(path)
     first = subprocess.Popen([sys.executable, "-m", "ript_ablate.cli", "study", "run", str(path), "--workers", "1"],
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trial = wait_for(lambda: running_trial(path), 120, "a running cell")
-    stale = [int(trial.user_attrs["pid"]), int(trial.user_attrs["cell_pid"])]
-    history = next(iter(spec.study_dir.glob("cells/*")), None)
+    stale = [int(trial.user_attrs["pid"])]
     wait_for(lambda: (spec.study_dir / "cells" / trial.user_attrs["cell_id"] / "history.jsonl").is_file()
              and (spec.study_dir / "cells" / trial.user_attrs["cell_id"] / "history.jsonl").read_text().count("\n")
              >= 2, 60, "two history lines")
@@ -439,14 +440,13 @@ def test_stale_worker_that_comes_back_writes_nothing(study_env):
     first.wait(timeout=120)
     cell_dir = spec.study_dir / "cells" / trial.user_attrs["cell_id"]
     iterations = [json.loads(line)["iteration"] for line in (cell_dir / "history.jsonl").read_text().splitlines()]
-    assert iterations == sorted(set(iterations)) and iterations[-1] == 6, iterations
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 20, iterations
     _, children = child_runs(path)
     statuses = Counter(r.info.status for r in children)
     assert statuses["FINISHED"] == 1 and statuses["RUNNING"] == 0, statuses
     stale_runs = [r for r in children if r.data.tags.get("ript.trial_number") == str(trial.number)]
     assert [r.info.status for r in stale_runs] == ["KILLED"]
     assert Counter(t.state.name for t in trials(path)) == {"FAIL": 1, "COMPLETE": 1}
-    del history
 
 
 def test_workers_on_postgresql_can_start_before_any_study_run(study_env, postgres_url):
