@@ -19,8 +19,10 @@ $(BIN)/.installed: $(BIN)/.torch pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(BIN)/.installed-dev: $(BIN)/.installed
+# The dev set-up also installs the example plug-in (examples/pointmass), which the tests train, study and report.
+$(BIN)/.installed-dev: $(BIN)/.installed examples/pointmass/pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -e examples/pointmass
 	touch $@
 
 setup: $(BIN)/.installed

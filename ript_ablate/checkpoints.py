@@ -3,7 +3,7 @@
 Layout of a run's checkpoint directory (the same one `algo.lora_adaptor_ckpt` reads, so a run resumes
 from its own output):
     model.safetensors     full policy weights (a base, or `algo.checkpoint_path`)
-    adapter.safetensors   LoRA adapter + action head + scale head (override the base)
+    adapter.safetensors   the backbone's trainable weights (LoRA) + action head + scale head (override the base)
     header.safetensors    scale-head weights alone (`algo.header_checkpoint`)
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -78,16 +79,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
 
 
-def adapter_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What `lora_adaptor_ckpt` carries: the LoRA weights plus both heads (which override the base)."""
-    return {k: v for k, v in policy.state_dict().items()
-            if "lora_" in k or k.startswith("action_head.") or k.startswith("scale_head.")}
-
-
-def header_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in policy.state_dict().items() if k.startswith("scale_head.")}
-
-
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """AdamW state as flat tensors (safetensors holds tensors only, never pickles)."""
     out = {}
@@ -107,18 +98,19 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict(state_dict)
 
 
-def save_run_checkpoint(directory: str | Path, policy: torch.nn.Module, merged: dict[str, torch.Tensor],
-                        optimizer: torch.optim.Optimizer | None, meta: dict) -> Path:
-    """Write a checkpoint directory atomically: fill a temporary sibling, then rename it into place."""
+def save_run_checkpoint(directory: str | Path, policy: Any, optimizer: torch.optim.Optimizer | None,
+                        meta: dict) -> Path:
+    """Write a checkpoint directory atomically: fill a temporary sibling, then rename it into place. The parts
+    come from the policy (`Policy.checkpoint_tensors`)."""
     import json
     import shutil
 
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_tensors(adapter_state(policy), tmp / ADAPTER_FILE)
-    save_tensors(header_state(policy), tmp / HEADER_FILE)
-    save_tensors(merged, tmp / MODEL_FILE)
+    save_tensors(policy.checkpoint_tensors("adapter"), tmp / ADAPTER_FILE)
+    save_tensors(policy.checkpoint_tensors("header"), tmp / HEADER_FILE)
+    save_tensors(policy.checkpoint_tensors("model"), tmp / MODEL_FILE)
     if optimizer is not None:
         save_tensors(optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -7,13 +7,13 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.text import Text
 
-from ript_ablate.config import Config, load_config, to_yaml
+from ript_ablate.config import Config, to_yaml
 from ript_ablate.errors import ConfigError, RiptAblateError
 from ript_ablate.progress import console
 
@@ -48,7 +48,9 @@ def _load(args: argparse.Namespace) -> Config:
     """Load the config; original-but-unused keys print one warning line each."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cfg = load_config(args.config, args.set)
+        from ript_ablate.plugins import load_checked_config
+
+        cfg = load_checked_config(args.config, args.set)
     for w in caught:
         if issubclass(w.category, UserWarning):
             console.print(f"[yellow]warning:[/] {w.message}")
@@ -83,22 +85,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _suite_and_pool(cfg: Config):
-    from ript_ablate.suites import build_suite
-    from ript_ablate.suites.rollouts import RolloutPool
+def _world_and_engine(cfg: Config):
+    from ript_ablate.engine import RolloutEngine
+    from ript_ablate.plugins import build_world
 
-    suite = build_suite(cfg)
-    pool = RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker, cfg.algo.max_episode_length)
-    return suite, pool
+    world = build_world(cfg)
+    return world, RolloutEngine(cfg, world)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from ript_ablate.sft import get_base
+    from ript_ablate.bc import get_base
 
     cfg = _load(args)
-    suite, pool = _suite_and_pool(cfg)
-    with pool:
-        _, weights, info = get_base(cfg, suite, pool, retrain=args.retrain)
+    world, engine = _world_and_engine(cfg)
+    with engine:
+        _, weights, info = get_base(cfg, world, engine, retrain=args.retrain)
     console.print(f"base weights: {weights}")
     if args.eval:
         return cmd_eval(args)
@@ -106,20 +107,26 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ript_ablate.bc import get_base, load_base
+    from ript_ablate.device import resolve_device
+    from ript_ablate.engine import resolve_inference
     from ript_ablate.evaluation import evaluate
-    from ript_ablate.sft import get_base, load_base
 
     cfg = _load(args)
-    suite, pool = _suite_and_pool(cfg)
-    with pool:
+    world, engine = _world_and_engine(cfg)
+    with engine:
         start = time.perf_counter()
         if args.checkpoint:
-            policy = load_base(args.checkpoint, cfg, suite.obs_dim, suite.action_dim)
+            policy = load_base(args.checkpoint, cfg, world)
             source = args.checkpoint
         else:
-            policy, weights, _ = get_base(cfg, suite, pool)
+            policy, weights, _ = get_base(cfg, world, engine)
             source = str(weights)
-        result = evaluate(policy, suite, pool)
+        device = resolve_device(cfg.training.device)
+        policy.to(device)
+        engine.set_policy(policy, resolve_inference(cfg.suite.inference, policy, device), device,
+                          cfg.training.precision)
+        result = evaluate(world, engine)
     seconds = time.perf_counter() - start
     console.print(f"evaluated {source}")
     console.print(result.table())
@@ -128,10 +135,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ript_ablate.bc import ensure_base
     from ript_ablate.ript.trainer import Trainer
     from ript_ablate.tracking import MlflowTracker, Tracker
 
     cfg = _load(args)
+    ensure_base(cfg)  # the explicit behaviour-cloning step (a cache hit after the first run)
     track = cfg.tracking.enabled and not args.no_track
     tracker = (MlflowTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name)
                if track else Tracker())
@@ -242,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     p = add("eval", cmd_eval, "Evaluate a policy (default: the config's behaviour-cloning base).")
     p.add_argument("--checkpoint", default=None, help="model.safetensors to evaluate instead of the base")
-    p = add("train", cmd_train, "Run RIPT post-training on the config's base, tracked in MLflow.")
+    p = add("train", cmd_train, "Run RIPT post-training on the config's base (built first if absent), tracked in "
+                                "MLflow.")
     p.add_argument("--no-track", action="store_true", help="do not track in MLflow")
     p.add_argument("--output", default=None, help="run directory (default: training.output_dir/run-<time>)")
     add_study_commands(sub)

@@ -24,6 +24,7 @@ from ript_ablate.errors import ConfigError
 LOG_PROB_MODES = ("sum_on_action_dim", "avg_on_action_dim", "ratio_on_action_dim")
 LORA_INITS = ("gaussian", "kaiming_uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
+INFERENCE_MODES = ("auto", "replica", "central")
 
 # Keys present in original RIPT configs that the original code never reads: accepted, with a warning.
 ORIGINAL_UNUSED_ALGO_KEYS = (
@@ -43,8 +44,11 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class SuiteConfig:
-    name: str = _f("metaworld", "Task suite; only 'metaworld' is built in.")
-    tasks: list[str] = _f(["quick"], "Task names (e.g. reach-v3) or presets: 'quick' (3 tasks) or 'mt10'.")
+    name: str = _f("metaworld", "World: a registered name (built in: metaworld) or an import path "
+                                "'package.module:factory' (README 'Bring your own policy and world').")
+    options: dict[str, Any] = _f({}, "Settings of a plug-in world, passed to it as they are.")
+    tasks: list[str] = _f(["quick"], "Task names (e.g. reach-v3) or the world's presets (Meta-World: 'quick', "
+                                     "'mt10').")
     demos_per_task: int = _f(5, "Successful scripted-expert demonstrations per task for behaviour cloning.")
     contexts_per_task: int = _f(20, "RL contexts per task beyond the demonstrations' own initial states.")
     eval_states_per_task: int = _f(50, "Fixed held-out evaluation initial states per task.")
@@ -52,10 +56,16 @@ class SuiteConfig:
     eval_seed: int = _f(1000, "Seed of the evaluation initial states (kept fixed across runs).")
     num_workers: int = _f(2, "Rollout worker processes (0 = roll out in the main process).")
     envs_per_worker: int = _f(8, "Environments stepped together in one worker (instances reused per task).")
+    inference: str = _f("auto", "Rollout inference: replica (a policy copy in each worker), central (the policy "
+                                "stays on the trainer's device; workers only step environments) or auto (central "
+                                "on CUDA or for a policy that cannot be replicated).")
 
 
 @dataclass
 class PolicyConfig:
+    name: str = _f("reference", "Policy: a registered name (built in: reference) or an import path "
+                                "'package.module:factory'. The keys below up to `seed` configure 'reference'.")
+    options: dict[str, Any] = _f({}, "Settings of a plug-in policy, passed to it as they are.")
     d_model: int = _f(64, "Transformer width.")
     n_layers: int = _f(2, "Transformer blocks.")
     n_heads: int = _f(4, "Attention heads (must divide d_model).")
@@ -186,6 +196,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "a mapping of keys to values"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}
@@ -207,6 +219,10 @@ def _coerce(value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         raise ValueError
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        return dict(value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ValueError
@@ -280,8 +296,12 @@ def _build_section(cls: type, name: str, data: Any, problems: list[str], source:
     return cls(**kwargs)
 
 
-def config_from_dict(data: Any, source: str = "<dict>") -> Config:
-    """Build and validate a Config; raises ConfigError listing every problem."""
+ExtraCheck = typing.Callable[["Config"], list[str]]
+
+
+def config_from_dict(data: Any, source: str = "<dict>", extra_checks: ExtraCheck | None = None) -> Config:
+    """Build and validate a Config; raises ConfigError listing every problem. `extra_checks` adds the problems
+    only the chosen world and policy can see (`ript_ablate.plugins.config_problems`), when the values are sound."""
     problems: list[str] = []
     if data is None:
         data = {}
@@ -299,6 +319,8 @@ def config_from_dict(data: Any, source: str = "<dict>") -> Config:
         sections[key] = _build_section(SECTIONS[key], key, value, problems, source)
     cfg = Config(**sections)
     problems.extend(validate(cfg))
+    if not problems and extra_checks is not None:
+        problems.extend(extra_checks(cfg))
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -395,7 +417,8 @@ def looks_like_study_spec(data: Any) -> bool:
     return isinstance(data, dict) and "config" in data and not set(SECTIONS) & set(data)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                extra_checks: ExtraCheck | None = None) -> Config:
     """Load a YAML config, apply `--set` overrides, validate; raises ConfigError with every problem."""
     data = load_yaml(path, "config")
     if looks_like_study_spec(data):
@@ -407,7 +430,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(problems, str(path))
     if isinstance(data, dict):
         data = merge(data, nested)
-    return config_from_dict(data, str(path))
+    return config_from_dict(data, str(path), extra_checks)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -479,7 +502,9 @@ def validate(cfg: Config) -> list[str]:
     p: list[str] = []
     _bounded(p, cfg)
     s, pol, sft, a, t = cfg.suite, cfg.policy, cfg.sft, cfg.algo, cfg.training
-    _check(p, s.name == "metaworld", "suite.name", s.name, "'metaworld'")
+    _check(p, bool(s.name.strip()), "suite.name", s.name, "a world name or an import path")
+    _check(p, bool(pol.name.strip()), "policy.name", pol.name, "a policy name or an import path")
+    _check(p, s.inference in INFERENCE_MODES, "suite.inference", s.inference, "one of " + ", ".join(INFERENCE_MODES))
     _check(p, len(s.tasks) > 0, "suite.tasks", s.tasks, "at least one task or preset")
     _check(p, s.demos_per_task >= 1, "suite.demos_per_task", s.demos_per_task, ">= 1")
     _check(p, s.contexts_per_task >= 0, "suite.contexts_per_task", s.contexts_per_task, ">= 0")
@@ -496,7 +521,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, pol.lora_alpha is None or pol.lora_alpha > 0, "policy.lora_alpha", pol.lora_alpha, "null or > 0")
     _check(p, pol.lora_init in LORA_INITS, "policy.lora_init", pol.lora_init, "one of " + ", ".join(LORA_INITS))
     _check(p, len(pol.lora_targets) > 0, "policy.lora_targets", pol.lora_targets, "at least one layer name")
-    unknown_targets = sorted(set(pol.lora_targets) - {"q", "k", "v", "o", "fc1", "fc2"})
+    unknown_targets = sorted(set(pol.lora_targets) - {"q", "k", "v", "o", "fc1", "fc2"}) if pol.name == "reference" else []
     _check(p, not unknown_targets, "policy.lora_targets", pol.lora_targets, "names among q, k, v, o, fc1, fc2")
     _check(p, sft.steps >= 0, "sft.steps", sft.steps, ">= 0")
     _check(p, sft.scale_steps >= 0, "sft.scale_steps", sft.scale_steps, ">= 0")
@@ -527,8 +552,8 @@ def validate(cfg: Config) -> list[str]:
     _check(p, a.weight_decay >= 0, "algo.weight_decay", a.weight_decay, ">= 0")
     _check(p, a.grad_norm_clip_model > 0, "algo.grad_norm_clip_model", a.grad_norm_clip_model, "> 0")
     _check(p, a.grad_norm_clip_header > 0, "algo.grad_norm_clip_header", a.grad_norm_clip_header, "> 0")
-    _check(p, a.max_episode_length is None or 1 <= a.max_episode_length <= 500, "algo.max_episode_length",
-           a.max_episode_length, "null or 1..500 (Meta-World stops at 500 steps)")
+    _check(p, a.max_episode_length is None or a.max_episode_length >= 1, "algo.max_episode_length",
+           a.max_episode_length, "null or >= 1")
     _check(p, a.frame_stack == 1, "algo.frame_stack", a.frame_stack, "1 (state observations have no frames)")
     _check(p, not a.mix_val_init_in_rloo or a.use_val_init, "algo.mix_val_init_in_rloo", a.mix_val_init_in_rloo,
            "false unless algo.use_val_init is true")
@@ -540,15 +565,4 @@ def validate(cfg: Config) -> list[str]:
     _check(p, t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
            t.device, "auto, cpu, cuda or cuda:N")
     _check(p, t.precision in PRECISIONS, "training.precision", t.precision, "one of " + ", ".join(PRECISIONS))
-    if not [q for q in p if q.startswith("suite.tasks")]:
-        from ript_ablate.suites import task_problems  # late import: suites import this module
-
-        p.extend(task_problems(cfg.suite))
-        if a.rollout_training_task_names:
-            from ript_ablate.suites import resolve_tasks
-
-            known = set(resolve_tasks(s.tasks))
-            extra = [n for n in a.rollout_training_task_names if n not in known]
-            _check(p, not extra, "algo.rollout_training_task_names", a.rollout_training_task_names,
-                   f"a subset of the suite's tasks {sorted(known)}")
     return p

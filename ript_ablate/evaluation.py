@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from rich.table import Table
 
+from ript_ablate.episodes import EpisodeJob
 from ript_ablate.progress import progress
-from ript_ablate.suites.rollouts import EpisodeJob, RolloutPool
 
 
 @dataclass
@@ -36,14 +37,13 @@ class EvalResult:
         return table
 
 
-def evaluate(policy, suite, pool: RolloutPool, tasks: list[str] | None = None) -> EvalResult:
-    """Success per task on `suite.eval_states`; the policy's current weights are sent to the workers."""
-    tasks = tasks or suite.tasks
-    jobs = [EpisodeJob(s, seed=0, mode="mean") for t in tasks for s in suite.eval_states(t)]
-    pool.set_policy(policy)
+def evaluate(world: Any, engine: Any, tasks: list[str] | None = None) -> EvalResult:
+    """Success per task on `world.eval_states`, acting with the policy the engine was last given (`set_policy`)."""
+    tasks = tasks or world.tasks
+    jobs = [EpisodeJob(s, seed=0, mode="mean") for t in tasks for s in world.eval_states(t)]
     with progress() as bar:
         task_id = bar.add_task("evaluation", total=len(jobs), status="")
-        episodes = pool.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps)))
+        episodes = engine.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps)))
     per_task = {t: 0.0 for t in tasks}
     counts = {t: 0 for t in tasks}
     for ep in episodes:

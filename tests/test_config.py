@@ -8,11 +8,13 @@ import yaml
 from ript_ablate.cli import main
 from ript_ablate.config import AlgoConfig, config_from_dict, load_config
 from ript_ablate.errors import ConfigError
+from ript_ablate.plugins import checked_config_from_dict
 
 
 def problems_of(data: dict) -> list[str]:
+    """Every problem a run would be refused for: the config's own and the chosen world's and policy's."""
     with pytest.raises(ConfigError) as info:
-        config_from_dict(data, "test.yaml")
+        checked_config_from_dict(data, "test.yaml")
     return info.value.problems
 
 

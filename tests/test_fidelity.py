@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from ript_ablate.config import AlgoConfig, PolicyConfig, config_from_dict
-from ript_ablate.policy import build_policy, inject_lora
+from ript_ablate.policies.reference import build_policy, inject_lora
 from ript_ablate.ript import rollouts as ript_rollouts
-from ript_ablate.ript.distributions import log_prob
+from ript_ablate.ript.distributions import ActionDistribution, log_prob
 from ript_ablate.ript.update import PPOUpdater, Trajectory, policy_log_prob
-from ript_ablate.suites import build_suite
-from ript_ablate.suites.rollouts import Episode, EpisodeJob, InitialState, RolloutPool
+from ript_ablate.engine import RolloutEngine
+from ript_ablate.episodes import Episode, EpisodeJob, InitialState
+from ript_ablate.plugins import build_world
 
 WIDE = [-10.0, 10.0]  # a log_scale_clip that never binds, so ratios are exactly what the test sets
 
@@ -34,9 +35,10 @@ def with_ratios(policy, algo: AlgoConfig, ratios: list[list[float]], advantage: 
     obs, actions = torch.randn(n, 39, generator=g), torch.randn(n, h, 4, generator=g) * 0.1
     instr = torch.tensor([1, 2, 0, 0])
     with torch.no_grad():
-        logp, _ = policy_log_prob(policy, obs, instr.expand(n, -1), actions, algo, torch.device("cpu"))
+        logp, _ = policy_log_prob(policy, {"state": obs}, instr.expand(n, -1), actions,
+                                  ActionDistribution.from_algo(algo), torch.device("cpu"))
     old = logp - torch.log(torch.tensor(ratios))
-    return Trajectory(obs, instr, actions, torch.ones(n, h), old, advantage)
+    return Trajectory({"state": obs}, instr, actions, torch.ones(n, h), old, advantage)
 
 
 # 1. ppo/clip_fraction ---------------------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def episode(valid_rows: list[int], success: bool, h: int = 8) -> Episode:
     for i, n in enumerate(valid_rows):
         valid[i, :n] = True
     z = np.zeros((c, h, 4), np.float32)
-    return Episode("reach-v3", "s", success, int(valid.sum()), np.zeros((c, 39), np.float32), z, valid, z, z)
+    return Episode("reach-v3", "s", success, int(valid.sum()), {"state": np.zeros((c, 39), np.float32)}, z, valid, z, z)
 
 
 @pytest.mark.parametrize(("rows", "success", "original", "executed"), [
@@ -152,11 +154,12 @@ def test_loss_positions_match_the_original(rows, success, original, executed):
 
 def test_time_limited_rollout_counts_all_positions_of_its_chunks(tiny_cfg):
     """The real runner, H = 8 and a 20-step limit (an untrained policy does not reach in 20 steps): 24 positions."""
-    cfg = PolicyConfig(**{**tiny_cfg.policy.__dict__, "chunk_size": 8})
-    state = build_suite(tiny_cfg).extra_contexts("reach-v3")[0]
-    with RolloutPool(0, 4, 20) as pool:
-        pool.set_policy(build_policy(cfg, 39, 4))
-        (ep,) = pool.run([EpisodeJob(state, seed=1)])
+    tiny_cfg.policy.chunk_size = 8
+    tiny_cfg.algo.max_episode_length = 20
+    state = build_world(tiny_cfg).extra_contexts("reach-v3")[0]
+    with RolloutEngine(tiny_cfg) as engine:
+        engine.set_policy(build_policy(tiny_cfg.policy, 39, 4))
+        (ep,) = engine.run([EpisodeJob(state, seed=1)])
     assert not ep.success and ep.length == 20
     assert ep.loss_mask().sum() == 24 and ep.valid.sum() == 20
 
@@ -187,7 +190,7 @@ class MixedPool:
 
     def run(self, jobs, sampling=None, on_batch=None):
         z = np.zeros((1, 2, 4), np.float32)
-        return [Episode(j.state.task, j.state.state_id, j.seed % 2 == 0, 2, np.zeros((1, 39), np.float32), z,
+        return [Episode(j.state.task, j.state.state_id, j.seed % 2 == 0, 2, {"state": np.zeros((1, 39), np.float32)}, z,
                         np.ones((1, 2), bool), z, z) for j in jobs]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ript_ablate.config import PolicyConfig
-from ript_ablate.policy import build_policy, inject_lora, lora_parameters, merged_state_dict, tokenize
+from ript_ablate.policies.reference import build_policy, inject_lora, lora_parameters, merged_state_dict, tokenize
 
 
 @pytest.mark.parametrize("horizon, action_dim", [(1, 4), (4, 4), (8, 7)])
@@ -14,7 +14,7 @@ def test_output_shapes(horizon, action_dim):
     cfg = PolicyConfig(d_model=32, n_layers=1, n_heads=2, chunk_size=horizon)
     policy = build_policy(cfg, obs_dim=39, action_dim=action_dim)
     instr = torch.tensor([tokenize("push the puck", cfg.vocab_size, cfg.max_instruction_tokens)] * 5)
-    mu, log_b = policy(torch.randn(5, 39), instr)
+    mu, log_b = policy({"state": torch.randn(5, 39)}, instr)
     assert mu.shape == log_b.shape == (5, horizon, action_dim)
     # scale head starts near its bias (-3), as in the original
     assert torch.allclose(log_b, torch.full_like(log_b, -3.0), atol=0.05)
@@ -23,7 +23,7 @@ def test_output_shapes(horizon, action_dim):
 def test_instruction_changes_the_output():
     cfg = PolicyConfig(d_model=32, n_layers=1, n_heads=2)
     policy = build_policy(cfg, 39, 4)
-    obs = torch.randn(1, 39)
+    obs = {"state": torch.randn(1, 39)}
     a = policy(obs, torch.tensor([tokenize("open the drawer", 512, cfg.max_instruction_tokens)]))[0]
     b = policy(obs, torch.tensor([tokenize("close the drawer", 512, cfg.max_instruction_tokens)]))[0]
     assert not torch.allclose(a, b)
@@ -47,7 +47,7 @@ def test_lora_adapters_present_where_configured_and_merge_exactly():
             p.normal_(0, 0.1)
     plain = build_policy(cfg, 39, 4)
     plain.load_state_dict(merged_state_dict(policy))
-    obs, instr = torch.randn(3, 39), torch.tensor([tokenize("reach", 512, cfg.max_instruction_tokens)] * 3)
+    obs, instr = {"state": torch.randn(3, 39)}, torch.tensor([tokenize("reach", 512, cfg.max_instruction_tokens)] * 3)
     for x, y in zip(policy(obs, instr), plain(obs, instr)):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 

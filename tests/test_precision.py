@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ript_ablate.bc import ensure_base
 from ript_ablate.config import AlgoConfig, config_from_dict
 from ript_ablate.device import autocast, uses_bf16
 from ript_ablate.ript.trainer import Trainer
@@ -33,7 +34,9 @@ def test_update_under_bf16_autocast_keeps_fp32_masters_and_matches_fp32():
     # b = e^-1: bf16 keeps mu to about 3 significant digits, so |a - mu| / b moves by ~1e-2 per element; at the
     # behaviour-cloned b (~e^-3 and below) the same rounding moves ratios by several percent (README, "Device")
     torch.nn.init.constant_(policy.scale_head.bias, -1.0)
-    trajs = [with_ratios(policy, algo, [[1.0] * 4, [1.1] * 4], (-1.0) ** i, seed=i) for i in range(4)]
+    # ratios inside the clip band: at a band edge (1.1 here) bf16 rounding flips positions in and out of the clip,
+    # which changes the gradient by whole terms (measured: cosine 0.94 at 1.1, > 0.9999 at 1.05)
+    trajs = [with_ratios(policy, algo, [[1.0] * 4, [1.05] * 4], (-1.0) ** i, seed=i) for i in range(4)]
     results, grads = {}, {}
     for precision in ("fp32", "bf16"):
         clone = copy.deepcopy(policy)
@@ -50,14 +53,16 @@ def test_update_under_bf16_autocast_keeps_fp32_masters_and_matches_fp32():
         assert np.isfinite(results["bf16"][key])
         assert results["bf16"][key] == pytest.approx(results["fp32"][key], rel=2e-2, abs=1e-2), key
     cosine = torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0)
-    assert cosine > 0.97  # the same update direction within bf16 rounding
+    assert cosine > 0.999  # the same update direction within bf16 rounding
     assert not torch.equal(grads["bf16"], grads["fp32"])  # and bf16 really ran
 
 
 def test_a_short_training_under_bf16_autocast(tmp_path):
     data = train_dict(str(tmp_path / "cache"), str(tmp_path))
     data["training"]["precision"] = "bf16"
-    result = Trainer(config_from_dict(data)).run(tmp_path / "run")
+    cfg = config_from_dict(data)
+    ensure_base(cfg)
+    result = Trainer(cfg).run(tmp_path / "run")
     assert result.status == "finished"
     updates = [h for h in result.history if "ppo/loss" in h]
     assert updates and all(np.isfinite(h["ppo/loss"]) and np.isfinite(h["grad_norm/backbone"]) for h in updates)

@@ -91,3 +91,24 @@ def test_original_mode_ignores_scale_factor_exact_mode_is_the_sampling_density()
     big = torch.full_like(a, 2.0, requires_grad=True)
     exact_big = log_prob(a, mu, big, scale_factor=1.0, exact=True, **kw)
     torch.testing.assert_close(exact_big, torch.distributions.Laplace(mu, big.exp()).log_prob(a).sum(-1))
+
+
+def test_one_distribution_object_samples_and_scores_as_the_switches_say():
+    """`ActionDistribution.from_algo`: sampling uses scale_factor x b; the ratio's log-prob leaves it out and clamps
+    log_b (the original) or uses the sampling density itself (exact_behavior_logprob)."""
+    from ript_ablate.config import AlgoConfig
+    from ript_ablate.ript.distributions import ActionDistribution
+
+    mu, log_b = np.zeros((2, 3), np.float32), np.full((2, 3), -3.0, np.float32)
+    for laplace in (True, False):
+        dist = ActionDistribution.from_algo(AlgoConfig(use_laplace_sampling=laplace, scale_factor=4.0))
+        noise_rng, rng = np.random.default_rng(7), np.random.default_rng(7)
+        noise = noise_rng.laplace(size=(2, 3)) if laplace else noise_rng.standard_normal((2, 3))
+        np.testing.assert_allclose(dist.sample(mu, log_b, rng), 4.0 * np.exp(-3.0) * noise, rtol=1e-6)
+    a = torch.full((1, 1, 1), 0.1)
+    mu_t, lb_t = torch.zeros(1, 1, 1), torch.full((1, 1, 1), -3.0)
+    original = ActionDistribution.from_algo(AlgoConfig(scale_factor=4.0))  # clamp [-2, 0.5], no scale_factor
+    exact = ActionDistribution.from_algo(AlgoConfig(scale_factor=4.0, exact_behavior_logprob=True))
+    b = 4.0 * math.exp(-3.0)
+    assert float(exact.log_prob(a, mu_t, lb_t)) == pytest.approx(-math.log(2 * b) - 0.1 / b, rel=1e-5)
+    assert float(original.log_prob(a, mu_t, lb_t)) == pytest.approx(2.0 - math.log(2) - 0.1 / math.exp(-2.0), rel=1e-5)

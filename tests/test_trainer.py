@@ -10,18 +10,22 @@ import torch
 import yaml
 
 from ript_ablate import checkpoints
+from ript_ablate.bc import ensure_base
 from ript_ablate.cli import EXIT_DIVERGED, main
 from ript_ablate.config import AlgoConfig, PolicyConfig, config_from_dict
-from ript_ablate.policy import build_policy, inject_lora, lora_parameters
+from ript_ablate.policies.reference import build_policy, inject_lora, lora_parameters
 from ript_ablate.ript import rollouts as ript_rollouts
 from ript_ablate.ript.trainer import Trainer
 from ript_ablate.ript.update import PPOUpdater, Trajectory
-from ript_ablate.suites.rollouts import Episode, InitialState
+from ript_ablate.episodes import Episode, InitialState
 
 
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+    """A cache holding the tiny config's behaviour-cloning base, built once (the explicit step before training)."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    ensure_base(config_from_dict(train_dict(cache, cache)))
+    return cache
 
 
 def train_dict(cache: str, out: str, **algo) -> dict:
@@ -158,7 +162,7 @@ def trajectory(policy, advantage: float, mode: str = "sum_on_action_dim", seed: 
     g = torch.Generator().manual_seed(seed)
     obs, actions = torch.randn(3, 39, generator=g), torch.randn(3, 2, 4, generator=g) * 0.1
     shape = (3, 2, 4) if mode == "ratio_on_action_dim" else (3, 2)
-    return Trajectory(obs, torch.tensor([1, 2, 0, 0]), actions, torch.ones(shape), torch.full(shape, -1.0), advantage)
+    return Trajectory({"state": obs}, torch.tensor([1, 2, 0, 0]), actions, torch.ones(shape), torch.full(shape, -1.0), advantage)
 
 
 @pytest.mark.parametrize("fix", [True, False])
@@ -174,7 +178,7 @@ def test_parameter_groups_and_fix_scale_head(fix):
     assert scale_ids.isdisjoint({id(p) for p in header["params"]}) == fix
     # gradient reaches the backbone through log_b even when the scale head is fixed
     policy.zero_grad()
-    _, log_b = policy(torch.randn(2, 39), torch.tensor([[1, 2, 0, 0]] * 2))
+    _, log_b = policy({"state": torch.randn(2, 39)}, torch.tensor([[1, 2, 0, 0]] * 2))
     log_b.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(policy))
     before = [p.detach().clone() for p in policy.scale_head.parameters()]
@@ -256,7 +260,7 @@ class FakePool:
         out = []
         for job in jobs:
             ok = self.success(job)
-            out.append(Episode(job.state.task, job.state.state_id, ok, 5, np.zeros((2, 39), np.float32),
+            out.append(Episode(job.state.task, job.state.state_id, ok, 5, {"state": np.zeros((2, 39), np.float32)},
                                np.zeros((2, 2, 4), np.float32), np.ones((2, 2), bool),
                                np.zeros((2, 2, 4), np.float32), np.zeros((2, 2, 4), np.float32)))
         return out

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import time
 
+from ript_ablate.bc import get_base
 from ript_ablate.bench import run_main
-from ript_ablate.config import load_config
+from ript_ablate.engine import RolloutEngine
 from ript_ablate.evaluation import evaluate
-from ript_ablate.sft import get_base
-from ript_ablate.suites import build_suite
-from ript_ablate.suites.rollouts import RolloutPool
+from ript_ablate.plugins import build_world
+from ript_ablate.plugins import load_checked_config as load_config
 
 
 def main() -> None:
@@ -29,13 +29,14 @@ def main() -> None:
         if args.eval_states:
             overrides.append(f"suite.eval_states_per_task={args.eval_states}")
         cfg = load_config(args.config, overrides)
-        suite = build_suite(cfg)
+        world = build_world(cfg)
         start = time.perf_counter()
-        with RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker, cfg.algo.max_episode_length) as pool:
-            policy, _, info = get_base(cfg, suite, pool)
+        with RolloutEngine(cfg, world) as engine:
+            policy, _, info = get_base(cfg, world, engine)
             base_seconds = time.perf_counter() - start
             t0 = time.perf_counter()
-            result = evaluate(policy, suite, pool)
+            engine.set_policy(policy)
+            result = evaluate(world, engine)
             eval_seconds = time.perf_counter() - t0
         rows.append((n, result, base_seconds, eval_seconds, info))
         per_task = ", ".join(f"{t.removesuffix('-v3')} {100 * v:.0f}" for t, v in result.per_task.items())

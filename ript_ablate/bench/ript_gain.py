@@ -24,16 +24,19 @@ import statistics
 import tempfile
 import time
 
+from ript_ablate.bc import ensure_base
 from ript_ablate.bench import run_main
-from ript_ablate.config import Config, load_config
+from ript_ablate.config import Config
+from ript_ablate.engine import RolloutEngine
+from ript_ablate.plugins import build_world
+from ript_ablate.plugins import load_checked_config as load_config
 from ript_ablate.ript.trainer import Trainer
-from ript_ablate.suites import build_suite
-from ript_ablate.suites.rollouts import RolloutPool
 from ript_ablate.tracking import MlflowTracker, Tracker
 
 
 def run(cfg: Config, tracker: Tracker, out: str) -> tuple[list[dict], float]:
     start = time.perf_counter()
+    ensure_base(cfg)
     result = Trainer(cfg, tracker).run(out)
     tracker.end("FINISHED")
     return result.history, time.perf_counter() - start
@@ -68,9 +71,9 @@ class TimedTracker(MlflowTracker):
 def raw_rates(cfg: Config, seconds: float, episode_lengths: dict[str, int] | None = None) -> dict[str, float]:
     """Random-action env steps/s per task on a pool shaped like the trainer's (the ceiling for rollouts), with
     resets every `episode_lengths[task]` steps when given."""
-    tasks = list(episode_lengths) if episode_lengths else build_suite(cfg).tasks
-    with RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker) as pool:
-        return {task: pool.raw_steps_per_second(task, seconds, (episode_lengths or {}).get(task)) for task in tasks}
+    tasks = list(episode_lengths) if episode_lengths else build_world(cfg).tasks
+    with RolloutEngine(cfg) as engine:
+        return {task: engine.raw_steps_per_second(task, seconds, (episode_lengths or {}).get(task)) for task in tasks}
 
 
 def mean_episode_lengths(history: list[dict]) -> dict[str, int]:

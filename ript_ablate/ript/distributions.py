@@ -1,4 +1,11 @@
-"""Action log-probabilities as RIPT computes them for the PPO ratio.
+"""The action distribution: how rollouts sample actions and how the update scores them, in one object.
+
+`ActionDistribution.from_algo(algo)` is built once per run; rollouts call `sample` (numpy, each episode with
+its own generator, so results never depend on which process or batch ran it) and the update calls `log_prob`
+(torch). Sampling: a = mu + scale_factor * exp(log_b) * noise, noise Laplace(0, 1) or, for the ablation,
+N(0, 1).
+
+Log-probabilities as RIPT computes them for the PPO ratio.
 
 Per element (chunk step h, action dim d) with b = exp(log_b):
     Laplace   -log_b - |a - mu| / b - log 2
@@ -19,7 +26,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 LOG2 = math.log(2.0)
@@ -66,3 +76,38 @@ def step_mask(valid: torch.Tensor, mode: str, action_dim: int) -> torch.Tensor:
     if mode == "ratio_on_action_dim":
         return valid.unsqueeze(-1).expand(*valid.shape, action_dim)
     return valid
+
+
+@dataclass(frozen=True)
+class ActionDistribution:
+    """Laplace (or Gaussian) chunk distribution with RIPT's sampling and ratio switches; picklable, so
+    rollout worker processes receive the same object the trainer uses."""
+
+    laplace: bool = True
+    scale_factor: float = 1.0
+    log_scale_clip: tuple[float, float] | None = None
+    log_prob_mode: str = "sum_on_action_dim"
+    exact: bool = False
+
+    @classmethod
+    def from_algo(cls, algo: Any) -> ActionDistribution:
+        """From the `algo` config section (use_laplace_sampling, scale_factor, log_scale_clip, log_prob_mode,
+        exact_behavior_logprob)."""
+        clip = algo.log_scale_clip
+        return cls(laplace=algo.use_laplace_sampling, scale_factor=algo.scale_factor,
+                   log_scale_clip=None if clip is None else (float(clip[0]), float(clip[1])),
+                   log_prob_mode=algo.log_prob_mode, exact=algo.exact_behavior_logprob)
+
+    def sample(self, mu: np.ndarray, log_b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One behaviour action chunk (H, D) for one episode, drawn from that episode's generator."""
+        noise = rng.laplace(size=mu.shape) if self.laplace else rng.standard_normal(mu.shape)
+        return mu + self.scale_factor * np.exp(log_b) * noise
+
+    def log_prob(self, actions: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+        """The log-prob entering the PPO ratio, shaped per `log_prob_mode`."""
+        return log_prob(actions, mu, log_b, laplace=self.laplace, mode=self.log_prob_mode,
+                        log_scale_clip=self.log_scale_clip, scale_factor=self.scale_factor, exact=self.exact)
+
+    def mask(self, valid: torch.Tensor, action_dim: int) -> torch.Tensor:
+        """A (C, H) mask of counted positions, shaped like `log_prob`'s output."""
+        return step_mask(valid, self.log_prob_mode, action_dim)

@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ript_ablate.config import AlgoConfig
-from ript_ablate.suites.metaworld_tasks import stream_seed
-from ript_ablate.suites.rollouts import Episode, EpisodeJob, InitialState, RolloutPool, Sampling
+from ript_ablate.episodes import Episode, EpisodeJob, InitialState
+from ript_ablate.ript.distributions import ActionDistribution
+from ript_ablate.seeding import stream_seed
 
 
 @dataclass
@@ -81,10 +83,6 @@ class IterationRollouts:
         return out
 
 
-def sampling_of(algo: AlgoConfig) -> Sampling:
-    return Sampling(laplace=algo.use_laplace_sampling, scale_factor=algo.scale_factor)
-
-
 def sampling_target(algo: AlgoConfig, quota: int) -> int:
     """Accepted groups an iteration stops at: int(early_stop_percentage x quota), floored, with or without dynamic
     sampling, as the original's shared counter does (without dynamic sampling every group is accepted)."""
@@ -104,8 +102,9 @@ def group_jobs(context: InitialState, k: int, seeds: list[int], mix_states: list
     return [EpisodeJob(context, seed) for seed in seeds]
 
 
-def collect(pool: RolloutPool, contexts: list[InitialState], algo: AlgoConfig, quota: int, iteration: int,
-            eval_states: dict[str, list[InitialState]] | None = None) -> IterationRollouts:
+def collect(engine: Any, contexts: list[InitialState], algo: AlgoConfig, quota: int, iteration: int,
+            eval_states: dict[str, list[InitialState]] | None = None,
+            distribution: ActionDistribution | None = None) -> IterationRollouts:
     """Roll out contexts (reshuffled each iteration) in rounds until the quota is met or the cap is reached.
 
     `contexts` are the training contexts, or the evaluation states when `use_val_init`; `eval_states` (per task)
@@ -121,9 +120,9 @@ def collect(pool: RolloutPool, contexts: list[InitialState], algo: AlgoConfig, q
     all_episodes: list[Episode] = []
     surplus: list[Episode] = []
     tried = zero_variance = 0
-    sampling = sampling_of(algo)
+    distribution = distribution or ActionDistribution.from_algo(algo)
     mix = algo.use_val_init and algo.mix_val_init_in_rloo
-    min_round = 2 * getattr(pool, "num_workers", 1)
+    min_round = 2 * getattr(engine, "num_workers", 1)
     while len(accepted) < target and tried < cap:
         need = target - len(accepted)
         n = need if tried == 0 else max(math.ceil(need * tried / max(len(accepted), 1)), min_round)
@@ -133,7 +132,7 @@ def collect(pool: RolloutPool, contexts: list[InitialState], algo: AlgoConfig, q
         for i, ctx in enumerate(picked):
             seeds = [stream_seed(algo.model_seed, "noise", iteration, tried + i, j) for j in range(k)]
             jobs += group_jobs(ctx, k, seeds, (eval_states or {}).get(ctx.task) if mix else None, rng)
-        episodes = pool.run(jobs, sampling)
+        episodes = engine.run(jobs, distribution)
         for i, ctx in enumerate(picked):
             group = Group(ctx, episodes[i * k:(i + 1) * k])
             if len(accepted) >= target:  # the quota was met earlier in this round: not judged, not used

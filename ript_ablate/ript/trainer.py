@@ -1,5 +1,8 @@
 """The RIPT iteration: contexts -> K rollouts -> dynamic sampling -> RLOO -> PPO passes -> eval -> checkpoint.
 
+`Trainer.set_up` builds a run (world, engine, start policy, optimizer, tracking) and `Trainer.iteration` runs one
+iteration on it; `Trainer.run` is the loop. The behaviour-cloning base is built beforehand (`bc.ensure_base`).
+
 Evaluation runs before the first update (iteration 0), every `training.eval_interval` iterations and at the end;
 checkpoints every `training.save_interval` and at the end, in the layout `algo.lora_adaptor_ckpt` reads.
 """
@@ -8,27 +11,31 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ript_ablate import checkpoints
+from ript_ablate.bc import cached_base, load_base
 from ript_ablate.config import Config, flatten, to_yaml
 from ript_ablate.device import resolve_device
-from ript_ablate.errors import CheckpointError
+from ript_ablate.engine import RolloutEngine, resolve_inference
+from ript_ablate.episodes import InitialState
+from ript_ablate.errors import CheckpointError, ConfigError
 from ript_ablate.evaluation import evaluate
-from ript_ablate.policy import ReferencePolicy, inject_lora, merged_state_dict, tokenize
+from ript_ablate.interfaces.policy import Policy
+from ript_ablate.plugins import build_world
 from ript_ablate.progress import console
 from ript_ablate.ript.advantages import advantages as rloo_advantages
+from ript_ablate.ript.distributions import ActionDistribution
 from ript_ablate.ript.rollouts import collect
 from ript_ablate.ript.update import PPOUpdater, build_trajectories
-from ript_ablate.sft import get_base, load_base
-from ript_ablate.suites import build_suite
-from ript_ablate.suites.metaworld_tasks import stream_seed
-from ript_ablate.suites.rollouts import RolloutPool
+from ript_ablate.seeding import stream_seed
 from ript_ablate.tracking import Tracker, git_commit
 
 HISTORY_LOG = "history.jsonl"  # one line per logged iteration, appended as the run goes (read when resuming)
@@ -43,30 +50,47 @@ class TrainResult:
     run_id: str | None = None
 
 
-def load_start_policy(cfg: Config, suite, pool: RolloutPool) -> tuple[ReferencePolicy, str, dict]:
-    """Base weights (checkpoint_path or the cached BC base), header_checkpoint, LoRA, then lora_adaptor_ckpt."""
+def load_start_policy(cfg: Config, world: Any) -> tuple[Policy, str, dict]:
+    """Base weights (checkpoint_path, or this config's cached behaviour-cloning base: built beforehand by
+    `ensure_base`, never here), header_checkpoint, the policy's RL preparation (LoRA), then lora_adaptor_ckpt."""
     algo = cfg.algo
-    if algo.checkpoint_path:
-        policy = load_base(algo.checkpoint_path, cfg, suite.obs_dim, suite.action_dim)
-        base = algo.checkpoint_path
-    else:
-        policy, path, _ = get_base(cfg, suite, pool)
-        base = str(path)
+    path = algo.checkpoint_path or str(cached_base(cfg, world))
+    policy = load_base(path, cfg, world)
     if algo.header_checkpoint:
         tensors = checkpoints.load_tensors(algo.header_checkpoint, "header checkpoint")
         checkpoints.load_into(policy, tensors, algo.header_checkpoint, "header checkpoint", strict=False)
-    inject_lora(policy, algo.lora_rank, cfg.policy.lora_alpha, algo.lora_dropout, cfg.policy.lora_targets,
-                cfg.policy.lora_init)
+    policy.prepare_for_rl(cfg)
     meta: dict = {}
     if algo.lora_adaptor_ckpt:
         directory = Path(algo.lora_adaptor_ckpt)
         if not directory.is_dir():
             raise CheckpointError(f"algo.lora_adaptor_ckpt: adapter directory not found: {directory}")
-        path = directory / checkpoints.ADAPTER_FILE
-        checkpoints.load_into(policy, checkpoints.load_tensors(path, "adapter checkpoint"), path,
+        adapter = directory / checkpoints.ADAPTER_FILE
+        checkpoints.load_into(policy, checkpoints.load_tensors(adapter, "adapter checkpoint"), adapter,
                               "adapter checkpoint", strict=False)
         meta = checkpoints.read_meta(directory)
-    return policy, base, meta
+    return policy, path, meta
+
+
+@dataclass
+class RunState:
+    """Everything one run holds between iterations (built by `Trainer.set_up`)."""
+
+    out: Path
+    world: Any
+    engine: RolloutEngine
+    policy: Policy
+    updater: PPOUpdater
+    base: str
+    tasks: list[str]
+    contexts: list[InitialState]
+    eval_states: dict[str, list[InitialState]]
+    instructions: dict[str, torch.Tensor]
+    distribution: ActionDistribution
+    inference: str
+    start_iteration: int
+    result: TrainResult
+    done: int = 0  # the last iteration run (the start iteration before any)
 
 
 EvalCallback = Callable[[int, dict[str, float]], None]
@@ -90,6 +114,19 @@ class Trainer:
         self.guard = guard or (lambda: None)
 
     def run(self, output_dir: str | Path | None = None) -> TrainResult:
+        """Set up, evaluate the start, then one `iteration` at a time until `n_iterations` or divergence."""
+        with self.set_up(output_dir) as run:
+            if not self.cfg.algo.eval_only:
+                for iteration in range(run.start_iteration + 1, self.cfg.training.n_iterations + 1):
+                    if not self.iteration(run, iteration):
+                        break
+            self._finish(run)
+            return run.result
+
+    @contextmanager
+    def set_up(self, output_dir: str | Path | None = None) -> Iterator[RunState]:
+        """Output directory, world, rollout engine, start policy, optimizer, tracking, contexts; logs the
+        evaluation of the starting point. The engine's worker processes live as long as the context."""
         cfg, algo = self.cfg, self.cfg.algo
         torch.manual_seed(algo.model_seed)
         out = Path(output_dir or Path(cfg.training.output_dir) / time.strftime("run-%Y%m%d-%H%M%S"))
@@ -98,11 +135,16 @@ class Trainer:
         (out / "config.yaml").write_text(to_yaml(cfg))
         self.history_file = out / HISTORY_LOG
         self.history_file.write_text("")
-        suite = build_suite(cfg)
-        tasks = algo.rollout_training_task_names or suite.tasks
-        with RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker, algo.max_episode_length) as pool:
-            policy, base, meta = load_start_policy(cfg, suite, pool)
-            policy.to(self.device)
+        world = build_world(cfg)
+        tasks = algo.rollout_training_task_names or world.tasks
+        unknown = [t for t in tasks if t not in world.tasks]
+        if unknown:
+            raise ConfigError([f"algo.rollout_training_task_names: {unknown} are not tasks of the world "
+                               f"({world.tasks})"])
+        policy, base, meta = load_start_policy(cfg, world)
+        policy.to(self.device)
+        inference = resolve_inference(cfg.suite.inference, policy, self.device)
+        with RolloutEngine(cfg, world) as engine:
             updater = PPOUpdater(policy, algo, self.device, cfg.training.precision)
             start_iteration = int(meta.get("iteration", 0))
             if algo.lora_adaptor_ckpt:
@@ -112,59 +154,69 @@ class Trainer:
                         updater.optimizer, checkpoints.load_tensors(opt_file, "optimizer checkpoint"))
             self.tracker.start(flatten(cfg), {
                 "git_commit": git_commit(), "device": str(self.device), "torch_version": torch.__version__,
-                "base_checkpoint": base,
+                "base_checkpoint": base, "rollout_inference": inference,
             })
             if algo.use_val_init:
-                contexts = [s for t in tasks for s in suite.eval_states(t)]
+                contexts = [s for t in tasks for s in world.eval_states(t)]
             else:
-                demos = suite.demonstrations(pool, cfg.sft.cache_dir)
-                contexts = suite.training_contexts(demos, tasks)
-            eval_states = {t: suite.eval_states(t) for t in tasks}
-            instr_of = {t: torch.tensor(tokenize(suite.instruction(t), cfg.policy.vocab_size,
-                                                 cfg.policy.max_instruction_tokens)) for t in suite.tasks}
-            result = TrainResult("finished", output_dir=out, run_id=getattr(self.tracker, "run_id", None))
-            self._replay_prior(start_iteration, result)
-            if not any(h["iteration"] == start_iteration and "eval/success_rate" in h for h in result.history):
-                self._evaluate(policy, suite, pool, start_iteration, result)  # one point per iteration, also on resume
-            if algo.eval_only:
-                self._finish(policy, updater, out, start_iteration, result, base)
-                return result
-            done = start_iteration
-            for iteration in range(start_iteration + 1, cfg.training.n_iterations + 1):
-                done = iteration
-                t_iter = time.perf_counter()
-                pool.set_policy(policy)
-                rollouts = collect(pool, contexts, algo, cfg.training.contexts_per_iteration, iteration, eval_states)
-                metrics = rollouts.metrics(tasks)
-                t_update = time.perf_counter()
-                if rollouts.accepted:
-                    rewards = np.stack([g.rewards for g in rollouts.accepted])
-                    adv = rloo_advantages(rewards, algo.rloo_over_all_rollouts)
-                    metrics["rloo/advantage_mean"] = float(adv.mean())
-                    metrics["rloo/nonzero_adv_fraction"] = float((np.abs(adv) > 1e-12).mean())
-                    metrics["rloo/reward_mean"] = float(rewards.mean())
-                    trajectories = build_trajectories(rollouts.accepted, adv, instr_of, algo, self.device)
-                    rng = np.random.default_rng(stream_seed(algo.model_seed, "shuffle", iteration))
-                    update = updater.update(trajectories, rng, cfg.training.max_nonfinite)
-                    metrics.update(update["metrics"])
-                    if update["diverged"]:
-                        result.status = "diverged"
-                metrics["perf/update_s"] = time.perf_counter() - t_update
-                metrics["lr/backbone"] = algo.lr
-                metrics["lr/header"] = algo.header_lr
-                last = iteration == cfg.training.n_iterations or result.status == "diverged"
-                if iteration % cfg.training.eval_interval == 0 or last:
-                    self._evaluate(policy, suite, pool, iteration, result, metrics)
-                metrics["perf/iteration_s"] = time.perf_counter() - t_iter
-                self._log(iteration, metrics, result)
-                if result.status == "diverged":
-                    console.print(f"[red]diverged[/] at iteration {iteration}: more than "
-                                  f"{cfg.training.max_nonfinite} non-finite updates in a row")
-                    break
-                if iteration % cfg.training.save_interval == 0 and not last:
-                    self._save(policy, updater, out / "checkpoints" / f"iter_{iteration:04d}", iteration, base)
-            self._finish(policy, updater, out, done, result, base)
-        return result
+                demos = world.demonstrations(engine, cfg.sft.cache_dir)
+                contexts = [s for t in tasks for s in world.training_contexts(t, demos)]
+            run = RunState(
+                out=out, world=world, engine=engine, policy=policy, updater=updater, base=base, tasks=tasks,
+                contexts=contexts, eval_states={t: world.eval_states(t) for t in tasks},
+                instructions={t: policy.encode_instruction(world.instruction(t)) for t in world.tasks},
+                distribution=ActionDistribution.from_algo(algo), inference=inference, start_iteration=start_iteration,
+                result=TrainResult("finished", output_dir=out, run_id=getattr(self.tracker, "run_id", None)),
+            )
+            run.done = start_iteration
+            self._replay_prior(start_iteration, run.result)
+            if not any(h["iteration"] == start_iteration and "eval/success_rate" in h for h in run.result.history):
+                self._evaluate(run, start_iteration)  # one point per iteration, also on resume
+            yield run
+
+    def _act(self, run: RunState) -> None:
+        """Point the engine at the current weights (replica: sent to the workers; central: used in place)."""
+        run.engine.set_policy(run.policy, run.inference, self.device, self.cfg.training.precision)
+
+    def iteration(self, run: RunState, iteration: int) -> bool:
+        """One RIPT iteration: rollouts, RLOO, PPO passes, evaluation when due, log, checkpoint when due.
+        Returns False when the run must stop (diverged)."""
+        cfg, algo = self.cfg, self.cfg.algo
+        run.done = iteration
+        t_iter = time.perf_counter()
+        self._act(run)
+        rollouts = collect(run.engine, run.contexts, algo, cfg.training.contexts_per_iteration, iteration,
+                           run.eval_states, run.distribution)
+        metrics = rollouts.metrics(run.tasks)
+        t_update = time.perf_counter()
+        if rollouts.accepted:
+            rewards = np.stack([g.rewards for g in rollouts.accepted])
+            adv = rloo_advantages(rewards, algo.rloo_over_all_rollouts)
+            metrics["rloo/advantage_mean"] = float(adv.mean())
+            metrics["rloo/nonzero_adv_fraction"] = float((np.abs(adv) > 1e-12).mean())
+            metrics["rloo/reward_mean"] = float(rewards.mean())
+            trajectories = build_trajectories(rollouts.accepted, adv, run.instructions, algo, self.device,
+                                              run.distribution)
+            rng = np.random.default_rng(stream_seed(algo.model_seed, "shuffle", iteration))
+            update = run.updater.update(trajectories, rng, cfg.training.max_nonfinite)
+            metrics.update(update["metrics"])
+            if update["diverged"]:
+                run.result.status = "diverged"
+        metrics["perf/update_s"] = time.perf_counter() - t_update
+        metrics["lr/backbone"] = algo.lr
+        metrics["lr/header"] = algo.header_lr
+        last = iteration == cfg.training.n_iterations or run.result.status == "diverged"
+        if iteration % cfg.training.eval_interval == 0 or last:
+            self._evaluate(run, iteration, metrics)
+        metrics["perf/iteration_s"] = time.perf_counter() - t_iter
+        self._log(iteration, metrics, run.result)
+        if run.result.status == "diverged":
+            console.print(f"[red]diverged[/] at iteration {iteration}: more than "
+                          f"{cfg.training.max_nonfinite} non-finite updates in a row")
+            return False
+        if iteration % cfg.training.save_interval == 0 and not last:
+            self._save(run, run.out / "checkpoints" / f"iter_{iteration:04d}", iteration)
+        return True
 
     def _replay_prior(self, start_iteration: int, result: TrainResult) -> None:
         """Log the iterations before the resume point again, so the resumed run carries the whole curve."""
@@ -177,13 +229,13 @@ class Trainer:
             self._append_history(result.history[-1])
         self.tracker.flush()
 
-    def _evaluate(self, policy, suite, pool, iteration: int, result: TrainResult,
-                  metrics: dict[str, float] | None = None) -> None:
+    def _evaluate(self, run: RunState, iteration: int, metrics: dict[str, float] | None = None) -> None:
         t0 = time.perf_counter()
-        res = evaluate(policy, suite, pool)
+        self._act(run)
+        res = evaluate(run.world, run.engine)
         values = {**res.metrics(), "perf/eval_s": time.perf_counter() - t0}
         if metrics is None:
-            self._log(iteration, values, result)
+            self._log(iteration, values, run.result)
         else:
             metrics.update(values)
 
@@ -211,16 +263,16 @@ class Trainer:
                 parts.append(f"{label} {metrics[key]:.3g}")
         console.print(" | ".join(parts))
 
-    def _save(self, policy, updater, directory: Path, iteration: int, base: str) -> Path:
+    def _save(self, run: RunState, directory: Path, iteration: int) -> Path:
         self.guard()
-        meta = {"iteration": iteration, "base_checkpoint": base}
-        return checkpoints.save_run_checkpoint(directory, policy, merged_state_dict(policy), updater.optimizer, meta)
+        meta = {"iteration": iteration, "base_checkpoint": run.base}
+        return checkpoints.save_run_checkpoint(directory, run.policy, run.updater.optimizer, meta)
 
-    def _finish(self, policy, updater, out: Path, iteration: int, result: TrainResult, base: str) -> None:
-        final = self._save(policy, updater, out / "checkpoints" / "final", iteration, base)
-        result.final_checkpoint = final
+    def _finish(self, run: RunState) -> None:
+        final = self._save(run, run.out / "checkpoints" / "final", run.done)
+        run.result.final_checkpoint = final
         self.guard()
-        (out / "history.json").write_text(json.dumps(result.history, indent=1))
-        self.tracker.log_artifact(out / "config.yaml")
+        (run.out / "history.json").write_text(json.dumps(run.result.history, indent=1))
+        self.tracker.log_artifact(run.out / "config.yaml")
         if self.cfg.tracking.log_checkpoint:
             self.tracker.log_artifact(final, "checkpoint")

@@ -28,14 +28,14 @@ from torch import nn
 
 from ript_ablate.config import AlgoConfig
 from ript_ablate.device import autocast
-from ript_ablate.policy import ReferencePolicy, lora_parameters
-from ript_ablate.ript.distributions import log_prob, step_mask
+from ript_ablate.interfaces.policy import Policy
+from ript_ablate.ript.distributions import ActionDistribution
 
 
 @dataclass
 class Trajectory:
-    obs: torch.Tensor  # (C, obs_dim)
-    instr: torch.Tensor  # (L,)
+    obs: dict[str, torch.Tensor]  # each (C, ...)
+    instr: torch.Tensor  # the task's instruction encoding
     actions: torch.Tensor  # (C, H, D)
     mask: torch.Tensor  # (C, H) or (C, H, D): float, 1 where the step counts
     old_logp: torch.Tensor  # same shape as mask
@@ -61,42 +61,39 @@ def active_clips(ratio: torch.Tensor, advantage: torch.Tensor | float, clip_low:
     return (ratio < 1.0 - clip_low) & (adv < 0), (ratio > 1.0 + clip_high) & (adv > 0)
 
 
-def policy_log_prob(policy: ReferencePolicy, obs: torch.Tensor, instr: torch.Tensor, actions: torch.Tensor,
-                    algo: AlgoConfig, device: torch.device,
+def policy_log_prob(policy: Policy, obs: dict[str, torch.Tensor], instr: torch.Tensor, actions: torch.Tensor,
+                    distribution: ActionDistribution, device: torch.device,
                     precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(logp per `log_prob_mode`, log_b) of `actions` under the current policy; the forward pass under the run's
     precision, the log-prob and the loss always in fp32."""
     with autocast(device, precision):
         mu, log_b = policy(obs, instr)
-    logp = log_prob(actions, mu.float(), log_b.float(), laplace=algo.use_laplace_sampling, mode=algo.log_prob_mode,
-                    log_scale_clip=algo.log_scale_clip, scale_factor=algo.scale_factor,
-                    exact=algo.exact_behavior_logprob)
-    return logp, log_b.float()
+    return distribution.log_prob(actions, mu.float(), log_b.float()), log_b.float()
 
 
-def old_log_prob(mu: np.ndarray, log_b: np.ndarray, actions: np.ndarray, algo: AlgoConfig) -> torch.Tensor:
+def old_log_prob(mu: np.ndarray, log_b: np.ndarray, actions: np.ndarray,
+                 distribution: ActionDistribution) -> torch.Tensor:
     """Behaviour-time log-prob from the mu/log_b stored at rollout (no recompute before the update)."""
-    return log_prob(torch.from_numpy(actions), torch.from_numpy(mu), torch.from_numpy(log_b),
-                    laplace=algo.use_laplace_sampling, mode=algo.log_prob_mode,
-                    log_scale_clip=algo.log_scale_clip, scale_factor=algo.scale_factor,
-                    exact=algo.exact_behavior_logprob)
+    return distribution.log_prob(torch.from_numpy(actions), torch.from_numpy(mu), torch.from_numpy(log_b))
 
 
-def parameter_groups(policy: ReferencePolicy, algo: AlgoConfig) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(backbone adapter, heads). With fix_scale_head the scale head is frozen and left out of the optimizer;
-    gradient still flows through log_b into the backbone, as in the original."""
-    backbone = lora_parameters(policy)
-    heads = list(policy.action_head.parameters())
-    for p in policy.scale_head.parameters():
+def parameter_groups(policy: Policy, algo: AlgoConfig) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone's trainable parameters, heads). With fix_scale_head the scale head is frozen and left out of the
+    optimizer; gradient still flows through log_b into the backbone, as in the original."""
+    roles = policy.modules_by_role()
+    backbone = policy.backbone_trainable()
+    heads = list(roles["action_head"].parameters())
+    for p in roles["scale_head"].parameters():
         p.requires_grad = not algo.fix_scale_head
     if not algo.fix_scale_head:
-        heads += list(policy.scale_head.parameters())
+        heads += list(roles["scale_head"].parameters())
     return backbone, heads
 
 
 class PPOUpdater:
-    def __init__(self, policy: ReferencePolicy, algo: AlgoConfig, device: torch.device, precision: str = "auto"):
+    def __init__(self, policy: Policy, algo: AlgoConfig, device: torch.device, precision: str = "auto"):
         self.policy, self.algo, self.device, self.precision = policy, algo, device, precision
+        self.distribution = ActionDistribution.from_algo(algo)
         self.backbone_params, self.head_params = parameter_groups(policy, algo)
         groups = [{"params": self.backbone_params, "lr": algo.lr, "name": "backbone"},
                   {"params": self.head_params, "lr": algo.header_lr, "name": "header"}]
@@ -113,22 +110,22 @@ class PPOUpdater:
         sum_i weight_i * mean over i's valid steps of the clipped loss, however the rows are packed. No host syncs.
         """
         algo = self.algo
-        obs = torch.cat([t.obs for t in trajs])
-        instr = torch.cat([t.instr.expand(t.obs.shape[0], -1) for t in trajs])
+        obs = {k: torch.cat([t.obs[k] for t in trajs]) for k in trajs[0].obs}
+        instr = torch.cat([t.instr.unsqueeze(0).expand(t.mask.shape[0], *t.instr.shape) for t in trajs])
         actions = torch.cat([t.actions for t in trajs])
         mask = torch.cat([t.mask for t in trajs])
         old_logp = torch.cat([t.old_logp for t in trajs])
-        row_adv = torch.cat([torch.full((t.obs.shape[0],), t.advantage, device=obs.device) for t in trajs])
-        row_weight = torch.cat([(w / t.mask.sum().clamp_min(1.0)).expand(t.obs.shape[0])
+        row_adv = torch.cat([torch.full((t.mask.shape[0],), t.advantage, device=mask.device) for t in trajs])
+        row_weight = torch.cat([(w / t.mask.sum().clamp_min(1.0)).expand(t.mask.shape[0])
                                 for t, w in zip(trajs, weights)])
         tail = (1,) * (mask.dim() - 1)  # broadcast per-row values over (H,) or (H, D)
         size = algo.max_step_batch_size
         lo, hi = algo.log_scale_clip if algo.log_scale_clip is not None else (-math.inf, math.inf)
         stats["micro_batches"] += sum(math.ceil(t.counted_chunks / size) for t in trajs)
-        for s in range(0, obs.shape[0], size):
+        for s in range(0, mask.shape[0], size):
             m = mask[s:s + size]
-            logp, log_b = policy_log_prob(self.policy, obs[s:s + size], instr[s:s + size], actions[s:s + size],
-                                          algo, self.device, self.precision)
+            logp, log_b = policy_log_prob(self.policy, {k: v[s:s + size] for k, v in obs.items()}, instr[s:s + size],
+                                          actions[s:s + size], self.distribution, self.device, self.precision)
             log_ratio = logp - old_logp[s:s + size]
             ratio = torch.exp(log_ratio)
             adv = row_adv[s:s + size].view(-1, *tail)
@@ -214,16 +211,18 @@ class PPOUpdater:
 
 
 def build_trajectories(groups: list, advantages: np.ndarray, instr_of: dict[str, torch.Tensor], algo: AlgoConfig,
-                       device: torch.device) -> list[Trajectory]:
+                       device: torch.device, distribution: ActionDistribution | None = None) -> list[Trajectory]:
     """Tensors for every accepted rollout, on the training device once per iteration."""
+    distribution = distribution or ActionDistribution.from_algo(algo)
     out = []
     for g, group in enumerate(groups):
         for k, ep in enumerate(group.episodes):
             d = ep.actions.shape[-1]
             counted = ep.loss_mask(executed_only=algo.loss_on_executed_steps_only)
-            mask = step_mask(torch.from_numpy(counted).float(), algo.log_prob_mode, d)
-            old = old_log_prob(ep.mu, ep.log_b, ep.actions, algo)
-            out.append(Trajectory(torch.from_numpy(ep.obs).to(device), instr_of[ep.task].to(device),
+            mask = distribution.mask(torch.from_numpy(counted).float(), d)
+            old = old_log_prob(ep.mu, ep.log_b, ep.actions, distribution)
+            out.append(Trajectory({k: torch.from_numpy(v).to(device) for k, v in ep.obs.items()},
+                                  instr_of[ep.task].to(device),
                                   torch.from_numpy(ep.actions).to(device), mask.to(device), old.to(device),
                                   float(advantages[g, k]), int(counted.any(-1).sum())))
     return out

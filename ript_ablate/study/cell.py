@@ -128,8 +128,9 @@ def resume_point(out: Path) -> tuple[str | None, list[dict[str, float]]]:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from ript_ablate.config import config_from_dict
+    from ript_ablate.bc import ensure_base
     from ript_ablate.errors import is_infrastructure_error, readable_error
+    from ript_ablate.plugins import checked_config_from_dict
     from ript_ablate.ript.trainer import Trainer
     from ript_ablate.study.objective import metric_points, reduce_points
     from ript_ablate.tracking import MlflowTracker, Tracker
@@ -141,7 +142,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     data = job["config"]
     if checkpoint:
         data = {**data, "algo": {**data.get("algo", {}), "lora_adaptor_ckpt": checkpoint}}
-    cfg = config_from_dict(data, f"cell {job['cell_id']}")
+    cfg = checked_config_from_dict(data, f"cell {job['cell_id']}")
     tags = {**job["tags"], "ript.attempt": str(job["attempt"])}
     if checkpoint:
         tags["ript.resumed_from"] = checkpoint
@@ -182,6 +183,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     result: dict[str, Any] = {"resumed_from": checkpoint}
     try:
+        ensure_base(cfg)  # normally a cache hit: the runner builds the bases before its workers start
         trained = Trainer(cfg, tracker, on_eval=on_eval, prior_history=prior, guard=guard).run(out)
         history = trained.history
         result["status"] = trained.status

@@ -101,22 +101,20 @@ def eta_seconds(records: list[CellRecord], counts: dict[str, int], workers: int)
 def prepare_bases(spec: StudySpec) -> None:
     """Build (or find in the cache) each behaviour-cloning base the cells need, once, before workers start:
     concurrent cells then only read the cache."""
-    from ript_ablate.sft import get_base, sft_key
-    from ript_ablate.suites import build_suite
-    from ript_ablate.suites.rollouts import RolloutPool
+    from ript_ablate.bc import demo_key, ensure_base, sft_key
+    from ript_ablate.plugins import build_world
 
     configs = [spec.cell_config(v, spec.seeds[0]) for v in (spec.grid_configs() if spec.mode == "grid" else [{}])]
     seen = set()
     for cfg in configs:
         if cfg.algo.checkpoint_path:
             continue  # the cells start from a given model, not from a cached base
-        suite = build_suite(cfg)
-        key = (sft_key(cfg, suite.demo_key()), cfg.sft.cache_dir)
+        world = build_world(cfg)
+        key = (sft_key(cfg, demo_key(world)), cfg.sft.cache_dir)
         if key in seen:
             continue
         seen.add(key)
-        with RolloutPool(cfg.suite.num_workers, cfg.suite.envs_per_worker, cfg.algo.max_episode_length) as pool:
-            get_base(cfg, suite, pool)
+        ensure_base(cfg, world)
 
 
 def worker_command(spec_path: Path, url: str, slot: Slot, output_dir: Path) -> list[str]:

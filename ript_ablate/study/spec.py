@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ript_ablate.config import SECTIONS, Config, all_keys, config_from_dict, load_yaml, merge, parse_overrides
+from ript_ablate.config import SECTIONS, Config, all_keys, load_yaml, merge, parse_overrides
 from ript_ablate.errors import ConfigError
 
 SEED_KEY = "algo.model_seed"
@@ -106,7 +106,9 @@ class StudySpec:
         return [dict(zip(keys, values)) for values in itertools.product(*self.factors.values())]
 
     def cell_config(self, values: dict[str, Any], seed: int) -> Config:
-        return config_from_dict(with_values(self.base, {**values, SEED_KEY: seed}), f"{self.path} cell")
+        from ript_ablate.plugins import checked_config_from_dict
+
+        return checked_config_from_dict(with_values(self.base, {**values, SEED_KEY: seed}), f"{self.path} cell")
 
     def fingerprint(self) -> str:
         """What defines the cells; resuming with a changed spec is refused instead of mixing results."""

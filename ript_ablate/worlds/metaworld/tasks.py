@@ -6,13 +6,14 @@ a reset with a fixed variation is deterministic. RIPT contexts are variations; s
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import warnings
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+from ript_ablate.seeding import stream_seed  # noqa: F401 - the streams of initial states
 
 PRESETS: dict[str, list[str]] = {
     # Tasks with headroom for RL from a few demonstrations (measured here: drawer-open, button-press-topdown and
@@ -72,12 +73,6 @@ def instruction(task: str) -> str:
 
 def episode_length(task: str, override: int | None = None) -> int:
     return override if override is not None else EPISODE_LENGTHS.get(task, DEFAULT_EPISODE_LENGTH)
-
-
-def stream_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from named parts, so each stream (demo, context, eval) is independent."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def quiet() -> None:

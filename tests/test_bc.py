@@ -7,29 +7,31 @@ import torch
 
 from ript_ablate.cli import main
 from ript_ablate.config import config_from_dict
-from ript_ablate.sft import build_bc_data, get_base, sft_key
-from ript_ablate.suites import build_suite
-from ript_ablate.suites.metaworld import Demonstrations
-from ript_ablate.suites.rollouts import Episode, RolloutPool
+from ript_ablate.bc import build_bc_data, get_base, sft_key
+from ript_ablate.engine import RolloutEngine
+from ript_ablate.episodes import Demonstrations, Episode
+from ript_ablate.plugins import build_world
 
 
 def test_bc_chunks_are_the_next_h_actions_masked_past_the_end(tiny_cfg):
     actions = np.arange(12, dtype=np.float32).reshape(3, 4)  # 3 steps, D=4
-    ep = Episode("reach-v3", "reach-v3/demo/0", True, 3, np.zeros((3, 39), np.float32), actions, np.ones((3, 1), bool))
-    data = build_bc_data(Demonstrations({"reach-v3": [ep]}, {"reach-v3": []}), ["reach-v3"], {"reach-v3": "reach"},
-                         tiny_cfg.policy)
+    ep = Episode("reach-v3", "reach-v3/demo/0", True, 3, {"state": np.zeros((3, 39), np.float32)}, actions,
+                 np.ones((3, 1), bool))
+    data = build_bc_data(Demonstrations({"reach-v3": [ep]}, {"reach-v3": []}), ["reach-v3"],
+                         {"reach-v3": torch.tensor([5, 0])}, tiny_cfg.policy.chunk_size)
+    assert data.instr.tolist() == [[5, 0]] * 3 and data.obs["state"].shape == (3, 39)
     assert data.target.shape == (3, 4, 4)
     torch.testing.assert_close(data.target[1, :2], torch.from_numpy(actions[1:3]))
     assert data.mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
 
 
 def test_base_is_cached_and_reused(tiny_cfg):
-    suite = build_suite(tiny_cfg)
-    with RolloutPool(0, 4, tiny_cfg.algo.max_episode_length) as pool:
-        policy, path, info = get_base(tiny_cfg, suite, pool)
+    world = build_world(tiny_cfg)
+    with RolloutEngine(tiny_cfg, world) as engine:
+        policy, path, info = get_base(tiny_cfg, world, engine)
         assert not info["cache_hit"] and path.is_file()
         stamp = path.stat().st_mtime_ns
-        again, path2, info2 = get_base(tiny_cfg, build_suite(tiny_cfg), pool)
+        again, path2, info2 = get_base(tiny_cfg, build_world(tiny_cfg), engine)
     assert info2["cache_hit"] and path2 == path and path.stat().st_mtime_ns == stamp
     for (k, a), (_, b) in zip(policy.state_dict().items(), again.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ript_ablate.config import PolicyConfig
+from ript_ablate.interfaces.policy import Policy
 
 
 def tokenize(text: str, vocab_size: int, max_tokens: int) -> list[int]:
@@ -87,12 +88,15 @@ class Backbone(nn.Module):
         return self.ln_f(tokens[:, -cfg.chunk_size:])
 
 
-class ReferencePolicy(nn.Module):
-    """obs (B, obs_dim) + instruction ids (B, L) -> mu (B, H, D), log_b (B, H, D)."""
+class ReferencePolicy(Policy):
+    """obs {"state": (B, obs_dim)} + instruction ids (B, L) -> mu (B, H, D), log_b (B, H, D)."""
+
+    replicable = True
 
     def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
         super().__init__()
         self.cfg = cfg
+        self.chunk_size = cfg.chunk_size
         self.obs_dim = obs_dim
         self.action_dim = action_dim
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
@@ -110,13 +114,46 @@ class ReferencePolicy(nn.Module):
         self.obs_mean.copy_(mean)
         self.obs_std.copy_(std.clamp_min(self.cfg.obs_std_floor))
 
-    def forward(self, obs: torch.Tensor, instr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.backbone((obs - self.obs_mean) / self.obs_std, instr)
+    def hidden(self, obs: dict[str, torch.Tensor], instr: torch.Tensor) -> torch.Tensor:
+        return self.backbone((obs["state"] - self.obs_mean) / self.obs_std, instr)
+
+    def forward(self, obs: dict[str, torch.Tensor], instr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.hidden(obs, instr)
         return self.action_head(hidden), self.scale_head(hidden)
+
+    # -- the Policy interface ----------------------------------------------------------------------------------
+    def encode_instruction(self, text: str) -> torch.Tensor:
+        return torch.tensor(tokenize(text, self.cfg.vocab_size, self.cfg.max_instruction_tokens), dtype=torch.long)
+
+    def modules_by_role(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone, "action_head": self.action_head, "scale_head": self.scale_head}
+
+    def observe_demonstrations(self, obs: dict[str, torch.Tensor]) -> None:
+        states = obs["state"].double()
+        self.set_obs_normalizer(states.mean(0).float(), states.std(0).nan_to_num(0.0).float())
+
+    def prepare_for_rl(self, cfg) -> None:
+        """LoRA on the backbone (frozen base), as RIPT's OpenVLA-OFT path."""
+        inject_lora(self, cfg.algo.lora_rank, cfg.policy.lora_alpha, cfg.algo.lora_dropout, cfg.policy.lora_targets,
+                    cfg.policy.lora_init)
+
+    def rollout_state(self) -> dict[str, torch.Tensor]:
+        return merged_state_dict(self)
 
 
 def build_policy(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> ReferencePolicy:
     return ReferencePolicy(cfg, obs_dim, action_dim)
+
+
+def make_reference_policy(cfg, world) -> ReferencePolicy:
+    """The `reference` plug-in: reads the world's {"state": (n,)} observation."""
+    shapes = world.observation_shapes
+    if "state" not in shapes or len(shapes["state"]) != 1:
+        from ript_ablate.errors import ConfigError
+
+        raise ConfigError([f"policy.name: 'reference' reads a flat 'state' observation; the world "
+                           f"{type(world).__name__} gives {shapes}"])
+    return ReferencePolicy(cfg.policy, shapes["state"][0], world.action_dim)
 
 
 def default_lora_alpha(rank: int) -> float:
@@ -124,7 +161,7 @@ def default_lora_alpha(rank: int) -> float:
     return float(min(rank, 16))
 
 
-def inject_lora(policy: ReferencePolicy, rank: int, alpha: float | None, dropout: float, targets: list[str],
+def inject_lora(policy: nn.Module, rank: int, alpha: float | None, dropout: float, targets: list[str],
                 init: str = "gaussian") -> None:
     """Wrap the backbone's target linear layers with peft LoRA adapters and freeze the base backbone.
 
@@ -144,11 +181,11 @@ def inject_lora(policy: ReferencePolicy, rank: int, alpha: float | None, dropout
         param.requires_grad = "lora_" in name
 
 
-def lora_parameters(policy: ReferencePolicy) -> list[nn.Parameter]:
+def lora_parameters(policy: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in policy.backbone.named_parameters() if "lora_" in n]
 
 
-def merged_state_dict(policy: ReferencePolicy) -> dict[str, torch.Tensor]:
+def merged_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     """Plain-policy weights with LoRA deltas folded in: rollout workers need neither peft nor adapters."""
     state: dict[str, torch.Tensor] = {}
     lora_modules: dict[str, Any] = {}

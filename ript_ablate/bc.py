@@ -1,5 +1,7 @@
-"""Behaviour-cloning base: backbone + action head by L1 on the action chunk (as OpenVLA-OFT), then the scale
-head alone by Laplace negative log-likelihood. Cached under a hash of everything that produced it.
+"""Behaviour-cloning base for any policy and any world with demonstrations: backbone + action head by L1 on the
+action chunk (as OpenVLA-OFT), then the scale head alone by Laplace negative log-likelihood. Cached under a hash
+of everything that produced it. An explicit step (`ript-ablate sft`, or the study runner before its cells), never a
+side effect of training: `load_start_policy` only reads the cache.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 from ript_ablate import checkpoints
 from ript_ablate.config import Config, to_yaml
 from ript_ablate.device import autocast, resolve_device
-from ript_ablate.policy import ReferencePolicy, build_policy, tokenize
+from ript_ablate.errors import CheckpointError, ConfigError
+from ript_ablate.interfaces.policy import Policy
+from ript_ablate.plugins import build_policy
 from ript_ablate.progress import console, progress
 
 SFT_FORMAT_VERSION = 1
@@ -30,33 +34,36 @@ SFT_FORMAT_VERSION = 1
 
 @dataclass
 class BCData:
-    obs: torch.Tensor  # (N, obs_dim)
-    instr: torch.Tensor  # (N, L)
+    obs: dict[str, torch.Tensor]  # each (N, ...)
+    instr: torch.Tensor  # (N, ...) the instruction encoding of each row
     target: torch.Tensor  # (N, H, D) the next H expert actions
     mask: torch.Tensor  # (N, H) 1 where the chunk is inside the episode
 
     def __len__(self) -> int:
-        return self.obs.shape[0]
+        return self.target.shape[0]
 
     def to(self, device: torch.device) -> BCData:
-        return BCData(*(t.to(device) for t in (self.obs, self.instr, self.target, self.mask)))
+        return BCData({k: v.to(device) for k, v in self.obs.items()},
+                      *(t.to(device) for t in (self.instr, self.target, self.mask)))
 
 
-def build_bc_data(demos: Any, tasks: list[str], instructions: dict[str, str], policy_cfg: Any) -> BCData:
-    """Every step of every demonstration with the H-step action chunk that follows it (masked past the end)."""
-    horizon = policy_cfg.chunk_size
-    obs, instr, target, mask = [], [], [], []
+def build_bc_data(demos: Any, tasks: list[str], encodings: dict[str, torch.Tensor], horizon: int) -> BCData:
+    """Every step of every demonstration with the H-step action chunk that follows it (masked past the end).
+    `encodings` holds each task's instruction as the policy encodes it."""
+    obs: dict[str, list[np.ndarray]] = {}
+    instr, target, mask = [], [], []
     for task in tasks:
-        ids = tokenize(instructions[task], policy_cfg.vocab_size, policy_cfg.max_instruction_tokens)
+        encoding = encodings[task]
         for ep in demos.episodes[task]:
             t_len, d = ep.actions.shape
             padded = np.concatenate([ep.actions, np.zeros((horizon, d), dtype=np.float32)])
             idx = np.arange(t_len)[:, None] + np.arange(horizon)[None, :]
-            obs.append(ep.obs)
+            for key, value in ep.obs.items():
+                obs.setdefault(key, []).append(value)
             target.append(padded[idx])
             mask.append((idx < t_len).astype(np.float32))
-            instr.append(np.tile(np.asarray(ids, dtype=np.int64), (t_len, 1)))
-    return BCData(torch.from_numpy(np.concatenate(obs)), torch.from_numpy(np.concatenate(instr)),
+            instr.append(encoding.unsqueeze(0).expand(t_len, *encoding.shape))
+    return BCData({k: torch.from_numpy(np.concatenate(v)) for k, v in obs.items()}, torch.cat(instr),
                   torch.from_numpy(np.concatenate(target)), torch.from_numpy(np.concatenate(mask)))
 
 
@@ -64,7 +71,10 @@ def sft_key(cfg: Config, demo_key: str) -> str:
     """Hash of everything that determines the base: demonstrations, policy architecture, BC settings."""
     sft = asdict(cfg.sft)
     sft.pop("cache_dir")
-    spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, "policy": asdict(cfg.policy), "sft": sft}
+    policy = asdict(cfg.policy)
+    if policy["name"] == "reference" and not policy["options"]:  # keeps the keys of existing bases unchanged
+        del policy["name"], policy["options"]
+    spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, "policy": policy, "sft": sft}
     if cfg.training.precision != "auto":  # keeps the keys of existing bases (auto) unchanged
         spec["precision"] = cfg.training.precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -75,10 +85,15 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
     return torch.randint(0, n, (steps, min(batch_size, n)), generator=generator)
 
 
-def train_bc(policy: ReferencePolicy, data: BCData, cfg: Config, device: torch.device) -> float:
+def _batch_obs(data: BCData, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[b] for k, v in data.obs.items()}
+
+
+def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device) -> float:
     """L1 on valid chunk entries; AdamW with cosine decay. Returns the final smoothed loss."""
     sft = cfg.sft
-    params = [p for n, p in policy.named_parameters() if not n.startswith("scale_head")]
+    scale_prefix = policy.role_prefixes()["scale_head"]
+    params = [p for n, p in policy.named_parameters() if not n.startswith(scale_prefix)]
     optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=sft.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, sft.steps) / max(sft.steps, 1))))
@@ -91,7 +106,7 @@ def train_bc(policy: ReferencePolicy, data: BCData, cfg: Config, device: torch.d
         for step in range(sft.steps):
             b = index[step].to(device)
             with autocast(device, cfg.training.precision):
-                mu, _ = policy(data.obs[b], data.instr[b])
+                mu, _ = policy(_batch_obs(data, b), data.instr[b])
             err = (mu.float() - data.target[b]).abs().mean(-1)
             loss = (err * data.mask[b]).sum() / data.mask[b].sum()
             optimizer.zero_grad(set_to_none=True)
@@ -107,10 +122,16 @@ def train_bc(policy: ReferencePolicy, data: BCData, cfg: Config, device: torch.d
     return smoothed
 
 
-def fit_scale_head(policy: ReferencePolicy, data: BCData, cfg: Config, device: torch.device) -> float:
+def fit_scale_head(policy: Policy, data: BCData, cfg: Config, device: torch.device) -> float:
     """Laplace NLL of the expert chunk under (mu fixed, log_b learned): only the scale head moves."""
     sft = cfg.sft
-    optimizer = torch.optim.AdamW(policy.scale_head.parameters(), lr=sft.scale_lr, weight_decay=0.0)
+    scale_head = policy.modules_by_role()["scale_head"]
+    trainable = {p: p.requires_grad for p in policy.parameters()}
+    for p in policy.parameters():
+        p.requires_grad = False
+    for p in scale_head.parameters():
+        p.requires_grad = True
+    optimizer = torch.optim.AdamW(scale_head.parameters(), lr=sft.scale_lr, weight_decay=0.0)
     data = data.to(device)
     index = _batches(len(data), sft.batch_size, sft.scale_steps, sft.seed + 1)
     last = float("nan")
@@ -118,11 +139,10 @@ def fit_scale_head(policy: ReferencePolicy, data: BCData, cfg: Config, device: t
         task = bar.add_task("scale head (Laplace NLL)", total=sft.scale_steps, status="")
         for step in range(sft.scale_steps):
             b = index[step].to(device)
-            with torch.no_grad(), autocast(device, cfg.training.precision):
-                hidden = policy.backbone((data.obs[b] - policy.obs_mean) / policy.obs_std, data.instr[b])
-                mu = policy.action_head(hidden)
-            log_b = policy.scale_head(hidden.float())
-            nll = log_b + (data.target[b] - mu.float()).abs() / log_b.exp() + math.log(2.0)
+            with autocast(device, cfg.training.precision):
+                mu, log_b = policy(_batch_obs(data, b), data.instr[b])
+            mu, log_b = mu.detach().float(), log_b.float()
+            nll = log_b + (data.target[b] - mu).abs() / log_b.exp() + math.log(2.0)
             loss = (nll.mean(-1) * data.mask[b]).sum() / data.mask[b].sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,6 +150,8 @@ def fit_scale_head(policy: ReferencePolicy, data: BCData, cfg: Config, device: t
             if step % 50 == 0 or step == sft.scale_steps - 1:
                 last = float(loss.detach())
                 bar.update(task, completed=step + 1, status=f"NLL {last:.3f}")
+    for p, flag in trainable.items():
+        p.requires_grad = flag
     return last
 
 
@@ -137,19 +159,36 @@ def base_dir(cfg: Config, demo_key: str) -> Path:
     return Path(cfg.sft.cache_dir) / "sft" / sft_key(cfg, demo_key)
 
 
-def load_base(path: str | Path, cfg: Config, obs_dim: int, action_dim: int) -> ReferencePolicy:
+def load_base(path: str | Path, cfg: Config, world: Any) -> Policy:
     """A policy with the weights of `path` (a model.safetensors file); clear error if missing or corrupt."""
-    policy = build_policy(cfg.policy, obs_dim, action_dim)
+    policy = build_policy(cfg, world)
     checkpoints.load_into(policy, checkpoints.load_tensors(path, "model checkpoint"), path, "model checkpoint")
     return policy.eval()
 
 
-def get_base(cfg: Config, suite: Any, pool: Any, retrain: bool = False) -> tuple[ReferencePolicy, Path, dict]:
+def demo_key(world: Any) -> str:
+    """The world's hash of its demonstrations (`demo_key()` when it has one, else of `describe()`)."""
+    if hasattr(world, "demo_key"):
+        return world.demo_key()
+    return hashlib.sha256(json.dumps(world.describe(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_base(cfg: Config, world: Any) -> Path:
+    """The weights file of this config's base; a clear error when it was never built."""
+    weights = base_dir(cfg, demo_key(world)) / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"no behaviour-cloning base for this config in {cfg.sft.cache_dir} (expected "
+                              f"{weights}): build it first with `ript-ablate sft CONFIG`, or start from "
+                              "algo.checkpoint_path")
+    return weights
+
+
+def get_base(cfg: Config, world: Any, engine: Any, retrain: bool = False) -> tuple[Policy, Path, dict]:
     """The cached base for this config, trained (and cached) if absent. Returns (policy, weights file, info)."""
-    out = base_dir(cfg, suite.demo_key())
+    out = base_dir(cfg, demo_key(world))
     out.parent.mkdir(parents=True, exist_ok=True)
     with cache_lock(out.with_name(out.name + ".lock")):  # concurrent study cells build a base once
-        return _get_base_locked(cfg, suite, pool, out, retrain)
+        return _get_base_locked(cfg, world, engine, out, retrain)
 
 
 @contextmanager
@@ -163,19 +202,18 @@ def cache_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _get_base_locked(cfg: Config, suite: Any, pool: Any, out: Path, retrain: bool
-                     ) -> tuple[ReferencePolicy, Path, dict]:
-    demo_key = suite.demo_key()
+def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: bool) -> tuple[Policy, Path, dict]:
+    key = demo_key(world)
     weights = out / "model.safetensors"
     if weights.is_file() and not retrain:
         info = json.loads((out / "info.json").read_text()) if (out / "info.json").is_file() else {}
         console.print(f"behaviour-cloning base: cache hit {out}")
-        return load_base(weights, cfg, suite.obs_dim, suite.action_dim), weights, {**info, "cache_hit": True}
+        return load_base(weights, cfg, world), weights, {**info, "cache_hit": True}
 
     start = time.perf_counter()
     with progress() as bar:
         want = cfg.suite.demos_per_task
-        total = len(suite.tasks) * want
+        total = len(world.tasks) * want
         task = bar.add_task("expert demonstrations", total=total, status="")
         kept: dict[str, int] = {}
 
@@ -185,24 +223,28 @@ def _get_base_locked(cfg: Config, suite: Any, pool: Any, out: Path, retrain: boo
                     kept[ep.task] = kept.get(ep.task, 0) + 1
                     bar.advance(task, 1)
 
-        demos = suite.demonstrations(pool, cfg.sft.cache_dir, on_batch=count)
+        demos = world.demonstrations(engine, cfg.sft.cache_dir, on_batch=count)
+    if demos is None:
+        raise ConfigError([f"suite.name: the world {cfg.suite.name!r} gives no demonstrations, so no behaviour-"
+                           "cloning base can be built; set algo.checkpoint_path to a model.safetensors"])
     demo_seconds = time.perf_counter() - start
-    data = build_bc_data(demos, suite.tasks, {t: suite.instruction(t) for t in suite.tasks}, cfg.policy)
     device = resolve_device(cfg.training.device)
     torch.manual_seed(cfg.sft.seed)
-    policy = build_policy(cfg.policy, suite.obs_dim, suite.action_dim)
-    obs = data.obs.double()
-    policy.set_obs_normalizer(obs.mean(0).float(), obs.std(0).nan_to_num(0.0).float())
+    policy = build_policy(cfg, world)
+    encodings = {t: policy.encode_instruction(world.instruction(t)) for t in world.tasks}
+    data = build_bc_data(demos, world.tasks, encodings, policy.chunk_size)
+    policy.observe_demonstrations(data.obs)
     policy.to(device)
     t0 = time.perf_counter()
     bc_loss = train_bc(policy, data, cfg, device)
     nll = fit_scale_head(policy, data, cfg, device)
     policy.cpu().eval()
     info = {
-        "key": out.name, "demo_key": demo_key, "bc_l1": bc_loss, "scale_nll": nll, "samples": len(data),
+        "key": out.name, "demo_key": key, "bc_l1": bc_loss, "scale_nll": nll, "samples": len(data),
         "demo_steps": demos.n_steps(), "demo_seconds": round(demo_seconds, 2),
         "train_seconds": round(time.perf_counter() - t0, 2), "device": str(device),
-        "log_b_bias": policy.scale_head.bias.detach().tolist(),
+        "log_b_bias": [float(v) for v in policy.checkpoint_tensors("header").get(
+            policy.role_prefixes()["scale_head"] + "bias", torch.zeros(0)).tolist()],
     }
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -214,3 +256,19 @@ def _get_base_locked(cfg: Config, suite: Any, pool: Any, out: Path, retrain: boo
     console.print(f"behaviour-cloning base saved to {out} (L1 {bc_loss:.4f}, scale NLL {nll:.3f}, "
                   f"{info['train_seconds']:.0f}s training)")
     return policy, weights, {**info, "cache_hit": False}
+
+
+def ensure_base(cfg: Config, world: Any = None) -> Path:
+    """The explicit behaviour-cloning step: this config's base, built with its own rollout engine when absent
+    (nothing to do when the run starts from `algo.checkpoint_path`). Returns the weights file."""
+    if cfg.algo.checkpoint_path:
+        return Path(cfg.algo.checkpoint_path)
+    from ript_ablate.engine import RolloutEngine
+    from ript_ablate.plugins import build_world
+
+    world = world or build_world(cfg)
+    weights = base_dir(cfg, demo_key(world)) / "model.safetensors"
+    if weights.is_file():
+        return weights
+    with RolloutEngine(cfg, world) as engine:
+        return get_base(cfg, world, engine)[1]

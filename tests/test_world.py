@@ -1,14 +1,28 @@
-"""Meta-World suite: reproducible demonstrations, contexts and evaluation states; rollout semantics."""
+"""Meta-World world: reproducible demonstrations, contexts and evaluation states; rollout semantics."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 
 from ript_ablate.config import config_from_dict
-from ript_ablate.policy import build_policy
-from ript_ablate.suites import build_suite, resolve_tasks
-from ript_ablate.suites.rollouts import EpisodeJob, RolloutPool, Sampling
+from ript_ablate.engine import RolloutEngine
+from ript_ablate.episodes import EpisodeJob
+from ript_ablate.plugins import build_world
+from ript_ablate.policies.reference import build_policy
+from ript_ablate.ript.distributions import ActionDistribution
+from ript_ablate.worlds.metaworld import resolve_tasks
+
+build_suite = build_world
+
+
+def with_rollout(cfg, workers: int, envs: int, length: int | None):
+    """The config with this rollout layout."""
+    cfg = copy.deepcopy(cfg)
+    cfg.suite.num_workers, cfg.suite.envs_per_worker, cfg.algo.max_episode_length = workers, envs, length
+    return cfg
 
 
 def test_presets_expand():
@@ -20,19 +34,19 @@ def test_presets_expand():
 def test_states_reproducible_for_a_seed_and_disjoint(tiny_dict):
     a, b = build_suite(config_from_dict(tiny_dict)), build_suite(config_from_dict(tiny_dict))
     for kind in ("extra_contexts", "eval_states"):
-        va = np.stack([s.rand_vec for s in getattr(a, kind)("reach-v3")])
-        vb = np.stack([s.rand_vec for s in getattr(b, kind)("reach-v3")])
+        va = np.stack([s.data for s in getattr(a, kind)("reach-v3")])
+        vb = np.stack([s.data for s in getattr(b, kind)("reach-v3")])
         np.testing.assert_array_equal(va, vb)
     other = dict(tiny_dict, suite=dict(tiny_dict["suite"], seed=5))
     c = build_suite(config_from_dict(other))
-    assert not np.array_equal(a.extra_contexts("reach-v3")[0].rand_vec, c.extra_contexts("reach-v3")[0].rand_vec)
+    assert not np.array_equal(a.extra_contexts("reach-v3")[0].data, c.extra_contexts("reach-v3")[0].data)
     # evaluation states have their own seed: the suite seed does not move them
-    np.testing.assert_array_equal(a.eval_states("reach-v3")[0].rand_vec, c.eval_states("reach-v3")[0].rand_vec)
+    np.testing.assert_array_equal(a.eval_states("reach-v3")[0].data, c.eval_states("reach-v3")[0].data)
 
 
 def test_demonstrations_reproducible_successful_and_disjoint_from_eval(tiny_cfg, tmp_path):
     suite = build_suite(tiny_cfg)
-    with RolloutPool(0, 4, tiny_cfg.algo.max_episode_length) as pool:
+    with RolloutEngine(tiny_cfg) as pool:
         first = suite.demonstrations(pool, cache_dir=None)
         second = build_suite(tiny_cfg).demonstrations(pool, cache_dir=tmp_path)
         cached = build_suite(tiny_cfg).demonstrations(pool, cache_dir=tmp_path)
@@ -40,11 +54,11 @@ def test_demonstrations_reproducible_successful_and_disjoint_from_eval(tiny_cfg,
         assert [s.state_id for s in demos.states["reach-v3"]] == [s.state_id for s in first.states["reach-v3"]]
         for x, y in zip(first.episodes["reach-v3"], demos.episodes["reach-v3"]):
             np.testing.assert_array_equal(x.actions, y.actions)
-            np.testing.assert_array_equal(x.obs, y.obs)
+            np.testing.assert_array_equal(x.obs["state"], y.obs["state"])
     assert all(ep.success for ep in first.episodes["reach-v3"]) and len(first.episodes["reach-v3"]) == 2
     assert np.abs(first.episodes["reach-v3"][0].actions).max() <= 1.0
     suite.check_disjoint(first)
-    contexts = suite.training_contexts(first)
+    contexts = suite.training_contexts("reach-v3", first)
     assert len(contexts) == 2 + 2 and contexts[0].state_id.startswith("reach-v3/demo/")
 
 
@@ -59,13 +73,14 @@ def test_rollouts_reproducible_for_a_seed(tiny_cfg, workers):
     states = suite.extra_contexts("reach-v3")
     jobs = [EpisodeJob(states[i % 2], seed=100 + i) for i in range(6)]
     runs = []
-    with RolloutPool(workers, 2, 40) as pool:
+    distribution = ActionDistribution(laplace=True, scale_factor=3.0)
+    with RolloutEngine(with_rollout(tiny_cfg, workers, 2, 40)) as pool:
         pool.set_policy(_policy(tiny_cfg))
         for _ in range(2):
-            runs.append(pool.run(jobs, Sampling(laplace=True, scale_factor=3.0)))
-    with RolloutPool(0, 2, 40) as pool:  # same batches in another process layout: same episodes
+            runs.append(pool.run(jobs, distribution))
+    with RolloutEngine(with_rollout(tiny_cfg, 0, 2, 40)) as pool:  # another process layout: same episodes
         pool.set_policy(_policy(tiny_cfg))
-        runs.append(pool.run(jobs, Sampling(laplace=True, scale_factor=3.0)))
+        runs.append(pool.run(jobs, distribution))
     for run in runs[1:]:
         for x, y in zip(runs[0], run):
             np.testing.assert_array_equal(x.actions, y.actions)
@@ -77,7 +92,7 @@ def test_rollouts_reproducible_for_a_seed(tiny_cfg, workers):
 def test_episode_layout_and_limits(tiny_cfg):
     suite = build_suite(tiny_cfg)
     state = suite.extra_contexts("reach-v3")[0]
-    with RolloutPool(0, 4, 10) as pool:
+    with RolloutEngine(with_rollout(tiny_cfg, 0, 4, 10)) as pool:
         pool.set_policy(_policy(tiny_cfg))
         ep_sample, ep_mean = pool.run([EpisodeJob(state, seed=1), EpisodeJob(state, seed=2, mode="mean")])
     h = tiny_cfg.policy.chunk_size
@@ -91,28 +106,31 @@ def test_success_is_sticky_and_ends_the_episode(tiny_cfg):
     """The scripted expert succeeds; the episode stops at its first success."""
     suite = build_suite(tiny_cfg)
     state = suite.demo_candidates("reach-v3", 1)[0]
-    with RolloutPool(0, 4, 120) as pool:
+    with RolloutEngine(with_rollout(tiny_cfg, 0, 4, 120)) as pool:
         (ep,) = pool.run([EpisodeJob(state, seed=0, mode="expert")])
     assert ep.success and ep.length < 120 and ep.actions.shape[0] == ep.length
 
 
-def test_raw_stepping_with_an_episode_length_resets_onto_new_variations(monkeypatch):
-    """The efficiency ceiling that includes resets: every `episode_length` steps an env moves to a new variation."""
-    from ript_ablate.suites import rollouts
-    from ript_ablate.suites.rollouts import EpisodeRunner
+def test_raw_stepping_with_an_episode_length_resets_onto_new_states(tiny_cfg):
+    """The efficiency ceiling that includes resets: every `episode_length` steps an env moves to the next state."""
+    from ript_ablate.engine.runner import EpisodeRunner
 
-    switched: list[bytes] = []
-    set_variation = rollouts.mw.set_variation
+    world = build_suite(tiny_cfg)
+    states = world.eval_states("reach-v3")
+    runner = EpisodeRunner(tiny_cfg, world)
+    resets: list[str] = []
+    envs = runner.envs("reach-v3", 2)
+    for env in envs:
+        reset = env.reset
 
-    def recording_set_variation(env, task, vec):
-        switched.append(np.asarray(vec).tobytes())
-        set_variation(env, task, vec)
+        def recording_reset(state, reset=reset):
+            resets.append(state.state_id)
+            return reset(state)
 
-    monkeypatch.setattr(rollouts.mw, "set_variation", recording_set_variation)
-    runner = EpisodeRunner(2)
-    count, seconds = runner.raw_steps("reach-v3", 2, 0.3, episode_length=3)
+        env.reset = recording_reset
+    count, seconds = runner.raw_steps("reach-v3", 2, 0.3, states, episode_length=3)
     assert seconds >= 0.3 and count >= 6
     per_env = [(count + 1) // 2, count // 2]  # the envs step in turn
-    assert len(switched) == 2 + sum((n - 1) // 3 for n in per_env)  # the start, then one before steps 4, 7, ...
-    assert len(set(switched)) > 2
-    assert all(env.curr_path_length <= 3 for env in runner.pool["reach-v3"])
+    assert len(resets) == 2 + sum((n - 1) // 3 for n in per_env)  # the start, then one before steps 4, 7, ...
+    assert len(set(resets)) == min(len(states), len(resets))  # cycling through the states in order
+    assert all(env.env.curr_path_length <= 3 for env in envs)

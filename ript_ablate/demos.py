@@ -1,0 +1,87 @@
+"""Scripted-expert demonstrations for any world whose environments have `expert_action`, cached on disk.
+
+A world calls `collect_demonstrations` from its `demonstrations` method with a function giving candidate initial
+states per task; failed expert episodes are skipped and more candidates tried, so every task gets exactly
+`want` successful demonstrations (or a clear error). The cache is an .npz of plain arrays (never pickles),
+named by the world's own hash of what produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ript_ablate.episodes import Demonstrations, Episode, EpisodeJob, InitialState
+
+MAX_ROUNDS = 6  # candidates double each round
+
+
+def collect_demonstrations(tasks: list[str], engine: Any, want: int,
+                           candidates: Callable[[str, int], list[InitialState]], cache_path: Path | None = None,
+                           on_batch: Callable[[list[Episode]], None] | None = None) -> Demonstrations:
+    """`want` successful expert episodes per task, from the first candidates (in order) where the expert succeeds."""
+    if cache_path is not None and cache_path.is_file():
+        return load_demonstrations(cache_path, tasks)
+    episodes: dict[str, list[Episode]] = {t: [] for t in tasks}
+    states: dict[str, list[InitialState]] = {t: [] for t in tasks}
+    n_candidates = {t: want + max(2, want // 4) for t in tasks}
+    tried: dict[str, set[str]] = {t: set() for t in tasks}
+    for _round in range(MAX_ROUNDS):
+        short = [t for t in tasks if len(episodes[t]) < want]
+        if not short:
+            break
+        jobs = [EpisodeJob(state, seed=0, mode="expert") for task in short
+                for state in candidates(task, n_candidates[task]) if state.state_id not in tried[task]]
+        for job, ep in zip(jobs, engine.run(jobs, on_batch=on_batch)):  # job order: reproducible
+            task = job.state.task
+            tried[task].add(job.state.state_id)
+            if ep.success and len(episodes[task]) < want:
+                episodes[task].append(ep)
+                states[task].append(job.state)
+        for task in short:
+            n_candidates[task] *= 2
+    short = [t for t in tasks if len(episodes[t]) < want]
+    if short:
+        raise RuntimeError(f"the scripted expert failed too often on {short} to collect {want} demonstrations")
+    demos = Demonstrations(episodes, states)
+    if cache_path is not None:
+        save_demonstrations(cache_path, demos, tasks)
+    return demos
+
+
+def save_demonstrations(path: Path, demos: Demonstrations, tasks: list[str]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for ti, task in enumerate(tasks):
+        eps = demos.episodes[task]
+        for key in eps[0].obs:
+            arrays[f"{ti}/obs/{key}"] = np.concatenate([e.obs[key] for e in eps])
+        arrays[f"{ti}/actions"] = np.concatenate([e.actions for e in eps])
+        arrays[f"{ti}/lengths"] = np.asarray([e.length for e in eps])
+        arrays[f"{ti}/state_data"] = np.stack([np.asarray(s.data) for s in demos.states[task]])
+        arrays[f"{ti}/state_ids"] = np.asarray([s.state_id for s in demos.states[task]])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_demonstrations(path: Path, tasks: list[str]) -> Demonstrations:
+    data = np.load(path, allow_pickle=False)
+    episodes: dict[str, list[Episode]] = {}
+    states: dict[str, list[InitialState]] = {}
+    for ti, task in enumerate(tasks):
+        lengths = data[f"{ti}/lengths"]
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        prefix = f"{ti}/obs/"
+        obs = {name[len(prefix):]: data[name] for name in data.files if name.startswith(prefix)}
+        actions = data[f"{ti}/actions"]
+        states[task] = [InitialState(task, str(i), v) for i, v in zip(data[f"{ti}/state_ids"], data[f"{ti}/state_data"])]
+        episodes[task] = [
+            Episode(task, s.state_id, True, int(n), {k: v[a:b] for k, v in obs.items()}, actions[a:b],
+                    np.ones((int(n), 1), dtype=bool))
+            for s, n, a, b in zip(states[task], lengths, bounds[:-1], bounds[1:])
+        ]
+    return Demonstrations(episodes, states)

@@ -1,0 +1,1 @@
+"""Built-in policies (plug-ins of `ript_ablate.interfaces.Policy`): `reference`, the small stand-in VLA."""

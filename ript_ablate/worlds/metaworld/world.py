@@ -1,0 +1,157 @@
+"""The Meta-World world: tasks, scripted-expert demonstrations, RIPT contexts and evaluation states.
+
+Three independent seeded streams of initial states per task, so that changing one count never moves the
+others: demonstration candidates, extra RL contexts (no demonstration), and evaluation states (own seed,
+fixed across runs). The three are checked to be disjoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ript_ablate.demos import collect_demonstrations
+from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation
+from ript_ablate.interfaces.world import World
+from ript_ablate.worlds.metaworld import tasks as mw
+
+DEMO_FORMAT_VERSION = 2  # 2: observations stored by key (the world-agnostic cache layout)
+MAX_EPISODE_LENGTH = 500  # Meta-World's own step limit
+
+
+def resolve_tasks(names: list[str]) -> list[str]:
+    """Expand presets ('quick', 'mt10') into task names, keeping order and dropping repeats."""
+    out: list[str] = []
+    for name in names:
+        for task in mw.PRESETS.get(name, [name]):
+            if task not in out:
+                out.append(task)
+    return out
+
+
+class MetaWorldEnv:
+    """One raw Meta-World environment behind the `Env` interface; reset switches the variation in place."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.env = mw.make_env(task)
+        self.expert: Any = None
+
+    def reset(self, state: InitialState) -> Observation:
+        mw.quiet()
+        mw.set_variation(self.env, self.task, state.data)
+        self.expert = None
+        return {"state": self.env.reset()[0]}
+
+    def step(self, action: np.ndarray) -> tuple[Observation, bool]:
+        obs, _, _, _, info = self.env.step(action)
+        return {"state": obs}, bool(info["success"] > 0)
+
+    def expert_action(self, obs: Observation) -> np.ndarray:
+        if self.expert is None:
+            from metaworld.policies import ENV_POLICY_MAP
+
+            self.expert = ENV_POLICY_MAP[self.task]()
+        return np.clip(self.expert.get_action(obs["state"]), -1.0, 1.0)
+
+
+class MetaWorld(World):
+    """Meta-World v3 tasks with state observations ({"state": (39,)}) and 4-D actions."""
+
+    action_dim = mw.ACTION_DIM
+    observation_shapes = {"state": (mw.OBS_DIM,)}
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg.suite
+        self.tasks = resolve_tasks(cfg.suite.tasks)
+        self.episode_length_override = cfg.algo.max_episode_length
+        self._samplers: dict[str, object] = {}
+
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[str]:
+        """Unknown task names (with the closest known one), rollout tasks outside the suite, and lengths."""
+        known = mw.all_task_names()
+        problems = []
+        for name in cfg.suite.tasks:
+            if name in mw.PRESETS or name in known:
+                continue
+            match = difflib.get_close_matches(name, list(known) + list(mw.PRESETS), n=1, cutoff=0.5)
+            hint = f" (did you mean '{match[0]}'?)" if match else ""
+            problems.append(f"suite.tasks: unknown task {name!r}{hint}; presets are {', '.join(mw.PRESETS)}")
+        rollout_tasks = cfg.algo.rollout_training_task_names
+        if not problems and rollout_tasks:
+            tasks = set(resolve_tasks(cfg.suite.tasks))
+            extra = [n for n in rollout_tasks if n not in tasks]
+            if extra:
+                problems.append(f"algo.rollout_training_task_names: got {rollout_tasks!r}, expected a subset of the "
+                                f"suite's tasks {sorted(tasks)}")
+        length = cfg.algo.max_episode_length
+        if length is not None and length > MAX_EPISODE_LENGTH:
+            problems.append(f"algo.max_episode_length: got {length}, expected null or 1..{MAX_EPISODE_LENGTH} "
+                            "(Meta-World stops at 500 steps)")
+        return problems
+
+    def instruction(self, task: str) -> str:
+        return mw.instruction(task)
+
+    def episode_length(self, task: str) -> int:
+        return mw.episode_length(task, self.episode_length_override)
+
+    def make_env(self, task: str) -> MetaWorldEnv:
+        return MetaWorldEnv(task)
+
+    def _states(self, task: str, kind: str, seed: int, n: int) -> list[InitialState]:
+        env = self._samplers.setdefault(task, mw.make_env(task))
+        vecs = mw.sample_variations(task, mw.stream_seed(seed, task, kind), n, env)
+        return [InitialState(task, f"{task}/{kind}/{i}", vecs[i]) for i in range(n)]
+
+    def demo_candidates(self, task: str, n: int) -> list[InitialState]:
+        return self._states(task, "demo", self.cfg.seed, n)
+
+    def extra_contexts(self, task: str) -> list[InitialState]:
+        return self._states(task, "context", self.cfg.seed, self.cfg.contexts_per_task)
+
+    def eval_states(self, task: str) -> list[InitialState]:
+        return self._states(task, "eval", self.cfg.eval_seed, self.cfg.eval_states_per_task)
+
+    def training_contexts(self, task: str, demos: Demonstrations | None) -> list[InitialState]:
+        """The task's demonstration initial states, then its extra (demo-free) states."""
+        return (demos.states[task] if demos is not None else []) + self.extra_contexts(task)
+
+    def check_disjoint(self, demos: Demonstrations) -> None:
+        for task in self.tasks:
+            seen: dict[bytes, str] = {}
+            for state in demos.states[task] + self.extra_contexts(task) + self.eval_states(task):
+                key = np.round(state.data, 9).tobytes()
+                if key in seen:
+                    raise RuntimeError(f"initial states {seen[key]} and {state.state_id} coincide")
+                seen[key] = state.state_id
+
+    # -- demonstrations --------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        import metaworld
+
+        return {
+            "format": DEMO_FORMAT_VERSION,
+            "metaworld": getattr(metaworld, "__version__", "3.1.1"),
+            "tasks": self.tasks,
+            "demos_per_task": self.cfg.demos_per_task,
+            "seed": self.cfg.seed,
+            "lengths": [self.episode_length(t) for t in self.tasks],
+        }
+
+    def demo_key(self) -> str:
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def demonstrations(self, engine: Any, cache_dir: str | Path | None = None,
+                       on_batch: Callable[[list[Episode]], None] | None = None) -> Demonstrations:
+        """`demos_per_task` successful scripted-expert episodes per task; failed expert episodes are skipped."""
+        path = Path(cache_dir) / "demos" / f"{self.demo_key()}.npz" if cache_dir else None
+        return collect_demonstrations(self.tasks, engine, self.cfg.demos_per_task, self.demo_candidates, path,
+                                      on_batch)
