@@ -397,11 +397,10 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the process group"])
-def test_signals_stop_workers_and_cells_and_leave_nothing_running(study_env, how):
-    config = yaml.safe_load((study_env / "tiny.yaml").read_text())
-    config["training"].update(n_iterations=60)  # point mass: still running when the signal lands
-    (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
+def test_signals_stop_workers_and_cells_and_leave_nothing_running(study_env, how, monkeypatch):
     path = write_spec(study_env, factors={"algo.ppo_clip_high": [0.2]})  # one cell: the one interrupted
+    (cell,) = [f"{config_id_for(v)}-s0" for v in load_study(path).grid_configs()]
+    monkeypatch.setenv("RIPT_ABLATE_INJECT_FAULT", f"{cell}@1:stall")  # still running when the signal lands
     proc = subprocess.Popen([sys.executable, "-m", "ript_ablate.cli", "study", "run", str(path), "--workers", "1"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     trial = wait_for(lambda: running_trial(path), 120, "a running cell")
@@ -426,6 +425,38 @@ def test_signals_stop_workers_and_cells_and_leave_nothing_running(study_env, how
     assert main(["study", "run", str(path), "--workers", "1"]) == 0
     complete = Counter(t.user_attrs["cell_id"] for t in trials(path) if t.state.name == "COMPLETE")
     assert len(complete) == 1 and set(complete.values()) == {1}
+
+
+def test_signal_just_after_the_cell_wrote_its_result_keeps_the_result(study_env, monkeypatch):
+    """The cell finished (result written, MLflow run FINISHED) and then the signal reached the worker: the cell is
+    recorded complete, not killed and run again, and the worker still stops."""
+    from ript_ablate.study import worker as worker_module
+    from ript_ablate.study.resources import plan_slots
+    from ript_ablate.study.runner import open_store, set_up
+    from ript_ablate.tracking import resolve_tracking_uri
+
+    class SignalAfterExit(subprocess.Popen):
+        signalled = False
+
+        def wait(self, timeout=None):
+            code = super().wait()
+            if not self.signalled:  # the worker's wait for its cell: the signal lands right after the exit
+                self.signalled = True
+                raise KeyboardInterrupt
+            return code
+
+    spec = load_study(write_spec(study_env, factors={"algo.ppo_clip_high": [0.2]}))
+    uri = resolve_tracking_uri(spec.tracking_uri)
+    store = open_store(spec, None, create=True)
+    set_up(spec, store, uri)
+    worker = worker_module.Worker(spec, store, plan_slots(1, "cpu")[0], uri)
+    monkeypatch.setattr(worker_module.subprocess, "Popen", SignalAfterExit)
+    with pytest.raises(KeyboardInterrupt):
+        worker.run_cell(store.claim())
+    (trial,) = trials(spec.path)
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["status"] == "finished"
+    _, children = child_runs(spec.path)
+    assert [r.info.status for r in children] == ["FINISHED"]
 
 
 def test_stale_worker_that_comes_back_writes_nothing(study_env):

@@ -90,7 +90,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def fault_planned(cell_id: str, attempt: int, spec: str | None = None) -> str | None:
-    """The kind of fault planned for this attempt: None, "error" or "infra"."""
+    """The kind of fault planned for this attempt: None, "error", "infra" or "stall"."""
     spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, when = item.partition("@")
@@ -164,10 +164,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     guard = lease_guard(job)
 
     inject = fault_planned(job["cell_id"], int(job["attempt"]))
-    if inject == "infra" and int(job.get("infra_failures", 0)) > 0:
-        inject = None  # an injected outage happens once; the attempt's next run goes through
+    if inject in ("infra", "stall") and int(job.get("infra_failures", 0)) > 0:
+        inject = None  # an injected outage or stop happens once; the attempt's next run goes through
 
     def on_eval(iteration: int, metrics: dict[str, float]) -> None:
+        while inject == "stall":  # a cell that is surely still running when the user stops the study
+            time.sleep(0.5)
         if inject == "infra":
             raise ConnectionRefusedError(f"injected outage ({FAULT_ENV}): connection refused by the tracking store")
         if inject:  # after the first evaluation, so the run exists in MLflow as a real failure's would

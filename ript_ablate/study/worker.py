@@ -97,6 +97,7 @@ class Worker:
         self.log = log or (lambda msg: console.print(f"worker {slot.index}: {msg}"))
         self.stopping = False
         self.signal_name = ""
+        self.stop_after_cell = False  # a signal came as the cell finished: its result is recorded, then we stop
         self.infra_streak = 0  # consecutive infrastructure failures: sets the back-off
 
     def run(self) -> int:
@@ -225,7 +226,7 @@ class Worker:
         self.log(f"end {claim.cell_id}: {outcome.attrs.get('status')} objective {value} "
                  f"in {outcome.attrs['wall_s']:.0f}s" + (f" ({outcome.attrs.get('reason')})"
                                                          if outcome.state == TrialState.FAIL else ""))
-        if interrupted:
+        if interrupted or self.stop_after_cell:
             raise KeyboardInterrupt
         return outcome
 
@@ -284,11 +285,15 @@ class Worker:
                 code = stop_process_group(proc)
                 timed_out = True
             except KeyboardInterrupt:  # this worker is asked to stop: stop the cell, mark its run killed
-                stop_process_group(proc)
-                why = f"stopped by {self.signal_name or 'a signal'} to the worker; resumes on the next `study run`"
-                self._mark_run(self._run_id(attempt_dir), "KILLED", {"ript.status": "killed",
-                                                                              "ript.reason": why})
-                raise CellInterrupted(why) from None
+                code = stop_process_group(proc)
+                timed_out = False
+                if not (attempt_dir / RESULT_FILE).is_file():
+                    why = f"stopped by {self.signal_name or 'a signal'} to the worker; resumes on the next `study run`"
+                    self._mark_run(self._run_id(attempt_dir), "KILLED", {"ript.status": "killed",
+                                                                                  "ript.reason": why})
+                    raise CellInterrupted(why) from None
+                # the cell had written its result (and ended its run) when the signal came: keep it, then stop
+                self.stop_after_cell = True
         run_id = self._run_id(attempt_dir)
         result_path = attempt_dir / RESULT_FILE
         if timed_out or not result_path.is_file():
