@@ -138,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ript_ablate.bc import ensure_base
     from ript_ablate.ript.trainer import Trainer
     from ript_ablate.tracking import MlflowTracker, Tracker
+    from ript_ablate.tracking.tags import outcome_tags
 
     cfg = _load(args)
     ensure_base(cfg)  # the explicit behaviour-cloning step (a cache hit after the first run)
@@ -150,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         tracker.end("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
         raise
     if track:
-        tracker.set_tags({"ript.status": result.status})  # type: ignore[attr-defined]
+        tracker.set_tags(outcome_tags(result.status))  # type: ignore[attr-defined]
     tracker.end("FINISHED" if result.status == "finished" else "FAILED")
     final = result.history[-1] if result.history else {}
     console.print(f"run {result.status}: output in {result.output_dir}"
@@ -184,8 +185,8 @@ def cmd_study_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ript_ablate.report.analysis import Thresholds
     from ript_ablate.report.render import write_report
+    from ript_ablate.report.stability import Thresholds
 
     spec = _study(args)
     write_report(spec, Path(args.reports), args.storage, thresholds=Thresholds(collapse=args.collapse_threshold),

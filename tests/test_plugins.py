@@ -143,6 +143,22 @@ def test_worlds_know_no_algorithm_and_nothing_below_imports_study_or_report():
         assert not {m for m in package_imports(path) if m.startswith(("ript_ablate.study", "ript_ablate.report"))}, path
 
 
+def test_mlflow_has_one_home():
+    """Only `ript_ablate/tracking/` talks to MLflow; everything else goes through its functions and tag names."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).parts[0] == "tracking":
+            continue
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        assert not {n for n in names if n.split(".")[0] == "mlflow"}, f"{path} imports mlflow"
+        text = path.read_text()
+        assert '"ript.' not in text and '"factor.' not in text, f"{path} spells a tag name: use tracking.tags"
+
+
 def test_the_example_uses_only_the_public_interfaces():
     allowed = {"ript_ablate.interfaces", "ript_ablate.demos", "ript_ablate.bc"}
     for path in (EXAMPLE / "ript_pointmass").glob("*.py"):
@@ -231,7 +247,7 @@ def checkpoints_of(directory: Path) -> dict:
 
 def test_replica_and_central_episodes_are_identical_on_meta_world(tiny_cfg):
     """Same weights, same jobs: every length and success identical across the modes and process layouts, and every
-    action bitwise where the forward passes see the same batches (within 1e-6 where they do not)."""
+    action bitwise where the forward passes see the same batches (within 1e-3 where they do not)."""
     from ript_ablate.policies.reference import build_policy
 
     world = plugins.build_world(tiny_cfg)
@@ -251,14 +267,15 @@ def test_replica_and_central_episodes_are_identical_on_meta_world(tiny_cfg):
     reference = runs[(0, "replica")]
     for key, episodes in runs.items():
         # the same batches in one forward each (in-process, or a replica per worker): bitwise; the central forward
-        # over several workers' batches at once: the last bit of a matmul may move with the batch size
+        # over several workers' batches at once (which arrive together is a matter of timing): the last bit of a
+        # matmul may move with the batch size, and the physics carries it on through the episode (3e-5 seen by step 9)
         bitwise = key != (2, "central")
         for a, b in zip(reference, episodes):
             assert (a.success, a.length, a.state_id) == (b.success, b.length, b.state_id), key
             if bitwise:
                 np.testing.assert_array_equal(a.actions, b.actions, err_msg=str(key))
             else:
-                np.testing.assert_allclose(a.actions, b.actions, rtol=0, atol=1e-6, err_msg=str(key))
+                np.testing.assert_allclose(a.actions, b.actions, rtol=0, atol=1e-3, err_msg=str(key))
     assert len(reference) == 8 and len({ep.state_id for ep in reference}) > 1
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ript_ablate.cli import main
-from ript_ablate.report import stats
+from ript_ablate.report import stability, stats
 from ript_ablate.report.analysis import analyse
 from ript_ablate.report.collect import collect
 from ript_ablate.report.synthetic import log_synthetic_study
@@ -18,16 +18,30 @@ from ript_ablate.study.spec import cell_id_for, config_id_for, load_study
 def test_statistics_against_hand_computed_values():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert stats.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
-    assert stats.sign_flip_p_value(np.array([1.0, 1.0, 1.0])) == pytest.approx(2 / 8)  # all + or all -
-    assert stats.sign_flip_p_value(np.array([1.0, -1.0])) == pytest.approx(1.0)
     x, y = np.array([[0.9], [0.5]]), np.array([[0.5], [0.1]])
     assert stats.probability_of_improvement(x, y) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
     assert stats.iqm(np.array([[0.0], [1.0], [2.0], [100.0]])) == pytest.approx(1.5)
-    point, lo, hi = stats.stratified_bootstrap_ci(np.full((4, 2), 0.3))
-    assert point == lo == hi == pytest.approx(0.3)
-    assert stats.drawdown(np.array([0.2, 0.6, 0.3, 0.5])) == pytest.approx(0.3)
-    assert stats.collapsed(np.array([0.2, 0.6, 0.3]), 0.15) and not stats.collapsed(np.array([0.2, 0.6, 0.55]), 0.15)
-    assert stats.spikes(np.array([0.01, 0.012, 0.011, 0.2]), 5, 0.02) == 1
+    points, intervals = stats.interval_estimates({"flat": np.full((4, 2), 0.3), "one run": np.array([[0.7, 0.1]]),
+                                                  "outlier": np.array([[0.0], [1.0], [2.0], [100.0]])}, stats.iqm)
+    assert points["flat"] == intervals["flat"][0] == intervals["flat"][1] == pytest.approx(0.3)
+    assert points["one run"] == pytest.approx(0.4) and np.isnan(intervals["one run"]).all()
+    assert points["outlier"] == pytest.approx(1.5) and intervals["outlier"][1] <= 100.0
+    # resampled within each task: a task column that is constant adds no width
+    lo, hi = stats.interval_estimates({"x": np.array([[0.0, 0.5], [1.0, 0.5]])})[1]["x"]
+    assert (lo, hi) == pytest.approx((0.25, 0.75))
+
+
+def test_curve_health_against_hand_computed_values():
+    assert stability.drawdown(np.array([0.2, 0.6, 0.3, 0.5])) == pytest.approx(0.3)
+    assert stability.collapsed(np.array([0.2, 0.6, 0.3]), 0.15)
+    assert not stability.collapsed(np.array([0.2, 0.6, 0.55]), 0.15)
+    mask = stability.spike_mask(np.array([0.01, 0.012, 0.03, 0.2, 0.25, 0.011]), 5, 0.02)  # median 0.021
+    assert mask.tolist() == [False, False, False, True, True, False] and stability.longest_run(mask) == 2
+    assert stability.outliers(np.array([1.0, 1.1, 0.9, 1.0, 9.0]), k=5) == 1  # MAD 0.1 x 1.4826: 9 is far out
+    health = stability.run_health(np.array([0.2, 0.6, 0.3]), {"sampling/contexts_tried": np.array([6.0, 6.0]),
+                                                              "sampling/accepted_groups": np.array([2.0, 2.0])},
+                                  stability.Thresholds())
+    assert health["collapsed"] and health["tried_per_group"] == pytest.approx(3.0) and health["kl_spikes"] == 0
     effect = stats.paired_effect("x", np.array([0.1, 0.2, 0.3]))  # t interval: 0.2 +- 4.303 * 0.1 / sqrt(3)
     assert effect.estimate == pytest.approx(0.2)
     assert (effect.low, effect.high) == pytest.approx((0.2 - 0.24841, 0.2 + 0.24841), abs=1e-4)
@@ -112,7 +126,7 @@ def test_intervals_are_honest_for_few_seeds():
     half = 12.7062 * np.std([0.4, 0.6], ddof=1) / np.sqrt(2)  # t(0.975, df 1) = 12.706
     assert point == pytest.approx(0.5) and (lo, hi) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-3)
     assert method == "t, 2 seeds" and lo < 0.4 - 0.5  # far wider than the two numbers' range
-    _, blo, bhi = stats.stratified_bootstrap_ci(np.array([[0.4], [0.6]]))
+    blo, bhi = stats.interval_estimates({"two seeds": np.array([[0.4], [0.6]])})[1]["two seeds"]
     assert (blo, bhi) == pytest.approx((0.4, 0.6))  # what the bootstrap claimed: the range of two numbers
     assert stats.seed_interval(np.array([[0.4]]))[3] == "1 seed: no interval"
     assert np.isnan(stats.seed_interval(np.array([[0.4]]))[1])

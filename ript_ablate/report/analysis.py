@@ -1,4 +1,5 @@
-"""From the tidy frame to decisions: per-configuration comparison, per-factor effects, stability verdicts."""
+"""From the tidy frame to decisions: per-configuration comparison, per-factor effects, stability verdicts (the
+measures and rules behind those are in `stability.py`)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,11 @@ import pandas as pd
 
 from ript_ablate.report import stats
 from ript_ablate.report.collect import StudyData, series
+from ript_ablate.report.stability import Thresholds, config_health, run_health, verdict
 from ript_ablate.study.objective import reduce_points
+from ript_ablate.tracking.tags import factor_key
 
 EVAL = "eval/success_rate"
-
-
-@dataclass
-class Thresholds:
-    collapse: float = 0.15  # a fall of this much below the running best that is not recovered
-    kl_spike_factor: float = 5.0  # approx-KL above this multiple of its median
-    kl_spike_floor: float = 0.02
-    clip_spike: float = 0.5  # clip fraction above this
-    grad_outlier_k: float = 5.0  # robust standard deviations above the median
-    spread: float = 0.2  # seed-to-seed range of final success that counts as unstable
-    persistence: int = 2  # consecutive spike iterations that make a warning sign count on its own
 
 
 @dataclass
@@ -35,40 +27,27 @@ class Analysis:
     verdicts: dict[str, str] = field(default_factory=dict)
 
 
+HEALTH_METRICS = ("ppo/approx_kl", "ppo/clip_fraction", "grad_norm/backbone", "health/nonfinite_events",
+                  "scale/log_b_mean", "sampling/contexts_tried", "sampling/accepted_groups")
+
+
 def run_table(data: StudyData, th: Thresholds) -> pd.DataFrame:
     """One row per cell: the evaluation curve reduced three ways, and the stability measurements."""
     evals = series(data, EVAL)
-    get = {m: series(data, m) for m in ("ppo/approx_kl", "ppo/clip_fraction", "grad_norm/backbone",
-                                          "health/nonfinite_events", "scale/log_b_mean", "sampling/contexts_tried",
-                                          "sampling/accepted_groups")}
+    training = {m: series(data, m) for m in HEALTH_METRICS}
+    per_task = {task: series(data, f"{EVAL}/{task}") for task in data.tasks}
     rows = []
     for _, cell in data.cells.iterrows():
         cid = cell["cell_id"]
         curve = evals.loc[cid].dropna() if cid in evals.index else pd.Series(dtype=float)
         points = list(zip(curve.index.astype(int), curve.values))
-
-        def values(metric: str) -> np.ndarray:
-            frame = get[metric]
-            return frame.loc[cid].dropna().values if cid in frame.index else np.array([])
-
-        tried, accepted = values("sampling/contexts_tried"), values("sampling/accepted_groups")
-        log_b = values("scale/log_b_mean")
-        kl = stats.spike_mask(values("ppo/approx_kl"), th.kl_spike_factor, th.kl_spike_floor)
+        metric = {m: frame.loc[cid].dropna().values for m, frame in training.items() if cid in frame.index}
         base = float(points[0][1]) if points and points[0][0] == 0 else float("nan")
         final = reduce_points(points, "final")
         row = {**cell.to_dict(),
                "base": base, "final": final, "gain": final - base, "best": reduce_points(points, "best"),
-               "auc": reduce_points(points, "auc"), "drawdown": stats.drawdown(curve.values),
-               "collapsed": stats.collapsed(curve.values, th.collapse),
-               "kl_spikes": int(kl.sum()), "kl_run": stats.longest_run(kl),
-               "clip_spikes": int(np.sum(values("ppo/clip_fraction") > th.clip_spike)),
-               "grad_outliers": stats.outliers(values("grad_norm/backbone"), th.grad_outlier_k),
-               "nonfinite": float(np.nansum(values("health/nonfinite_events"))),
-               "log_b_drift": float(log_b[-1] - log_b[0]) if len(log_b) > 1 else 0.0,
-               "tried_per_group": float(tried.sum() / accepted.sum()) if accepted.sum() > 0 else float("nan")}
-        for task in data.tasks:
-            metric = f"{EVAL}/{task}"
-            task_curve = series(data, metric)
+               "auc": reduce_points(points, "auc"), **run_health(curve.values, metric, th)}
+        for task, task_curve in per_task.items():
             row[f"final/{task}"] = (float(task_curve.loc[cid].dropna().values[-1])
                                     if cid in task_curve.index and task_curve.loc[cid].notna().any() else np.nan)
         rows.append(row)
@@ -95,9 +74,9 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
         matrices[config] = m
         final, flo, fhi, method = stats.seed_interval(m, reps)
         best, blo, bhi, _ = stats.seed_interval(group[["best"]].to_numpy(float), reps)
-        iqm_point, ilo, ihi = stats.stratified_bootstrap_ci(m, stats.iqm, min(reps, 1000))
-        if len(group) < stats.MIN_BOOTSTRAP_SEEDS:
-            ilo = ihi = float("nan")  # no honest interval for an IQM of so few seeds
+        iqm_point = stats.iqm(m)
+        ilo, ihi = (stats.interval_estimates({"iqm": m}, stats.iqm, min(reps, 1000))[1]["iqm"]
+                    if len(group) >= stats.MIN_BOOTSTRAP_SEEDS else (float("nan"), float("nan")))  # none for few seeds
         auc, alo, ahi, _ = stats.seed_interval(group[["auc"]].to_numpy(float), reps)
         gains = group["gain"].dropna().to_numpy(float)
         gain = stats.paired_effect(str(config), gains, reps)
@@ -106,15 +85,7 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
                      "gain_hi": gain.high, "gain_p": gain.p_value,
                      "final": final, "final_lo": flo, "final_hi": fhi,
                      "best": best, "best_lo": blo, "best_hi": bhi, "iqm": iqm_point, "iqm_lo": ilo, "iqm_hi": ihi,
-                     "auc": auc, "auc_lo": alo, "auc_hi": ahi,
-                     "spread": float(group["final"].max() - group["final"].min()),
-                     "collapse_rate": float(group["collapsed"].mean()), "max_drawdown": float(group["drawdown"].max()),
-                     "kl_spikes": int(group["kl_spikes"].sum()), "kl_run": int(group["kl_run"].max()),
-                     "kl_with_drawdown": int(((group["kl_spikes"] > 0) & (group["drawdown"] >= th.collapse)).sum()),
-                     "clip_spikes": int(group["clip_spikes"].sum()),
-                     "grad_outliers": int(group["grad_outliers"].sum()), "nonfinite": float(group["nonfinite"].sum()),
-                     "log_b_drift": float(group["log_b_drift"].mean()),
-                     "tried_per_group": float(group["tried_per_group"].mean())})
+                     "auc": auc, "auc_lo": alo, "auc_hi": ahi, **config_health(group, th)})
     configs = pd.DataFrame(rows).sort_values("final", ascending=False).reset_index(drop=True)
     names = list(configs["config"])
     improvement = pd.DataFrame(
@@ -137,7 +108,7 @@ def short(factor: str) -> str:
 
 
 def _levels(data: StudyData, factor: str, runs: pd.DataFrame) -> list:
-    key = factor[len("factor."):]
+    key = factor_key(factor)
     spec_levels = data.spec.factors.get(key)
     present = list(dict.fromkeys(runs[factor].tolist()))
     return [v for v in spec_levels if v in present] if spec_levels else sorted(present, key=str)
@@ -177,33 +148,3 @@ def interactions(runs: pd.DataFrame, data: StudyData, reps: int) -> list[stats.E
             label = f"{short(a)} x {short(b)}"
             out.append(stats.paired_effect(label, diffs, reps))
     return out
-
-
-def verdict(row: pd.Series, th: Thresholds) -> str:
-    """One plain line: stable or not, and which rule fired. A warning sign (an approx-KL spike) counts only when
-    it persists over `th.persistence` consecutive iterations or comes with a consequence (a drawdown of at least
-    the collapse threshold in the same run): one noisy value does not make a run unstable."""
-    reasons, notes = [], []
-    if row["nonfinite"] > 0:
-        reasons.append(f"{row['nonfinite']:.0f} non-finite update(s)")
-    if row["collapse_rate"] > 0:
-        reasons.append(f"collapse: {row['collapse_rate']:.0%} of seeds collapsed (fell more than {th.collapse:.2f} "
-                       f"below their best and stayed; largest drawdown {row['max_drawdown']:.2f})")
-    if row["spread"] > th.spread:
-        reasons.append(f"spread: seeds disagree by {row['spread']:.2f} in final success (> {th.spread:.2f})")
-    if row["kl_spikes"] > 0:
-        if row["kl_run"] >= th.persistence:
-            reasons.append(f"persistent approx-KL spikes ({row['kl_run']} iterations in a row)")
-        elif row["kl_with_drawdown"] > 0:
-            reasons.append(f"approx-KL spike with a drawdown >= {th.collapse:.2f} in {row['kl_with_drawdown']} run(s)")
-        else:
-            notes.append(f"{row['kl_spikes']} isolated approx-KL spike(s), no drawdown: not counted")
-    if row["grad_outliers"] > 0:
-        notes.append(f"{row['grad_outliers']} gradient-norm outlier(s)")
-    if row["clip_spikes"]:
-        notes.append(f"clip fraction above {th.clip_spike} on {row['clip_spikes']} iteration(s)")
-    tail = ("; " + "; ".join(notes)) if notes else ""
-    if not reasons:
-        return (f"stable: no collapse, seeds within {row['spread']:.2f}, largest drawdown {row['max_drawdown']:.2f}"
-                + tail)
-    return "unstable: " + "; ".join(reasons) + tail

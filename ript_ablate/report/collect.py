@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ript_ablate.study.runs import child_runs, client
 from ript_ablate.study.spec import StudySpec, cell_id_for, config_id_for, describe
+from ript_ablate.tracking import tags as tag
+from ript_ablate.tracking.runs import child_runs, find_parent_run, metric_histories
 
 # What the report reads; eval/success_rate/<task> is added per task found.
 REPORT_METRICS = ("eval/success_rate", "train/success_rate", "ppo/approx_kl", "ppo/clip_fraction",
@@ -33,17 +34,7 @@ class StudyData:
 
     @property
     def factors(self) -> list[str]:
-        return [c for c in self.cells.columns if c.startswith("factor.")]
-
-
-def find_parent_run(spec: StudySpec, tracking_uri: str | None) -> str | None:
-    mlflow = client(tracking_uri)
-    exp = mlflow.get_experiment_by_name(spec.experiment_name)
-    if exp is None:
-        return None
-    runs = mlflow.search_runs([exp.experiment_id], "tags.`ript.role` = 'study'", order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    return runs[0].info.run_id if runs else None
+        return [c for c in self.cells.columns if c.startswith(tag.FACTOR_PREFIX)]
 
 
 def expected_cells(spec: StudySpec, configs: list[dict] | None = None) -> dict[str, str]:
@@ -54,39 +45,37 @@ def expected_cells(spec: StudySpec, configs: list[dict] | None = None) -> dict[s
 
 
 def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str, str] | None = None) -> StudyData:
-    parent = find_parent_run(spec, tracking_uri)
+    parent = find_parent_run(tracking_uri, spec.experiment_name)
     runs = child_runs(tracking_uri, spec.experiment_name, parent) if parent else []
     chosen: dict[str, object] = {}
     pruned_ids: set[str] = set()
     failed = 0
     for run in sorted(runs, key=lambda r: r.info.start_time):
         tags = run.data.tags
-        if tags.get("ript.status") == "pruned":
-            pruned_ids.add(tags["ript.cell_id"])
+        if tags.get(tag.STATUS) == "pruned":
+            pruned_ids.add(tags[tag.CELL_ID])
             continue
-        usable = run.info.status == "FINISHED" or tags.get("ript.status") == "diverged"
+        usable = run.info.status == "FINISHED" or tags.get(tag.STATUS) == "diverged"
         if not usable:
             failed += 1
             continue
-        chosen[tags["ript.cell_id"]] = run  # the latest usable run of a cell wins
-    mlflow = client(tracking_uri)
+        chosen[tags[tag.CELL_ID]] = run  # the latest usable run of a cell wins
     rows, cell_rows, tasks = [], [], set()
     for cell_id, run in chosen.items():
         tags = run.data.tags
-        order = [f"factor.{k}" for k in spec.factors] or [f"factor.{p.key}" for p in spec.search_space]
-        found = [k for k in tags if k.startswith("factor.")]
+        order = [tag.FACTOR_PREFIX + k for k in spec.factors] or [tag.FACTOR_PREFIX + p.key for p in spec.search_space]
+        found = [k for k in tags if k.startswith(tag.FACTOR_PREFIX)]
         factors = {k: _parse(tags[k]) for k in [*[o for o in order if o in tags], *sorted(set(found) - set(order))]}
-        label = describe({k[len("factor."):]: v for k, v in factors.items()})
+        label = describe({tag.factor_key(k): v for k, v in factors.items()})
         if spec.mode == "optuna":  # sampled values can round alike: the configuration id keeps them apart
-            label = f"{tags.get('ript.config_id', '')}: {label}"
-        info = {"cell_id": cell_id, "config_id": tags.get("ript.config_id", ""), "config": label,
-                "seed": int(tags.get("ript.seed", 0)), **factors, "run_id": run.info.run_id,
-                "status": tags.get("ript.status", "finished")}
+            label = f"{tags.get(tag.CONFIG_ID, '')}: {label}"
+        info = {"cell_id": cell_id, "config_id": tags.get(tag.CONFIG_ID, ""), "config": label,
+                "seed": int(tags.get(tag.SEED, 0)), **factors, "run_id": run.info.run_id,
+                "status": tags.get(tag.STATUS, "finished")}
         cell_rows.append(info)
         names = [m for m in run.data.metrics if m in REPORT_METRICS or m.startswith("eval/success_rate/")]
         tasks.update(m.split("/", 2)[2] for m in names if m.startswith("eval/success_rate/"))
-        for name in names:
-            points = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, name)}
+        for name, points in metric_histories(tracking_uri, run.info.run_id, names).items():
             rows.extend({**info, "iteration": step, "metric": name, "value": value} for step, value in points.items())
     frame = pd.DataFrame(rows)
     cells = pd.DataFrame(cell_rows)

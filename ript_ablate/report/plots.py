@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ript_ablate.report.analysis import EVAL, Analysis  # noqa: E402
 from ript_ablate.report.collect import StudyData, series  # noqa: E402
-from ript_ablate.report.stats import Effect, stratified_bootstrap_ci  # noqa: E402
+from ript_ablate.report.stats import Effect, seed_interval  # noqa: E402
 
 DPI = 110
 
@@ -75,8 +75,8 @@ def learning_curves(data: StudyData, analysis: Analysis, path: Path, metric: str
         cells = [c for c in runs.index[runs["config"] == config] if c in curves.index]
         block = curves.loc[cells].sort_index(axis=1)
         its = block.columns.to_numpy(int)
-        stats = [stratified_bootstrap_ci(block[i].dropna().to_numpy()[:, None], reps=500) if block[i].notna().sum()
-                 else (np.nan, np.nan, np.nan) for i in block.columns]
+        stats = [seed_interval(block[i].dropna().to_numpy(), reps=500)[:3] if block[i].notna().sum()
+                 else (np.nan, np.nan, np.nan) for i in block.columns]  # t for few seeds, bootstrap from 5
         mean = np.array([s[0] for s in stats])
         lo = np.array([s[1] for s in stats])
         hi = np.array([s[2] for s in stats])

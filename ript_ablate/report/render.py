@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ript_ablate.progress import console
 from ript_ablate.report import plots, stats
-from ript_ablate.report.analysis import Analysis, Thresholds, analyse
+from ript_ablate.report.analysis import Analysis, analyse
 from ript_ablate.report.collect import StudyData, collect, expected_cells
+from ript_ablate.report.stability import Thresholds
 from ript_ablate.study.spec import StudySpec, describe, format_value
 
 
@@ -36,14 +38,15 @@ def optuna_section(spec: StudySpec, storage: str | None, out: Path) -> tuple[str
     """Best configurations, importances and history from the study's Optuna storage (optuna mode only)."""
     import optuna
 
-    from ript_ablate.study.store import StudyStore
+    from ript_ablate.study.store import load_search
 
-    store = StudyStore(spec, spec.storage_url(storage), create=False)
-    trials = store.search.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
-    if trials.empty:
+    search = load_search(spec, spec.storage_url(storage))
+    trials = (search.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs")) if search
+              else pd.DataFrame())
+    if search is None or trials.empty:
         return "No configurations have been sampled yet.", [], {}
     expected = {}
-    for t in store.search_trials():
+    for t in search.get_trials(deepcopy=False):
         if "config_id" in t.user_attrs:
             for s in spec.seeds:
                 expected[f"{t.user_attrs['config_id']}-s{s}"] = describe(t.params)
@@ -59,11 +62,11 @@ def optuna_section(spec: StudySpec, storage: str | None, out: Path) -> tuple[str
     if history:
         figures.append(history)
         text += ["", f"![optimisation history]({history.name})"]
-    completed = [t for t in store.search.get_trials() if t.state.name == "COMPLETE"]
+    completed = [t for t in search.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(completed) >= 2:
         try:
             imp = optuna.importance.get_param_importances(
-                store.search, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+                search, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
         except (RuntimeError, ValueError) as exc:
             imp = {}
             text += ["", f"Parameter importances not available: {exc}"]
@@ -119,11 +122,9 @@ def write_report(spec: StudySpec, out_root: Path = Path("reports"), storage: str
     report = out / "report.md"
     report.write_text(text)
     if upload and data.parent_run_id:
-        from ript_ablate.study.runs import client
+        from ript_ablate.tracking.runs import log_report
 
-        mlflow = client(tracking_uri)
-        for path in [report, out / "metrics.csv", *figures]:
-            mlflow.log_artifact(data.parent_run_id, str(path), "report")
+        log_report(tracking_uri, data.parent_run_id, [report, out / "metrics.csv", *figures], "report")
     console.print(f"report written to {report} ({len(figures)} figures) in {time.perf_counter() - start:.1f}s")
     return report
 

@@ -3,13 +3,13 @@ for testing that the report finds what is there (and nothing else), and for timi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
 
-from ript_ablate.study.runs import client, ensure_parent_run
 from ript_ablate.study.spec import StudySpec, cell_id_for, config_id_for
+from ript_ablate.tracking import tags as tag
+from ript_ablate.tracking.runs import client, create_run, ensure_parent_run, experiment_id, log_metrics, mark_run
 
 # final success of a cell = base + sum of planted effects(values) + seed noise; curves rise towards it
 EffectFn = Callable[[dict], float]
@@ -22,13 +22,9 @@ def log_synthetic_study(spec: StudySpec, effect: EffectFn, tracking_uri: str | N
     """Log one FINISHED child run per grid cell (except `skip`); cells in `collapse` rise then fall to 0.05; cells
     in `kl_spikes` get an approx-KL of 0.5 at the listed iterations; cells in `pruned` end KILLED as pruned."""
     rng = np.random.default_rng(seed)
-    from mlflow.entities import Metric
-
     mlflow = client(tracking_uri)
     parent = ensure_parent_run(tracking_uri, spec.experiment_name, spec.name, None, {"study.name": spec.name})
-    mlflow.set_tag(parent, "ript.role", "study")
-    exp = mlflow.get_experiment_by_name(spec.experiment_name).experiment_id
-    now = int(time.time() * 1000)
+    exp = experiment_id(mlflow, spec.experiment_name)
     for values in spec.grid_configs():
         config_id = config_id_for(values)
         for s in spec.seeds:
@@ -36,10 +32,9 @@ def log_synthetic_study(spec: StudySpec, effect: EffectFn, tracking_uri: str | N
             if skip and cell in skip:
                 continue
             final = float(np.clip(base + effect(values) + rng.normal(0, noise), 0, 1))
-            tags = {"mlflow.parentRunId": parent, "ript.study": spec.name, "ript.cell_id": cell,
-                    "ript.config_id": config_id, "ript.seed": str(s), "ript.status": "finished",
-                    **{f"factor.{k}": str(v) for k, v in values.items()}}
-            run = mlflow.create_run(exp, run_name=cell, tags=tags)
+            tags = {tag.PARENT_RUN: parent, tag.STUDY: spec.name, tag.CELL_ID: cell, tag.CONFIG_ID: config_id,
+                    tag.SEED: str(s), **tag.outcome_tags("finished"), **tag.factor_tags(values)}
+            run_id = create_run(mlflow, exp, cell, tags, {})
             metrics = []
             start = max(0.0, base - 0.1)
             for it in range(n_iterations + 1):
@@ -49,24 +44,21 @@ def log_synthetic_study(spec: StudySpec, effect: EffectFn, tracking_uri: str | N
                 else:
                     value = start + (final - start) * frac
                 if it % eval_interval == 0 or it == n_iterations:
-                    metrics.append(Metric("eval/success_rate", value, now, it))
+                    metrics.append(("eval/success_rate", value, it))
                     for task, offset in (("reach-v3", -0.05), ("push-v3", 0.05)):
-                        metrics.append(Metric(f"eval/success_rate/{task}", float(np.clip(value + offset, 0, 1)),
-                                              now, it))
+                        metrics.append((f"eval/success_rate/{task}", float(np.clip(value + offset, 0, 1)), it))
                 if it > 0:
                     kl = 0.5 if kl_spikes and it in kl_spikes.get(cell, []) else float(abs(rng.normal(0.01, 0.002)))
-                    metrics += [Metric("ppo/approx_kl", kl, now, it),
-                                Metric("ppo/clip_fraction", float(abs(rng.normal(0.2, 0.02))), now, it),
-                                Metric("grad_norm/backbone", float(abs(rng.normal(1.0, 0.1))), now, it),
-                                Metric("health/nonfinite_events", 0.0, now, it),
-                                Metric("scale/log_b_mean", -3.0 + 0.01 * it, now, it),
-                                Metric("sampling/contexts_tried", 12.0, now, it),
-                                Metric("sampling/accepted_groups", 8.0, now, it)]
-            for i in range(0, len(metrics), 1000):
-                mlflow.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
+                    metrics += [("ppo/approx_kl", kl, it),
+                                ("ppo/clip_fraction", float(abs(rng.normal(0.2, 0.02))), it),
+                                ("grad_norm/backbone", float(abs(rng.normal(1.0, 0.1))), it),
+                                ("health/nonfinite_events", 0.0, it),
+                                ("scale/log_b_mean", -3.0 + 0.01 * it, it),
+                                ("sampling/contexts_tried", 12.0, it),
+                                ("sampling/accepted_groups", 8.0, it)]
+            log_metrics(mlflow, run_id, metrics)
             if pruned and cell in pruned:
-                mlflow.set_tag(run.info.run_id, "ript.status", "pruned")
-                mlflow.set_terminated(run.info.run_id, "KILLED")
+                mark_run(tracking_uri, run_id, "KILLED", tag.outcome_tags("pruned"))
             else:
-                mlflow.set_terminated(run.info.run_id, "FINISHED")
+                mlflow.set_terminated(run_id, "FINISHED")
     return parent

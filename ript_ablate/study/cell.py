@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ript_ablate.tracking import tags as tag
+
 FAULT_ENV = "RIPT_ABLATE_INJECT_FAULT"
 RESULT_FILE = "result.json"
 RUN_FILE = "run.json"
@@ -143,9 +145,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if checkpoint:
         data = {**data, "algo": {**data.get("algo", {}), "lora_adaptor_ckpt": checkpoint}}
     cfg = checked_config_from_dict(data, f"cell {job['cell_id']}")
-    tags = {**job["tags"], "ript.attempt": str(job["attempt"])}
+    tags = {**job["tags"], tag.ATTEMPT: str(job["attempt"])}
     if checkpoint:
-        tags["ript.resumed_from"] = checkpoint
+        tags[tag.RESUMED_FROM] = checkpoint
     track = job.get("tracking", {})
 
     if track.get("enabled", True):
@@ -178,7 +180,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             return
         trial, store = pruning
         trial.report(float(metrics[objective["metric"]]), iteration)
-        why = prune_decision(trial, store, job["tags"]["ript.config_id"], iteration, cfg.training.n_iterations)
+        why = prune_decision(trial, store, job["tags"][tag.CONFIG_ID], iteration, cfg.training.n_iterations)
         if why:
             raise Pruned(why)
 
@@ -209,8 +211,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             if guard is not None:
                 guard()
             status_tag = {"error": "failed", "infra": "infrastructure"}.get(result["status"], result["status"])
-            tracker.set_tags({"ript.status": status_tag,  # type: ignore[attr-defined]
-                              **({"ript.reason": result["reason"][:5000]} if "reason" in result else {})})
+            tracker.set_tags(tag.outcome_tags(status_tag, result.get("reason")))  # type: ignore[attr-defined]
             if result["value"] is not None and result["status"] != "infra":
                 tracker.record({"study/objective": result["value"]}, points[-1][0])
             tracker.end({"finished": "FINISHED", "pruned": "KILLED"}.get(result["status"], "FAILED"))
@@ -237,7 +238,7 @@ def _end_lease_lost(tracker: Any, exc: LeaseLost) -> None:
     """End this attempt's MLflow run KILLED, saying why, without writing the metrics it still buffered."""
     if getattr(tracker, "run_id", None):
         tracker.buffer.clear()
-        tracker.set_tags({"ript.status": "lease-lost", "ript.reason": str(exc)})
+        tracker.set_tags(tag.outcome_tags("lease-lost", str(exc)))
         tracker.end("KILLED")
 
 

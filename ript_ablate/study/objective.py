@@ -38,8 +38,9 @@ def reduce_points(points: Sequence[tuple[int, float]], reduction: str, direction
 
 
 def iqm(values: Sequence[float]) -> float:
-    """Interquartile mean (rliable): the mean of the middle 50%, robust to one outlying seed."""
-    return float(stats.trim_mean(np.asarray(values, dtype=float), 0.25))
+    """Interquartile mean (rliable): the mean of the middle 50% of all values (a runs x tasks matrix counts every
+    score), robust to one outlying seed."""
+    return float(stats.trim_mean(np.asarray(values, dtype=float).ravel(), 0.25))
 
 
 def aggregate(values: Sequence[float], aggregation: str) -> float:

@@ -23,10 +23,11 @@ from rich.table import Table
 from ript_ablate.errors import is_infrastructure_error, readable_error
 from ript_ablate.progress import console
 from ript_ablate.study.resources import Slot, plan_slots
-from ript_ablate.study.runs import ensure_parent_run, finish_parent, sweep_orphans
 from ript_ablate.study.spec import StudySpec, describe
 from ript_ablate.study.store import CellRecord, StudyStore, redact
 from ript_ablate.study.worker import Worker
+from ript_ablate.tracking import tags as tag
+from ript_ablate.tracking.runs import ensure_parent_run, finish_parent, sweep_orphans
 
 EXIT_CELLS_FAILED = 4  # the study ended, but some cells failed after all their retries
 
@@ -130,7 +131,7 @@ def study_params(spec: StudySpec, store: StudyStore) -> dict:
     return {"study.name": spec.name, "study.mode": spec.mode, "study.seeds": spec.seeds,
             "study.objective": json.dumps(spec.objective.__dict__), "study.spec": str(spec.path),
             "study.storage": redact(store.url),
-            **({f"factor.{k}": v for k, v in spec.factors.items()} if spec.mode == "grid" else
+            **({tag.FACTOR_PREFIX + k: v for k, v in spec.factors.items()} if spec.mode == "grid" else
                {f"space.{p.key}": p.__dict__ for p in spec.search_space})}
 
 
@@ -171,7 +172,9 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
                                                          if "config_trial" in last else {}),
                                                       "attempt": int(last.get("attempt", 1)) + 1})
         console.print(f"re-enqueued {len(requeued)} failed cell(s)")
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGINT explicitly too: a runner started from a background job inherits SIGINT ignored, and would miss Ctrl-C
+    # or a `kill -INT` to its process group while its workers (which set their own handlers) stop
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen] = []
     try:
         prepare_bases(spec)
@@ -201,8 +204,9 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return interrupt(spec, store, tracking_uri, procs)
     finally:
-        if signal.getsignal(signal.SIGTERM) is _raise_interrupt:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is _raise_interrupt:
+                signal.signal(signum, handler)
     return finalize(spec, store, tracking_uri)
 
 
@@ -229,7 +233,7 @@ def interrupt(spec: StudySpec, store: StudyStore, tracking_uri: str | None, proc
         records = store.records()
         killed = sum(1 for r in records for t in r.trials if t.user_attrs.get("status") == "killed"
                      and t.datetime_complete is not None and t.datetime_complete.timestamp() >= started - 5)
-        _close_parent(spec, store, tracking_uri, "KILLED", {"ript.status": "interrupted"})
+        _close_parent(spec, store, tracking_uri, "KILLED", tag.outcome_tags("interrupted"))
     except Exception as exc:  # the store is away too: the next `study run` cleans up
         console.print(f"[yellow]warning:[/] could not record the interruption ({readable_error(exc)})")
     console.print(f"[red]interrupted[/]: workers stopped, {killed} running cell(s) marked killed; run "
@@ -279,7 +283,7 @@ def finalize(spec: StudySpec, store: StudyStore, tracking_uri: str | None) -> in
             metrics["study/runner_overhead_s_mean"] = sum(walls) / len(walls)
         try:
             finish_parent(tracking_uri, parent, "FAILED" if counts["failed"] else "FINISHED", metrics,
-                          {"ript.status": "complete" if not counts["failed"] else "complete-with-failures"},
+                          tag.outcome_tags("complete" if not counts["failed"] else "complete-with-failures"),
                           [str(csv_path)])
         except Exception as exc:
             if not is_infrastructure_error(exc):

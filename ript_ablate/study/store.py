@@ -78,6 +78,15 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+def load_search(spec: StudySpec, url: str) -> optuna.Study | None:
+    """An optuna-mode study's search (Optuna's own Study: sampled configurations, objective, importances), for
+    readers such as the report; None when the study has not started."""
+    try:
+        return optuna.load_study(study_name=spec.name + SEARCH_SUFFIX, storage=open_storage(url))
+    except KeyError:  # Optuna's answer for a study name it does not hold
+        return None
+
+
 def with_driver(url: str) -> str:
     """postgresql:// with the psycopg2 driver this package installs (SQLAlchemy 2.1 defaults to psycopg 3)."""
     if url.startswith("postgresql://"):

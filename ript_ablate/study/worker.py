@@ -28,9 +28,10 @@ from ript_ablate.errors import is_infrastructure_error, readable_error
 from ript_ablate.progress import console
 from ript_ablate.study.cell import RESULT_FILE, RUN_FILE, write_json
 from ript_ablate.study.resources import Slot
-from ript_ablate.study.runs import mark_run
 from ript_ablate.study.spec import StudySpec, describe
 from ript_ablate.study.store import Claim, StudyStore
+from ript_ablate.tracking import tags as tag
+from ript_ablate.tracking.runs import mark_lost, mark_run
 
 POLL_S = 2.0  # how often an idle worker looks for work (a failed cell's retry, a dead worker's cell)
 INFRA_FIRST_WAIT_S = 5.0  # back-off after a store or server failure: 5 s, doubling, at most INFRA_MAX_WAIT_S
@@ -176,14 +177,10 @@ class Worker:
 
     def _mark_lost(self, trial_number: int, why: str) -> None:
         """The dead worker's cell run in MLflow (found by its trial number tag) is marked KILLED."""
-        from ript_ablate.study.runs import child_runs
-
         parent = self.store.parent_run_id
-        if not parent:
-            return
-        for run in child_runs(self.tracking_uri, self.spec.experiment_name, parent):
-            if run.info.status == "RUNNING" and run.data.tags.get("ript.trial_number") == str(trial_number):
-                mark_run(self.tracking_uri, run.info.run_id, "KILLED", {"ript.status": "lost", "ript.reason": why})
+        if parent:
+            mark_lost(self.tracking_uri, self.spec.experiment_name, parent,
+                      lambda number: number == str(trial_number), why)
 
     # --- one cell ---------------------------------------------------------------------------------------------
     def run_cell(self, claim: Claim) -> CellOutcome:
@@ -214,7 +211,7 @@ class Worker:
         if not self._persist(lambda: self.store.finish(claim, outcome.state, outcome.value, outcome.attrs)):
             self.log(f"[yellow]lost the lease of {claim.cell_id}[/]: another worker declared this one dead; "
                      "its result is discarded (the retry counts)")
-            self._mark_run(outcome.attrs.get("mlflow_run_id"), "KILLED", {"ript.status": "lease-lost"})
+            self._mark_run(outcome.attrs.get("mlflow_run_id"), "KILLED", tag.outcome_tags("lease-lost"))
             return outcome
         if outcome.state == TrialState.FAIL and not final:
             reason = outcome.attrs.get("reason", "")
@@ -245,10 +242,9 @@ class Worker:
         cfg = self.spec.cell_config(values, int(claim.attrs["seed"]))
         placement = self.slot.overrides(cfg.suite.num_workers)
         data = with_values(self.spec.base, {**values, SEED_KEY: int(claim.attrs["seed"]), **placement})
-        tags = {"ript.study": self.spec.name, "ript.cell_id": claim.cell_id,
-                "ript.config_id": claim.attrs["config_id"], "ript.seed": str(claim.attrs["seed"]),
-                "ript.trial_number": str(claim.number), "ript.worker": f"{self.store.host}:{os.getpid()}",
-                **{f"factor.{k}": str(v) for k, v in values.items()}}
+        tags = {tag.STUDY: self.spec.name, tag.CELL_ID: claim.cell_id, tag.CONFIG_ID: claim.attrs["config_id"],
+                tag.SEED: str(claim.attrs["seed"]), tag.TRIAL_NUMBER: str(claim.number),
+                tag.WORKER: f"{self.store.host}:{os.getpid()}", **tag.factor_tags(values)}
         job: dict[str, Any] = {
             "cell_id": claim.cell_id, "attempt": claim.attempt,
             "infra_failures": int(claim.attrs.get("infra_failures", 0)), "config": data, "threads": self.slot.threads,
@@ -289,8 +285,7 @@ class Worker:
                 timed_out = False
                 if not (attempt_dir / RESULT_FILE).is_file():
                     why = f"stopped by {self.signal_name or 'a signal'} to the worker; resumes on the next `study run`"
-                    self._mark_run(self._run_id(attempt_dir), "KILLED", {"ript.status": "killed",
-                                                                                  "ript.reason": why})
+                    self._mark_run(self._run_id(attempt_dir), "KILLED", tag.outcome_tags("killed", why))
                     raise CellInterrupted(why) from None
                 # the cell had written its result (and ended its run) when the signal came: keep it, then stop
                 self.stop_after_cell = True
@@ -301,7 +296,7 @@ class Worker:
                    else f"cell process exited with code {code}" + (" (killed by a signal)" if code < 0 else "")
                    + f"; see {attempt_dir / 'output.log'}")
             self._mark_run(run_id, "KILLED" if code < 0 or timed_out else "FAILED",
-                           {"ript.status": "failed", "ript.reason": why})
+                           tag.outcome_tags("failed", why))
             return CellOutcome(TrialState.FAIL, None, {"status": "timeout" if timed_out else "crashed",
                                                        "reason": why, "mlflow_run_id": run_id or ""})
         result = json.loads(result_path.read_text())
@@ -318,8 +313,7 @@ class Worker:
         if result["status"] == "pruned":
             return CellOutcome(TrialState.PRUNED, None, {**attrs, "reason": result.get("reason", "")})
         if result["status"] == "infra":
-            self._mark_run(attrs["mlflow_run_id"], "FAILED", {"ript.status": "infrastructure",
-                                                              "ript.reason": result.get("reason", "")})
+            self._mark_run(attrs["mlflow_run_id"], "FAILED", tag.outcome_tags("infrastructure", result.get("reason")))
         return CellOutcome(TrialState.FAIL, None, {**attrs, "reason": result.get("reason", "unknown error")[:2000]})
 
     @staticmethod
