@@ -511,7 +511,7 @@ def test_workers_on_postgresql_can_start_before_any_study_run(study_env, postgre
 
 
 def test_prune_decision_keeps_final_results_and_one_state_per_configuration():
-    from ript_ablate.study.cell import prune_decision
+    from ript_ablate.study.attempt import prune_decision
 
     class FakeTrial:
         _trial_id = 7

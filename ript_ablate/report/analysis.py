@@ -14,8 +14,6 @@ from ript_ablate.report.stability import Thresholds, config_health, run_health, 
 from ript_ablate.study.objective import reduce_points
 from ript_ablate.tracking.tags import factor_key
 
-EVAL = "eval/success_rate"
-
 
 @dataclass
 class Analysis:
@@ -25,6 +23,7 @@ class Analysis:
     interactions: list[stats.Effect] = field(default_factory=list)
     improvement: pd.DataFrame = field(default_factory=pd.DataFrame)  # P(row config > column config)
     verdicts: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # stability metrics no run logged: not computed
 
 
 HEALTH_METRICS = ("ppo/approx_kl", "ppo/clip_fraction", "grad_norm/backbone", "health/nonfinite_events",
@@ -33,9 +32,9 @@ HEALTH_METRICS = ("ppo/approx_kl", "ppo/clip_fraction", "grad_norm/backbone", "h
 
 def run_table(data: StudyData, th: Thresholds) -> pd.DataFrame:
     """One row per cell: the evaluation curve reduced three ways, and the stability measurements."""
-    evals = series(data, EVAL)
+    evals = series(data, data.success_metric)
     training = {m: series(data, m) for m in HEALTH_METRICS}
-    per_task = {task: series(data, f"{EVAL}/{task}") for task in data.tasks}
+    per_task = {task: series(data, f"{data.success_metric}/{task}") for task in data.tasks}
     rows = []
     for _, cell in data.cells.iterrows():
         cid = cell["cell_id"]
@@ -91,7 +90,8 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
     improvement = pd.DataFrame(
         [[stats.probability_of_improvement(matrices[a], matrices[b]) if a != b else np.nan for b in names]
          for a in names], index=names, columns=names)
-    analysis = Analysis(configs, runs, improvement=improvement)
+    logged = set(data.frame["metric"]) if not data.frame.empty else set()
+    analysis = Analysis(configs, runs, improvement=improvement, missing=[m for m in HEALTH_METRICS if m not in logged])
     if data.spec.mode == "grid":  # a search's configurations share no levels to pair on: importances instead
         analysis.effects = factor_effects(runs, data, reps)
         analysis.interactions = interactions(runs, data, reps)

@@ -15,7 +15,8 @@ from ript_ablate.study.spec import StudySpec, cell_id_for, config_id_for, descri
 from ript_ablate.tracking import tags as tag
 from ript_ablate.tracking.runs import child_runs, find_parent_run, metric_histories
 
-# What the report reads; eval/success_rate/<task> is added per task found.
+# What the report reads, besides the spec's success metric (and <success metric>/<task> per task found) and its
+# objective metric.
 REPORT_METRICS = ("eval/success_rate", "train/success_rate", "ppo/approx_kl", "ppo/clip_fraction",
                   "grad_norm/backbone", "grad_norm/header", "health/nonfinite_events", "scale/log_b_mean",
                   "sampling/contexts_tried", "sampling/accepted_groups")
@@ -31,6 +32,10 @@ class StudyData:
     pruned: list[str] = field(default_factory=list)  # cell ids (with their configuration) stopped by the pruner
     failed_attempts: int = 0
     tasks: list[str] = field(default_factory=list)
+
+    @property
+    def success_metric(self) -> str:
+        return self.spec.success_metric
 
     @property
     def factors(self) -> list[str]:
@@ -73,8 +78,10 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
                 "seed": int(tags.get(tag.SEED, 0)), **factors, "run_id": run.info.run_id,
                 "status": tags.get(tag.STATUS, "finished")}
         cell_rows.append(info)
-        names = [m for m in run.data.metrics if m in REPORT_METRICS or m.startswith("eval/success_rate/")]
-        tasks.update(m.split("/", 2)[2] for m in names if m.startswith("eval/success_rate/"))
+        wanted = {*REPORT_METRICS, spec.success_metric, spec.objective.metric}
+        per_task = spec.success_metric + "/"
+        names = [m for m in run.data.metrics if m in wanted or m.startswith(per_task)]
+        tasks.update(m[len(per_task):] for m in names if m.startswith(per_task))
         for name, points in metric_histories(tracking_uri, run.info.run_id, names).items():
             rows.extend({**info, "iteration": step, "metric": name, "value": value} for step, value in points.items())
     frame = pd.DataFrame(rows)

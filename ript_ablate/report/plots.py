@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ript_ablate.report.analysis import EVAL, Analysis  # noqa: E402
+from ript_ablate.report.analysis import Analysis  # noqa: E402
 from ript_ablate.report.collect import StudyData, series  # noqa: E402
 from ript_ablate.report.stats import Effect, seed_interval  # noqa: E402
 
@@ -59,9 +59,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def learning_curves(data: StudyData, analysis: Analysis, path: Path, metric: str = EVAL,
-                    ylabel: str = "evaluation success rate") -> Path | None:
-    """Mean over seeds per configuration, with a 95% bootstrap band (seeds resampled) at each evaluation."""
+def learning_curves(data: StudyData, analysis: Analysis, path: Path, metric: str | None = None,
+                    ylabel: str | None = None) -> Path | None:
+    """Mean over seeds per configuration, with a 95% band (as in the tables: t below 5 seeds) at each evaluation."""
+    metric = metric or data.success_metric
+    ylabel = ylabel or metric
     curves = series(data, metric)
     if curves.empty:
         return None
@@ -135,6 +137,8 @@ def stability_panels(data: StudyData, analysis: Analysis, path: Path) -> Path | 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     for ax, (metric, label) in zip(axes.ravel(), panels):
         frame = frames[metric]
+        if frame.empty:
+            ax.text(0.5, 0.5, f"{metric}: not logged", ha="center", va="center", transform=ax.transAxes, fontsize=9)
         for k, (color, config) in enumerate(zip(_colors(len(order)), order)):
             cells = [c for c in runs.index[runs["config"] == config] if c in frame.index]
             if not cells:

@@ -196,12 +196,12 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
               f"also has a drawdown of {th.collapse:.2f} or more (the verdict names the rule that fired). "
               f"Gradient outlier: backbone gradient norm more than {th.grad_outlier_k:g} robust SDs above its median. "
               "log b drift: last minus first mean log-scale. Sampling load: contexts tried per accepted group.", "",
+              *_not_computed(a),
               _table(["configuration", "verdict", "final spread", "collapse rate", "max drawdown", "KL spikes",
                       "clip>0.5 iters", "grad outliers", "non-finite", "log b drift", "tried/group"],
                      [[r["config"], a.verdicts[r["config"]], f"{r['spread']:.2f}", f"{r['collapse_rate']:.0%}",
-                       f"{r['max_drawdown']:.2f}", str(r["kl_spikes"]), str(r["clip_spikes"]),
-                       str(r["grad_outliers"]), f"{r['nonfinite']:.0f}", f"{r['log_b_drift']:+.3f}",
-                       f"{r['tried_per_group']:.1f}"] for _, r in a.configs.iterrows()]), "",
+                       f"{r['max_drawdown']:.2f}", *_health_cells(r, a.missing)] for _, r in a.configs.iterrows()]),
+              "",
               "![stability](stability.png)", "",
               "## Runs", "",
               _table(["cell", "configuration", "seed", "status", "final", "best", "AUC", "drawdown", "MLflow run"],
@@ -211,6 +211,25 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
               f"Tidy metrics: `metrics.csv` (one row per cell, iteration and metric). Report built in {seconds:.1f}s "
               f"at {time.strftime('%Y-%m-%d %H:%M')}.", ""]
     return "\n".join(lines)
+
+
+# stability columns, each with the metric it needs
+HEALTH_COLUMNS = (("kl_spikes", "ppo/approx_kl", "{}"), ("clip_spikes", "ppo/clip_fraction", "{}"),
+                  ("grad_outliers", "grad_norm/backbone", "{}"), ("nonfinite", "health/nonfinite_events", "{:.0f}"),
+                  ("log_b_drift", "scale/log_b_mean", "{:+.3f}"), ("tried_per_group", "sampling/accepted_groups", "{:.1f}"))
+
+
+def _health_cells(row, missing: list[str]) -> list[str]:
+    """A configuration's stability measures; '-' where the runs logged no metric to compute one from."""
+    return ["-" if metric in missing else fmt.format(row[column]) for column, metric, fmt in HEALTH_COLUMNS]
+
+
+def _not_computed(a: Analysis) -> list[str]:
+    if not a.missing:
+        return []
+    listed = ", ".join(f"`{m}`" for m in a.missing)
+    return [f"Not computed (no run logged these metrics; shown as '-'): {listed}. Log them under these names to get "
+            "the corresponding columns.", ""]
 
 
 def _gain_sentence(a: Analysis) -> str:

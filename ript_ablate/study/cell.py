@@ -3,7 +3,8 @@
 The worker writes the job file, starts this process and reads `result.json` when it exits. This process creates
 the cell's MLflow child run (explicit parent run id, so it nests from any process), writes the run id to the
 attempt's `run.json` at once (so a worker can mark the run killed if this process dies), reports evaluations to
-the pruner, and exits on its own if its worker dies (no orphaned trainings).
+the pruner, and exits on its own if its worker dies (no orphaned trainings: it takes its process group along).
+A job with a `command` runs the user's own trainer instead (study/command_cell.py).
 
 RIPT_ABLATE_INJECT_FAULT="<cell_id>@<attempt>[:infra][,...]" (attempt `*` = every attempt) makes the named
 attempts raise after their first evaluation: a way to check that a study set-up retries and reports failures as
@@ -12,21 +13,29 @@ expected. `:infra` raises a connection error instead (once per attempt), as a tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ript_ablate.study.attempt import (
+    RESULT_FILE,
+    RUN_FILE,
+    LeaseLost,
+    lease_guard,
+    prune_decision,
+    pruning_trial,
+    write_json,
+)
 from ript_ablate.tracking import tags as tag
 
 FAULT_ENV = "RIPT_ABLATE_INJECT_FAULT"
-RESULT_FILE = "result.json"
-RUN_FILE = "run.json"
 
 
 class InjectedFault(RuntimeError):
@@ -37,58 +46,6 @@ class Pruned(Exception):
     """The study's pruner stopped this run after an evaluation."""
 
 
-class LeaseLost(Exception):
-    """This attempt's trial is no longer RUNNING in the study storage: another worker declared this one dead
-    (e.g. it was paused past its lease) and the cell's next attempt owns the cell directory now."""
-
-
-def prune_decision(trial: Any, store: Any, config_id: str, iteration: int, n_iterations: int) -> str | None:
-    """Why to stop this seed now, or None. Never at the run's last evaluation (the result is complete: pruning would
-    only discard it); one configuration ends in one state: a seed stops when another seed of its configuration was
-    pruned, and is never pruned once another seed of it finished; otherwise the study's pruner decides."""
-    if iteration >= n_iterations:
-        return None
-    siblings = store.seed_states(config_id, exclude_trial=trial._trial_id)
-    if "PRUNED" in siblings:
-        return f"pruned at iteration {iteration} with its configuration (another seed was pruned)"
-    if "COMPLETE" in siblings:
-        return None
-    if trial.should_prune():
-        return f"pruned at iteration {iteration}"
-    return None
-
-
-def lease_guard(job: dict[str, Any]) -> Callable[[], None] | None:
-    """A fencing check run before every write that matters (history line, checkpoint, MLflow update): the
-    attempt's trial (its lease generation) must still be RUNNING. None when the job carries no lease."""
-    lease = job.get("lease")
-    if not lease:
-        return None
-    from optuna.trial import TrialState
-
-    from ript_ablate.errors import is_infrastructure_error
-    from ript_ablate.study.store import open_storage
-
-    storage = open_storage(lease["storage"])
-    trial_id = int(lease["trial_id"])
-
-    def check() -> None:
-        try:
-            state = storage.get_trial(trial_id).state
-        except Exception as exc:  # the storage is away: nobody can take the lease meanwhile; the finish decides
-            if is_infrastructure_error(exc):
-                return
-            raise
-        if state != TrialState.RUNNING:
-            raise LeaseLost(f"trial {trial_id} is {state.name}: this attempt lost its lease")
-
-    return check
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 def fault_planned(cell_id: str, attempt: int, spec: str | None = None) -> str | None:
@@ -108,6 +65,9 @@ def exit_with_parent(parent_pid: int) -> None:
     def watch() -> None:
         while True:
             if os.getppid() != parent_pid:
+                with contextlib.suppress(OSError):  # this cell leads its process group: take its children along
+                    if os.getpgrp() == os.getpid():
+                        os.killpg(os.getpid(), signal.SIGKILL)
                 os._exit(70)
             time.sleep(1.0)
 
@@ -162,7 +122,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         tracker = Tracker()
 
     objective = job["objective"]
-    pruning = _pruning_trial(job)
+    pruning = pruning_trial(job)
     guard = lease_guard(job)
 
     inject = fault_planned(job["cell_id"], int(job["attempt"]))
@@ -257,21 +217,6 @@ def _read_history(out: Path) -> list[dict[str, float]]:
     return entries
 
 
-def _pruning_trial(job: dict[str, Any]):
-    """(the cell's Optuna trial, the study store), for report/should_prune and the configuration's other seeds;
-    None when the study has no pruner."""
-    pruning = job.get("pruning")
-    if not pruning:
-        return None
-    import optuna
-
-    from ript_ablate.study.spec import load_study
-    from ript_ablate.study.store import StudyStore
-
-    store = StudyStore(load_study(pruning["spec"], pruning.get("output_dir")), pruning["storage"], create=False)
-    return optuna.trial.Trial(store.cells, int(pruning["trial_id"])), store
-
-
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     job_path = Path(args[0])
@@ -279,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent(int(job["parent_pid"]))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
-        result = run_job(job)
+        if "command" in job:  # your own trainer (study/command.py)
+            from ript_ablate.study.command_cell import run_command_job
+
+            result = run_command_job(job)
+        else:
+            result = run_job(job)
     except Exception as exc:  # a failure outside the training itself (MLflow unreachable, bad job)
         result = failure(exc)
     write_json(job_path.parent / RESULT_FILE, result)

@@ -105,6 +105,8 @@ def prepare_bases(spec: StudySpec) -> None:
     from ript_ablate.bc import demo_key, ensure_base, sft_key
     from ript_ablate.plugins import build_world
 
+    if spec.command:
+        return  # your own trainer builds what it needs
     configs = [spec.cell_config(v, spec.seeds[0]) for v in (spec.grid_configs() if spec.mode == "grid" else [{}])]
     seen = set()
     for cfg in configs:

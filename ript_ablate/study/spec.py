@@ -9,6 +9,8 @@ the seeds, the objective and the retry policy. Every problem is reported before 
     seeds: [0, 1]                                # sets algo.model_seed; the behaviour-cloning base is shared
     objective: {metric: eval/success_rate, reduction: final, aggregation: mean, direction: maximize}
     retries: 1
+
+With a `command:` block (see study/command.py) the cells run your own trainer on your own YAML instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from ript_ablate.config import SECTIONS, Config, all_keys, load_yaml, merge, parse_overrides
 from ript_ablate.errors import ConfigError
+from ript_ablate.study.command import CommandSpec, check_keys, parse_command, with_dotted
 
 SEED_KEY = "algo.model_seed"
 MAX_CELLS = 100_000
@@ -34,7 +37,8 @@ PRUNERS = ("none", "median", "hyperband")
 PARAM_TYPES = ("categorical", "float", "int")
 TOP_KEYS = ("name", "config", "set", "mode", "factors", "search_space", "sampler", "sampler_seed", "n_configs",
             "pruner", "seeds", "objective", "retries", "timeout_s", "storage", "output_dir", "tracking_uri",
-            "experiment", "heartbeat_s", "lease_timeout_s", "description")
+            "experiment", "heartbeat_s", "lease_timeout_s", "description", "command", "report")
+REPORT_KEYS = ("success_metric",)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,25 @@ class StudySpec:
     heartbeat_s: float = 10.0
     lease_timeout_s: float | None = None
     description: str = ""
+    command: CommandSpec | None = None  # your own trainer instead of the built-in one
+    success_metric: str = "eval/success_rate"  # what the report plots and compares as success
+
+    @property
+    def seed_key(self) -> str:
+        return self.command.seed_key if self.command else SEED_KEY
+
+    @property
+    def n_iterations(self) -> int | None:
+        """The last step a cell reports (pruners and the pruning rule need it); None when unknown."""
+        if self.command:
+            return self.command.n_steps
+        return int(self.base.get("training", {}).get("n_iterations", 15))
+
+    def cell_data(self, values: dict[str, Any], seed: int) -> dict[str, Any]:
+        """A cell's config as a dict: the base with the cell's values and seed set."""
+        if self.command:
+            return with_dotted(self.base, {**values, self.command.seed_key: seed})
+        return with_values(self.base, {**values, SEED_KEY: seed})
 
     @property
     def lease_timeout(self) -> float:
@@ -108,12 +131,15 @@ class StudySpec:
     def cell_config(self, values: dict[str, Any], seed: int) -> Config:
         from ript_ablate.plugins import checked_config_from_dict
 
+        if self.command:
+            raise ValueError("a study over your own command has no built-in config; use cell_data")
         return checked_config_from_dict(with_values(self.base, {**values, SEED_KEY: seed}), f"{self.path} cell")
 
     def fingerprint(self) -> str:
         """What defines the cells; resuming with a changed spec is refused instead of mixing results."""
         data = {"base": self.base, "mode": self.mode, "factors": self.factors, "seeds": self.seeds,
-                "space": [p.__dict__ for p in self.search_space], "objective": self.objective.__dict__}
+                "space": [p.__dict__ for p in self.search_space], "objective": self.objective.__dict__,
+                **({"command": self.command.to_json()} if self.command else {})}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -227,11 +253,22 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         else:
             loaded = load_yaml(config_path)
             base = loaded if isinstance(loaded, dict) else {}
+    command = parse_command(raw["command"], path.parent, check.problems) if "command" in raw else None
     overrides = raw.get("set") or []
     if check.need(isinstance(overrides, list), "set", overrides, "a list of section.key=value strings"):
-        nested, problems = parse_overrides([str(o) for o in overrides])
-        check.problems.extend(f"set: {p}" for p in problems)
-        base = merge(base, nested)
+        if "command" in raw:  # your own YAML: dotted keys of any depth
+            base = with_dotted(base, _dotted_overrides([str(o) for o in overrides], check))
+        else:
+            nested, problems = parse_overrides([str(o) for o in overrides])
+            check.problems.extend(f"set: {p}" for p in problems)
+            base = merge(base, nested)
+    report_raw = raw.get("report") or {}
+    success_metric = "eval/success_rate"
+    if check.need(isinstance(report_raw, dict) and not set(report_raw) - set(REPORT_KEYS), "report", report_raw,
+                  f"a mapping with only {', '.join(REPORT_KEYS)}"):
+        success_metric = report_raw.get("success_metric", success_metric)
+        check.need(isinstance(success_metric, str) and bool(success_metric), "report.success_metric",
+                   success_metric, "the name of the metric your runs log as evaluation success")
     mode = raw.get("mode", "grid")
     check.need(mode in ("grid", "optuna"), "mode", mode, "grid | optuna")
     seeds = raw.get("seeds")
@@ -248,14 +285,16 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         unknown = set(obj_raw) - {"metric", "reduction", "aggregation", "direction"}
         check.need(not unknown, "objective", sorted(unknown), "only metric, reduction, aggregation, direction")
         objective = Objective(**{k: v for k, v in obj_raw.items() if k not in unknown})
-        check.need(isinstance(objective.metric, str) and "/" in objective.metric, "objective.metric",
-                   objective.metric, "a metric name such as eval/success_rate")
+        check.need(isinstance(objective.metric, str) and ("/" in objective.metric or "command" in raw),
+                   "objective.metric", objective.metric, "a metric name such as eval/success_rate")
         check.need(objective.reduction in REDUCTIONS, "objective.reduction", objective.reduction, " | ".join(REDUCTIONS))
         check.need(objective.aggregation in AGGREGATIONS, "objective.aggregation", objective.aggregation,
                    " | ".join(AGGREGATIONS))
         check.need(objective.direction in DIRECTIONS, "objective.direction", objective.direction,
                    " | ".join(DIRECTIONS))
-    known = set(all_keys())
+    seed_key = command.seed_key if command else SEED_KEY
+    # your own YAML's keys are checked against that file below (with the closest key); the built-in config's here
+    known = None if "command" in raw else set(all_keys())
     factors: dict[str, list[Any]] = {}
     space: list[Param] = []
     if mode == "grid":
@@ -263,9 +302,9 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         if check.need(isinstance(raw_factors, dict) and raw_factors, "factors", raw_factors,
                       "a mapping of dotted config keys to lists of values"):
             for key, values in raw_factors.items():
-                if key == SEED_KEY:
+                if key == seed_key:
                     check.problems.append(f"factors.{key}: seeds are an axis of their own; list them under seeds")
-                elif key not in known:
+                elif known is not None and key not in known:
                     check.problems.append(f"factors.{key}: not a config key")
                 elif check.need(isinstance(values, list) and len(values) >= 1, f"factors.{key}", values,
                                 "a list of values"):
@@ -282,7 +321,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         if check.need(isinstance(raw_space, dict) and raw_space, "search_space", raw_space,
                       "a mapping of dotted config keys to parameter ranges"):
             for key, value in raw_space.items():
-                if key == SEED_KEY or key not in known:
+                if key == seed_key or (known is not None and key not in known):
                     check.problems.append(f"search_space.{key}: not a config key that can be searched")
                     continue
                 param = _parse_param(key, value, check)
@@ -310,6 +349,13 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         check.need(not isinstance(n_configs, int) or n_configs <= 100_000, "n_configs", n_configs, "at most 100,000")
     storage = raw.get("storage")
     check.need(storage is None or isinstance(storage, str), "storage", storage, "a URL or journal file path")
+    if command is not None and base:
+        keys = {**{f"factors.{k}": k for k in factors}, **{f"search_space.{p.key}": p.key for p in space},
+                "command.seed_key": command.seed_key}
+        check.problems.extend(check_keys(command, base, keys, config_path.name))
+    if command is not None and raw.get("pruner", "none") != "none" and command.n_steps is None:
+        check.problems.append("command.n_steps: required with a pruner (the last step your trainer reports: a run is "
+                              "never pruned at its last evaluation)")
     if check.problems:
         raise ConfigError(check.problems, str(path))
 
@@ -321,10 +367,28 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         output_dir=Path(output_dir or raw.get("output_dir") or "runs/studies"),
         tracking_uri=raw.get("tracking_uri"), experiment=raw.get("experiment"), heartbeat_s=float(heartbeat),
         lease_timeout_s=float(lease) if lease is not None else None,
-        description=str(raw.get("description", "")),
+        description=str(raw.get("description", "")), command=command, success_metric=success_metric,
     )
-    _check_cells(spec)
+    if command is None:  # the built-in trainer checks every cell's config now; your trainer checks its own
+        _check_cells(spec)
     return spec
+
+
+def _dotted_overrides(items: list[str], check: _Checker) -> dict[str, Any]:
+    """`set:` entries for your own YAML: key.at.any.depth=value (values parsed as YAML scalars)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            check.problems.append(f"set: {item!r}: expected dotted.key=value")
+            continue
+        try:
+            values[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            values[key.strip()] = text
+    return values
 
 
 def _check_cells(spec: StudySpec) -> None:

@@ -170,11 +170,11 @@ class StudyStore:
         if self.spec.pruner == "median":
             # compare only once MIN_CONFIGS_BEFORE_PRUNING configurations have all their seeds done, and never on
             # the first third of a run (early evaluations of RL runs rank poorly)
-            n = int(self.spec.base.get("training", {}).get("n_iterations", 15))
+            n = self.spec.n_iterations or 15
             return optuna.pruners.MedianPruner(n_startup_trials=MIN_CONFIGS_BEFORE_PRUNING * len(self.spec.seeds),
                                                n_warmup_steps=max(1, n // 3))
         if self.spec.pruner == "hyperband":
-            n = int(self.spec.base.get("training", {}).get("n_iterations", 15))
+            n = self.spec.n_iterations or 15
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, n))
         return optuna.pruners.NopPruner()
 

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from ript_ablate.errors import is_infrastructure_error, readable_error
 from ript_ablate.progress import console
-from ript_ablate.study.cell import RESULT_FILE, RUN_FILE, write_json
+from ript_ablate.study.attempt import RESULT_FILE, RUN_FILE, write_json
 from ript_ablate.study.resources import Slot
 from ript_ablate.study.spec import StudySpec, describe
 from ript_ablate.study.store import Claim, StudyStore
@@ -239,9 +239,13 @@ class Worker:
     def job(self, claim: Claim, values: dict[str, Any]) -> dict[str, Any]:
         from ript_ablate.study.spec import SEED_KEY, with_values
 
-        cfg = self.spec.cell_config(values, int(claim.attrs["seed"]))
-        placement = self.slot.overrides(cfg.suite.num_workers)
-        data = with_values(self.spec.base, {**values, SEED_KEY: int(claim.attrs["seed"]), **placement})
+        seed = int(claim.attrs["seed"])
+        if self.spec.command:  # your own trainer: its YAML as given, placed by CUDA_VISIBLE_DEVICES
+            data, tracked = self.spec.cell_data(values, seed), True
+        else:
+            cfg = self.spec.cell_config(values, seed)
+            placement = self.slot.overrides(cfg.suite.num_workers)
+            data, tracked = with_values(self.spec.base, {**values, SEED_KEY: seed, **placement}), cfg.tracking.enabled
         tags = {tag.STUDY: self.spec.name, tag.CELL_ID: claim.cell_id, tag.CONFIG_ID: claim.attrs["config_id"],
                 tag.SEED: str(claim.attrs["seed"]), tag.TRIAL_NUMBER: str(claim.number),
                 tag.WORKER: f"{self.store.host}:{os.getpid()}", **tag.factor_tags(values)}
@@ -250,11 +254,16 @@ class Worker:
             "infra_failures": int(claim.attrs.get("infra_failures", 0)), "config": data, "threads": self.slot.threads,
             "output_dir": str(self.spec.study_dir / "cells" / claim.cell_id), "parent_pid": os.getpid(),
             "objective": dict(self.spec.objective.__dict__), "tags": tags,
-            "tracking": {"enabled": cfg.tracking.enabled, "uri": self.tracking_uri,
+            "tracking": {"enabled": tracked, "uri": self.tracking_uri,
                          "experiment": self.spec.experiment_name, "parent_run_id": self.store.parent_run_id,
                          "run_name": claim.cell_id + (f"-a{claim.attempt}" if claim.attempt > 1 else "")},
         }
         job["lease"] = {"storage": self.store.url, "trial_id": claim.trial_id}
+        if self.spec.command:
+            job["command"] = self.spec.command.to_json()
+            job["device"] = self.slot.device
+            job["heartbeat_s"] = self.spec.heartbeat_s
+            job["n_iterations"] = self.spec.n_iterations
         if self.spec.mode == "optuna" and self.spec.pruner != "none":
             job["pruning"] = {"spec": str(self.spec.path), "output_dir": str(self.spec.output_dir),
                               "storage": self.store.url, "trial_id": claim.trial_id}

@@ -21,6 +21,7 @@ ATTEMPT = "ript.attempt"
 RESUMED_FROM = "ript.resumed_from"  # the checkpoint an interrupted cell resumed from
 STATUS = "ript.status"  # finished | diverged | pruned | failed | infrastructure | killed | lost | lease-lost, ...
 REASON = "ript.reason"  # one readable line: why a run failed or was stopped
+METRICS_LINES_SKIPPED = "ript.metrics_lines_skipped"  # a command's metrics-file lines that did not parse
 
 FACTOR_PREFIX = "factor."  # factor.<config key> = the value this cell sets
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value

@@ -55,3 +55,16 @@ def check_tracking_store(uri: str | None, timeout: float = REACH_TIMEOUT_S) -> N
         if not directory.is_dir():
             raise TrackingUnavailable(f"MLflow store {describe_tracking_uri(uri)}: directory {directory} does not "
                                       "exist; create it or fix the URI")
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """The URI as another process with another working directory must see it: MLflow's default made explicit,
+    and a relative sqlite path or local directory made absolute."""
+    import mlflow
+
+    resolved = resolve_tracking_uri(uri) or mlflow.get_tracking_uri()
+    if resolved.startswith("sqlite:///") and not resolved.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(resolved[len("sqlite:///"):]).resolve())
+    if "://" not in resolved and not resolved.startswith("file:"):
+        return str(Path(resolved).resolve())
+    return resolved
