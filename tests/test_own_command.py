@@ -200,3 +200,22 @@ def test_metrics_stream_placement_and_pruning_rules(tmp_path):
     assert _prune((trial, Store()), {0: 0.5, 1: 0.4, 2: 0.1}, reported, job, prune_decision) == "pruned at iteration 2"
     assert trial.reported == [(0, 0.5), (1, 0.4), (2, 0.1)]  # each point reported once
     assert _prune((trial, Store()), {4: 0.1}, set(), job, prune_decision) is None  # never at the last step
+
+
+def test_adaptive_seeds_decide_one_factor_at_the_initial_seeds_and_add_a_seed_for_the_other(own_env):
+    """A factor that changes nothing (a 1 ms pause per step) is settled at the 3 initial seeds as "no effect of 5
+    points or more"; Laplace vs Gaussian is not, so every configuration gets a 4th seed (the limit here)."""
+    path = write_spec(own_env, factors={"algo.use_laplace_sampling": [True, False],
+                                        "training.step_delay_s": [0.0, 0.001]},
+                      seeds={"initial": 3, "max": 4, "min_effect": 5})
+    assert main(["study", "run", str(path), "--workers", "2"]) == 0
+    complete = Counter(t.user_attrs["seed"] for t in trials(path) if t.state.name == "COMPLETE")
+    assert complete == {0: 4, 1: 4, 2: 4, 3: 4}  # 4 configurations x (3 initial seeds + the one added)
+    assert main(["study", "run", str(path), "--workers", "1"]) == 0  # a second run: nothing more to do
+    assert len(trials(path)) == 16
+    assert main(["report", str(path), "--reports", str(own_env / "reports"), "--no-upload"]) == 0
+    text = (own_env / "reports" / load_study(path).name / "report.md").read_text()
+    assert "no effect of 5 points or more (at 3 seeds)" in text
+    laplace = next(line for line in text.splitlines() if line.startswith("| use_laplace_sampling: True -> False"))
+    assert "(at 4 seeds)" in laplace or "undecided at the 4-seed limit" in laplace
+    assert "16 cells run of the 16 a fixed 4-seed design needs" in text

@@ -38,12 +38,13 @@ def test_spending_and_power_against_hand_computed_values():
 def test_a_look_decides_effect_no_effect_or_asks_for_a_seed():
     rng = np.random.default_rng(0)
     clear = decide(rng.normal(20, 2, 12), 3, PLAN)
-    assert clear.state == "effect" and clear.low > 0 and "prefer" in clear.sentence("True", "False")
+    assert clear.state == "effect" and clear.low > 0 and clear.sentence("True", 5) == "decided: prefer True (at 3 seeds)"
     tight_null = decide(rng.normal(0, 1, 40), 10, PLAN)
     assert tight_null.state == "no_effect" and -5 < tight_null.low < tight_null.high < 5
+    assert tight_null.sentence("x", 5) == "no effect of 5 points or more (at 10 seeds)"
     assert decide(rng.normal(0, 20, 12), 3, PLAN).state == "continue"
     limit = decide(rng.normal(3, 20, 40), 10, PLAN)
-    assert limit.state == "undecided" and "undecided at the 10-seed limit" in limit.sentence("a", "b")
+    assert limit.state == "undecided" and "undecided at the 10-seed limit" in limit.sentence("a", 5)
 
 
 def test_the_vectorised_simulation_is_the_look_by_look_rule():
@@ -75,3 +76,21 @@ def test_error_rates_of_adaptive_seeds_by_simulation():
     assert real.decided_right >= 0.8 and fixed.decided_right >= 0.8
     assert real.mean_seeds < fixed.mean_seeds == PLAN.max
     assert null.mean_seeds < PLAN.max  # a null factor is mostly settled as "no effect of 5 points" early too
+
+
+def test_adaptive_seed_specs_are_checked(tmp_path):
+    import yaml
+
+    from ript_ablate.errors import ConfigError
+    from ript_ablate.study.spec import load_study
+
+    (tmp_path / "c.yaml").write_text("training: {n_iterations: 2}\n")
+    spec = {"name": "a", "config": "c.yaml", "factors": {"algo.ppo_clip_high": [0.2, 0.3]},
+            "seeds": {"initial": 1, "max": 2, "min_effect": -5, "extra": 1}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    problems = "\n".join(pytest.raises(ConfigError, load_study, tmp_path / "s.yaml").value.problems)
+    assert "seeds.initial" in problems and "seeds.min_effect" in problems and "extra" in problems
+    spec["seeds"] = {"initial": 3, "max": 6, "min_effect": 5}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    loaded = load_study(tmp_path / "s.yaml")
+    assert loaded.seeds == [0, 1, 2] and loaded.seed_plan == SeedPlan(3, 6, 5.0)

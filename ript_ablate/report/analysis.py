@@ -24,6 +24,7 @@ class Analysis:
     improvement: pd.DataFrame = field(default_factory=pd.DataFrame)  # P(row config > column config)
     verdicts: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # stability metrics no run logged: not computed
+    sequential: dict = field(default_factory=dict)  # adaptive seeds: comparison label -> its Decision
 
 
 HEALTH_METRICS = ("ppo/approx_kl", "ppo/clip_fraction", "grad_norm/backbone", "health/nonfinite_events",
@@ -95,6 +96,12 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
     if data.spec.mode == "grid":  # a search's configurations share no levels to pair on: importances instead
         analysis.effects = factor_effects(runs, data, reps)
         analysis.interactions = interactions(runs, data, reps)
+    if data.spec.seed_plan and data.spec.mode == "grid":
+        from ript_ablate.study.adaptive import looks
+
+        reduction = data.spec.objective.reduction
+        values = {r["cell_id"]: float(r[reduction]) for _, r in runs.iterrows() if r[reduction] == r[reduction]}
+        analysis.sequential = looks(data.spec, values, int(runs["seed"].max()) + 1)
     p_adj = stats.holm([e.p_value for e in analysis.effects]) if analysis.effects else []
     for effect, p in zip(analysis.effects, p_adj):
         effect.p_holm = p

@@ -171,11 +171,12 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                   "when there are fewer than 20 pairs, where the percentile bootstrap is too narrow); p-value of a "
                   "paired t-test, Holm-corrected across all main-effect comparisons. Decision: keep or drop when the "
                   "interval excludes 0 and the corrected p < 0.05.", "",
-                  _table(["factor", "effect (points)", "95% interval", "pairs", "p", "p (Holm)", "decision"],
+                  *_power_text(spec, a),
+                  _table(["factor", "effect (points)", "95% interval", "pairs", "p", "p (Holm)", "decision",
+                          "MDE 80% (points)", f"seeds for {_min_effect(spec):g} points"],
                          [[e.label, f"{100 * e.estimate:+.1f}", f"[{100 * e.low:+.1f}, {100 * e.high:+.1f}]",
-                           str(e.n_pairs), f"{e.p_value:.3g}", f"{e.p_holm:.3g}",
-                           f"{decision(e)} ({len(spec.seeds)} seeds)"]
-                          for e in a.effects]), ""]
+                           str(e.n_pairs), f"{e.p_value:.3g}", f"{e.p_holm:.3g}", _verdict(e, spec, a),
+                           *_power(e, spec, a)] for e in a.effects]), ""]
         if a.interactions:
             lines += ["Interactions (difference of differences, paired):", "",
                       _table(["factors", "interaction (points)", "95% interval", "pairs", "p"],
@@ -246,6 +247,53 @@ def _gain_sentence(a: Analysis) -> str:
         verdict, interval = "one seed: no interval", ""
     return (f"Largest gain over the base: **{best['config']}**, {100 * best['gain']:+.1f} points{interval} "
             f"({best['seeds']} seeds; {verdict}).")
+
+
+def _min_effect(spec: StudySpec) -> float:
+    """The effect worth finding, in points: the adaptive plan's, else 5 points."""
+    return spec.seed_plan.min_effect if spec.seed_plan else 5.0
+
+
+def _seeds_of(a: Analysis) -> int:
+    return int(a.runs["seed"].nunique()) if not a.runs.empty else 0
+
+
+def _power(e, spec: StudySpec, a: Analysis) -> list[str]:
+    """The minimum detectable effect at 80% power with the pairs run, and the seeds a fixed design needs for the
+    effect worth finding, from the observed paired spread."""
+    from ript_ablate.study.sequential import minimum_detectable_effect, seeds_needed
+
+    seeds = _seeds_of(a)
+    mde = minimum_detectable_effect(100 * e.sd, e.n_pairs)
+    need = seeds_needed(_min_effect(spec), 100 * e.sd, max(1, e.n_pairs // max(1, seeds))) if e.sd == e.sd else None
+    return [f"{mde:.1f}" if mde == mde else "-", str(need) if need else ("-" if e.sd != e.sd else "> 1000")]
+
+
+def _verdict(e, spec: StudySpec, a: Analysis) -> str:
+    """Adaptive studies: the sequential verdict; otherwise the fixed-design decision."""
+    if spec.seed_plan and e.label in a.sequential:
+        d = a.sequential[e.label]
+        base, _, level = e.label.partition(": ")[2].partition(" -> ")
+        maximize = spec.objective.direction == "maximize"
+        return d.sentence(level if (d.estimate > 0) == maximize else base, spec.seed_plan.min_effect)
+    return f"{decision(e)} ({_seeds_of(a)} seeds)"
+
+
+def _power_text(spec: StudySpec, a: Analysis) -> list[str]:
+    text = [f"MDE 80%: the smallest true effect these pairs detect 4 times in 5 (paired t-test, 5% two-sided, from "
+            f"the observed paired spread); seeds for {_min_effect(spec):g} points: what a fixed design would need."]
+    plan = spec.seed_plan
+    if plan:
+        configs = len(spec.grid_configs())
+        ran = len(a.runs)
+        full = plan.max * configs
+        decided = ", ".join(f"{label} at {d.seeds} seeds" for label, d in a.sequential.items()
+                            if d.state in ("effect", "no_effect"))
+        text += ["", f"Adaptive seeds ({plan.initial} to {plan.max}, min effect {plan.min_effect:g} points; "
+                 "O'Brien-Fleming alpha spending at 5%, the repeated confidence interval for 'no effect'): "
+                 f"{ran} cells run of the {full} a fixed {plan.max}-seed design needs ({1 - ran / full:.0%} saved). "
+                 f"Decided: {decided or 'none yet'}."]
+    return [*text, ""]
 
 
 def decision(e) -> str:

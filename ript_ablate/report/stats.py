@@ -106,6 +106,7 @@ class Effect:
     p_value: float
     n_pairs: int
     p_holm: float = float("nan")
+    sd: float = float("nan")  # of the paired differences: what the power of a comparison rests on
 
     @property
     def excludes_zero(self) -> bool:
@@ -122,7 +123,8 @@ def paired_effect(label: str, diffs: np.ndarray, reps: int = 5000, level: float 
         lo, hi = t_interval(d, level)
     else:
         lo, hi = interval_estimates({label: d}, mean, reps, level, seed)[1][label]
-    return Effect(label, float(d.mean()), float(lo), float(hi), paired_t_p_value(d), len(d))
+    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    return Effect(label, float(d.mean()), float(lo), float(hi), paired_t_p_value(d), len(d), sd=sd)
 
 
 def paired_t_p_value(diffs: np.ndarray) -> float:

@@ -91,12 +91,12 @@ class Decision:
     seeds: int
     pairs: int
 
-    def sentence(self, better: str, worse: str, unit: str = "points") -> str:
+    def sentence(self, better: str, min_effect: float, unit: str = "points") -> str:
         """What the report says: decided, no effect of the minimum size, or undecided at the limit."""
         if self.state == "effect":
             return f"decided: prefer {better} (at {self.seeds} seeds)"
         if self.state == "no_effect":
-            return f"no effect of {max(abs(self.low), abs(self.high)):.1f} {unit} or more (at {self.seeds} seeds)"
+            return f"no effect of {min_effect:g} {unit} or more (at {self.seeds} seeds)"
         if self.state == "undecided":
             return (f"undecided at the {self.seeds}-seed limit: the effect is between {self.low:+.1f} and "
                     f"{self.high:+.1f} {unit}")

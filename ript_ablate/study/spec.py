@@ -26,6 +26,7 @@ from typing import Any
 from ript_ablate.config import SECTIONS, Config, all_keys, load_yaml, merge, parse_overrides
 from ript_ablate.errors import ConfigError
 from ript_ablate.study.command import CommandSpec, check_keys, parse_command, with_dotted
+from ript_ablate.study.sequential import SeedPlan
 
 SEED_KEY = "algo.model_seed"
 MAX_CELLS = 100_000
@@ -87,6 +88,7 @@ class StudySpec:
     lease_timeout_s: float | None = None
     description: str = ""
     command: CommandSpec | None = None  # your own trainer instead of the built-in one
+    seed_plan: SeedPlan | None = None  # adaptive seeds: `seeds` are the ones enqueued so far (from 0 up)
     success_metric: str = "eval/success_rate"  # what the report plots and compares as success
 
     @property
@@ -137,7 +139,8 @@ class StudySpec:
 
     def fingerprint(self) -> str:
         """What defines the cells; resuming with a changed spec is refused instead of mixing results."""
-        data = {"base": self.base, "mode": self.mode, "factors": self.factors, "seeds": self.seeds,
+        seeds = {"adaptive": self.seed_plan.__dict__} if self.seed_plan else self.seeds  # adaptive: seeds grow
+        data = {"base": self.base, "mode": self.mode, "factors": self.factors, "seeds": seeds,
                 "space": [p.__dict__ for p in self.search_space], "objective": self.objective.__dict__,
                 **({"command": self.command.to_json()} if self.command else {})}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -275,6 +278,10 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
     if "seeds" not in raw:
         check.problems.append("seeds: missing; list the seeds every configuration runs with, e.g. seeds: [0, 1, 2] "
                               "(each sets algo.model_seed; one seed cannot tell an effect from noise)")
+    seed_plan = None
+    if isinstance(seeds, dict):  # adaptive: {initial, max, min_effect}
+        seed_plan = _parse_seed_plan(seeds, raw.get("mode", "grid"), check)
+        seeds = list(range(seed_plan.initial)) if seed_plan else []
     seeds_ok = "seeds" in raw and check.need(
         isinstance(seeds, list) and bool(seeds) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
         and len(set(seeds)) == len(seeds) and len(seeds) <= 10_000, "seeds", seeds,
@@ -368,10 +375,29 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         tracking_uri=raw.get("tracking_uri"), experiment=raw.get("experiment"), heartbeat_s=float(heartbeat),
         lease_timeout_s=float(lease) if lease is not None else None,
         description=str(raw.get("description", "")), command=command, success_metric=success_metric,
+        seed_plan=seed_plan,
     )
     if command is None:  # the built-in trainer checks every cell's config now; your trainer checks its own
         _check_cells(spec)
     return spec
+
+
+def _parse_seed_plan(raw: dict[str, Any], mode: str, check: _Checker) -> SeedPlan | None:
+    """`seeds: {initial: 3, max: 10, min_effect: 5}`: seeds 0.. are added one at a time while a factor is
+    undecided (study/sequential.py); min_effect in points (100 x the objective, as the report prints rates)."""
+    unknown = set(raw) - {"initial", "max", "min_effect", "alpha"}
+    ok = check.need(not unknown, "seeds", sorted(unknown), "only initial, max, min_effect, alpha (adaptive seeds)")
+    ok &= check.need(mode == "grid", "seeds", raw, "a list in optuna mode (adaptive seeds are for grids)")
+    initial, most = raw.get("initial", 3), raw.get("max", 10)
+    ok &= check.need(isinstance(initial, int) and not isinstance(initial, bool) and initial >= 2, "seeds.initial",
+                     initial, "an integer >= 2 (a paired spread needs two seeds)")
+    ok &= check.need(isinstance(most, int) and not isinstance(most, bool) and isinstance(initial, int)
+                     and initial <= most <= 1000, "seeds.max", most, "an integer >= seeds.initial (and <= 1000)")
+    effect, alpha = raw.get("min_effect"), raw.get("alpha", 0.05)
+    ok &= check.need(_finite(effect) and effect > 0, "seeds.min_effect", effect,
+                     "the smallest effect worth finding, in points (> 0), e.g. 5")
+    ok &= check.need(_finite(alpha) and 0 < alpha < 0.5, "seeds.alpha", alpha, "a false-decision rate in (0, 0.5)")
+    return SeedPlan(initial, most, float(effect), float(alpha)) if ok else None
 
 
 def _dotted_overrides(items: list[str], check: _Checker) -> dict[str, Any]:

@@ -164,6 +164,7 @@ class StudyStore:
             self.search = optuna.create_study(study_name=spec.name + SEARCH_SUFFIX, storage=self.storage,
                                               direction=direction, sampler=self._sampler(), load_if_exists=True)
         self._check_fingerprint(create)
+        self._refresh_seeds()
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _pruner(self) -> optuna.pruners.BasePruner:
@@ -234,6 +235,36 @@ class StudyStore:
     def set_parent_run_id(self, run_id: str) -> None:
         self.cells.set_user_attr("mlflow_parent_run_id", run_id)
 
+    # --- adaptive seeds ---------------------------------------------------------------------------------------
+    def seeds_run(self) -> int:
+        """Adaptive seeds: how many seeds (0..n-1) are enqueued so far (the study storage keeps the count)."""
+        plan = self.spec.seed_plan
+        return int(self.cells.user_attrs.get("seeds_run", plan.initial)) if plan else len(self.spec.seeds)
+
+    def _refresh_seeds(self) -> None:
+        if self.spec.seed_plan:
+            self.spec.seeds = list(range(self.seeds_run()))
+
+    def extend_seeds(self) -> bool:
+        """Adaptive seeds, the look after the last cell of a seed ended: enqueue the next seed for every
+        configuration while a comparison is undecided and seeds < max. Once, whichever worker or machine gets
+        here first (under the set-up lock); True when there are cells to run now."""
+        from ript_ablate.study.adaptive import needs_another_seed
+
+        if self.spec.seed_plan is None:
+            return False
+        with self.setup_lock():
+            self._refresh_seeds()
+            if self.has_active():  # another worker took this look already
+                return True
+            values = {r.cell_id: r.value for r in self.records() if r.value is not None}
+            n = len(self.spec.seeds)
+            if not needs_another_seed(self.spec, values, n):
+                return False
+            self.cells.set_user_attr("seeds_run", n + 1)
+            self.spec.seeds = list(range(n + 1))
+            return self.enqueue_grid() > 0
+
     # --- cells ------------------------------------------------------------------------------------------------
     def cell_attrs(self, values: dict[str, Any], seed: int, config_id: str, **extra: Any) -> dict[str, Any]:
         return {"cell_id": cell_id_for(config_id, seed), "config_id": config_id, "seed": seed,
@@ -254,6 +285,7 @@ class StudyStore:
 
     def expected_cells(self) -> list[tuple[str, str, int, dict[str, Any]]]:
         """(cell_id, config_id, seed, values) of every cell the spec defines so far."""
+        self._refresh_seeds()
         if self.spec.mode == "grid":
             configs = [(config_id_for(v), v) for v in self.spec.grid_configs()]
         else:

@@ -144,6 +144,8 @@ class Worker:
             if self.spec.mode == "optuna" and self.store.ask_config():
                 continue
             if self.store.done():
+                if self.store.extend_seeds():  # adaptive seeds: the look decided another seed is needed
+                    continue
                 return None
             time.sleep(POLL_S)
         return None
