@@ -3,6 +3,7 @@ CSV), then attach the same files to the study's parent MLflow run."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -263,10 +264,11 @@ def _power(e, spec: StudySpec, a: Analysis) -> list[str]:
     effect worth finding, from the observed paired spread."""
     from ript_ablate.study.sequential import minimum_detectable_effect, seeds_needed
 
-    seeds = _seeds_of(a)
+    if math.isnan(e.sd):
+        return ["-", "-"]
     mde = minimum_detectable_effect(100 * e.sd, e.n_pairs)
-    need = seeds_needed(_min_effect(spec), 100 * e.sd, max(1, e.n_pairs // max(1, seeds))) if e.sd == e.sd else None
-    return [f"{mde:.1f}" if mde == mde else "-", str(need) if need else ("-" if e.sd != e.sd else "> 1000")]
+    need = seeds_needed(_min_effect(spec), 100 * e.sd, max(1, e.n_pairs // max(1, _seeds_of(a))))
+    return ["-" if math.isnan(mde) else f"{mde:.1f}", str(need) if need else "> 1000"]
 
 
 def _verdict(e, spec: StudySpec, a: Analysis) -> str:
@@ -280,8 +282,8 @@ def _verdict(e, spec: StudySpec, a: Analysis) -> str:
 
 
 def _power_text(spec: StudySpec, a: Analysis) -> list[str]:
-    text = [f"MDE 80%: the smallest true effect these pairs detect 4 times in 5 (paired t-test, 5% two-sided, from "
-            f"the observed paired spread); seeds for {_min_effect(spec):g} points: what a fixed design would need."]
+    text = [(f"MDE 80%: the smallest true effect these pairs detect 4 times in 5 (paired t-test, 5% two-sided, from "
+             f"the observed paired spread); seeds for {_min_effect(spec):g} points: what a fixed design would need.")]
     plan = spec.seed_plan
     if plan:
         configs = len(spec.grid_configs())
@@ -289,10 +291,10 @@ def _power_text(spec: StudySpec, a: Analysis) -> list[str]:
         full = plan.max * configs
         decided = ", ".join(f"{label} at {d.seeds} seeds" for label, d in a.sequential.items()
                             if d.state in ("effect", "no_effect"))
-        text += ["", f"Adaptive seeds ({plan.initial} to {plan.max}, min effect {plan.min_effect:g} points; "
-                 "O'Brien-Fleming alpha spending at 5%, the repeated confidence interval for 'no effect'): "
-                 f"{ran} cells run of the {full} a fixed {plan.max}-seed design needs ({1 - ran / full:.0%} saved). "
-                 f"Decided: {decided or 'none yet'}."]
+        text += ["", (f"Adaptive seeds ({plan.initial} to {plan.max}, min effect {plan.min_effect:g} points; "
+                      f"O'Brien-Fleming alpha spending at {plan.alpha:.0%}, the repeated confidence interval for 'no "
+                      f"effect'): {ran} cells run of the {full} a fixed {plan.max}-seed design needs "
+                      f"({1 - ran / full:.0%} saved). Decided: {decided or 'none yet'}.")]
     return [*text, ""]
 
 
