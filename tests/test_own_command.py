@@ -219,3 +219,25 @@ def test_adaptive_seeds_decide_one_factor_at_the_initial_seeds_and_add_a_seed_fo
     laplace = next(line for line in text.splitlines() if line.startswith("| use_laplace_sampling: True -> False"))
     assert "(at 4 seeds)" in laplace or "undecided at the 4-seed limit" in laplace
     assert "16 cells run of the 16 a fixed 4-seed design needs" in text
+
+
+def test_race_after_an_optuna_search_adds_seeds_to_the_best_two(own_env):
+    path = write_spec(own_env, mode="optuna", sampler="random", n_configs=3, seeds=[0, 1],
+                      factors=None, search_space={"algo.use_laplace_sampling": [True, False],
+                                                  "algo.scale_factor": {"type": "float", "low": 1.0, "high": 2.0}},
+                      race={"top": 2, "max_seeds": 3, "min_effect": 5})
+    text = yaml.safe_load(path.read_text())
+    del text["factors"]
+    path.write_text(yaml.safe_dump(text))
+    assert main(["study", "run", str(path), "--workers", "2"]) == 0
+    seeds = {}
+    for t in trials(path):
+        if t.state.name == "COMPLETE":
+            seeds.setdefault(t.user_attrs["config_id"], set()).add(t.user_attrs["seed"])
+    by_size = sorted(seeds.values(), key=len)
+    assert len(seeds) == 3 and by_size[0] == {0, 1}  # the third configuration is not raced
+    raced = [c for c, s in seeds.items() if len(s) > 2]
+    assert all(seeds[c] == {0, 1, 2} for c in raced) and len(raced) in (1, 2)  # the leader, and the other if open
+    assert main(["report", str(path), "--reports", str(own_env / "reports"), "--no-upload"]) == 0
+    report = (own_env / "reports" / load_study(path).name / "report.md").read_text()
+    assert "Race of the best configurations" in report and "Best: **cfg-" in report

@@ -94,3 +94,33 @@ def test_adaptive_seed_specs_are_checked(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     loaded = load_study(tmp_path / "s.yaml")
     assert loaded.seeds == [0, 1, 2] and loaded.seed_plan == SeedPlan(3, 6, 5.0)
+
+
+def test_race_drops_a_clearly_worse_configuration_and_settles_a_tie(tmp_path):
+    """Planted scores: B is 60 points below the leader A (dropped at the first look), C within a point of A (no
+    effect of 5 points or more): nothing left to race, so no seed is added."""
+    import yaml
+
+    from ript_ablate.study.adaptive import race, race_entrants
+    from ript_ablate.study.spec import load_study
+
+    (tmp_path / "c.yaml").write_text("algo: {lr: 0.1}\ntraining: {seed: 0}\n")
+    spec = {"name": "r", "config": "c.yaml", "mode": "optuna", "n_configs": 3, "seeds": [0, 1, 2],
+            "search_space": {"algo.lr": {"type": "float", "low": 0.01, "high": 1.0}},
+            "command": {"run": "{python} x.py {config}", "seed_key": "training.seed"},
+            "race": {"top": 3, "max_seeds": 6, "min_effect": 5}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    study = load_study(tmp_path / "s.yaml")
+    noise = np.random.default_rng(0).normal(0, 0.001, (3, 3))
+    scores = {name: {seed: level + noise[i, seed] for seed in range(3)}
+              for i, (name, level) in enumerate((("A", 0.8), ("B", 0.2), ("C", 0.79)))}
+    assert race_entrants(study, scores) == ["A", "C", "B"]
+    state = race(study, scores, ["A", "C", "B"], 3)
+    assert state.leader == "A" and "B" in state.dropped and state.dropped["B"].seeds == 3
+    assert state.last["C"].state == "no_effect" and state.racing == []
+    assert study.race_seeds(5) == [0, 1, 2, 3, 4]
+    spec.update(mode="grid", factors={"algo.lr": [0.1, 0.2]})
+    del spec["search_space"], spec["n_configs"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(Exception, match="grids take adaptive seeds"):
+        load_study(tmp_path / "s.yaml")

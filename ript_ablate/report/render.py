@@ -190,7 +190,7 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                   _table(["", *names], [[n, *[("-" if np.isnan(v) else f"{v:.2f}") for v in a.improvement.loc[n]]]
                                         for n in names]), ""]
     if optuna_text:
-        lines += ["## Search", "", optuna_text, ""]
+        lines += ["## Search", "", optuna_text, "", *_race_lines(spec, a)]
     lines += ["## Stability", "",
               f"Collapse: a run that falls more than {th.collapse:.2f} below its running best evaluation and ends "
               f"there. KL spike: approx-KL above {th.kl_spike_factor:g}x its median (and {th.kl_spike_floor}); it "
@@ -248,6 +248,47 @@ def _gain_sentence(a: Analysis) -> str:
         verdict, interval = "one seed: no interval", ""
     return (f"Largest gain over the base: **{best['config']}**, {100 * best['gain']:+.1f} points{interval} "
             f"({best['seeds']} seeds; {verdict}).")
+
+
+def _race_lines(spec: StudySpec, a: Analysis) -> list[str]:
+    """The race after an Optuna search, replayed from the cells' objectives: the best with a stated confidence."""
+    from ript_ablate.study.adaptive import race, race_entrants
+
+    if spec.race is None or a.runs.empty:
+        return []
+    reduction = spec.objective.reduction
+    scores: dict[str, dict[int, float]] = {}
+    for _, r in a.runs.iterrows():
+        if r[reduction] == r[reduction]:
+            scores.setdefault(r["config_id"], {})[int(r["seed"])] = float(r[reduction])
+    entrants = race_entrants(spec, scores)
+    if len(entrants) < 2:
+        return ["### Race", "", "Fewer than 2 configurations finished all their search seeds: no race.", ""]
+    seeds_run = max(len(scores[c]) for c in entrants)
+    state = race(spec, scores, entrants, seeds_run)
+    plan = spec.race.plan
+    lines = ["### Race of the best configurations", "",
+             (f"The top {len(entrants)} configurations after the search got added seeds (up to {plan.max}); each was "
+              f"tested against the leader on paired seeds (points; O'Brien-Fleming alpha spending at "
+              f"{plan.alpha:.0%}, as for adaptive seeds) and dropped once shown worse. Best: **{state.leader}** "
+              f"({len(scores[state.leader])} seeds)."), ""]
+    rows = []
+    for c in entrants:
+        if c == state.leader:
+            rows.append([c, str(len(scores[c])), "leader"])
+            continue
+        d = state.dropped.get(c) or state.last.get(c)
+        if d is None:
+            continue
+        if c in state.dropped:
+            verdict = f"dropped at {d.seeds} seeds: worse by {-d.estimate:.1f} points [{d.low:+.1f}, {d.high:+.1f}]"
+        elif d.state == "no_effect":
+            verdict = f"within {plan.min_effect:g} points of the leader (at {d.seeds} seeds)"
+        else:
+            verdict = (f"undecided at {d.seeds} seeds: {d.low:+.1f} to {d.high:+.1f} points against the leader"
+                       + (" (the limit)" if d.seeds >= plan.max else ""))
+        rows.append([c, str(len(scores[c])), verdict])
+    return [*lines, _table(["configuration", "seeds", "against the leader"], rows), ""]
 
 
 def _min_effect(spec: StudySpec) -> float:

@@ -11,6 +11,7 @@ pairs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,3 +69,62 @@ def needs_another_seed(spec: StudySpec, values: dict[str, float], seeds_run: int
     if plan is None or seeds_run >= plan.max:
         return False
     return any(d.state == "continue" for d in looks(spec, values, seeds_run).values())
+
+
+@dataclass
+class RaceState:
+    """Where a race stands after its looks so far."""
+
+    leader: str
+    alive: list[str]  # still raced (the leader included)
+    dropped: dict[str, Decision] = field(default_factory=dict)  # shown worse than the leader, at their look
+    last: dict[str, Decision] = field(default_factory=dict)  # each other alive configuration against the leader
+    seeds: int = 0
+
+    @property
+    def racing(self) -> list[str]:
+        """The configurations that need the next seed: the leader and every one still undecided against it."""
+        undecided = [c for c in self.alive if c != self.leader and self.last.get(c) is not None
+                     and self.last[c].state == "continue"]
+        return [self.leader, *undecided] if undecided else []
+
+
+def race_entrants(spec: StudySpec, scores: dict[str, dict[int, float]]) -> list[str]:
+    """The `race.top` configurations with every search seed done, best first by the objective's aggregation."""
+    from ript_ablate.study.objective import aggregate
+
+    assert spec.race is not None
+    done = {c: [s[seed] for seed in spec.seeds] for c, s in scores.items() if all(seed in s for seed in spec.seeds)}
+    sign = 1.0 if spec.objective.direction == "maximize" else -1.0
+    ranked = sorted(done, key=lambda c: (-sign * aggregate(done[c], spec.objective.aggregation), c))
+    return ranked[: spec.race.top]
+
+
+def race(spec: StudySpec, scores: dict[str, dict[int, float]], entrants: list[str], seeds_run: int) -> RaceState:
+    """Replay the race's looks (after initial..seeds_run seeds): at each, the leader is the best mean so far; every
+    other configuration is tested against it, paired on seed (in points, positive = better than the leader), and
+    dropped once shown worse; one shown within min_effect of the leader needs no more seeds."""
+    assert spec.race is not None
+    plan = spec.race.plan
+    sign = 1.0 if spec.objective.direction == "maximize" else -1.0
+    all_seeds = spec.race_seeds(plan.max)
+    state = RaceState(entrants[0], list(entrants))
+    for k in range(plan.initial, min(seeds_run, plan.max) + 1):
+        used = all_seeds[:k]
+
+        def mean(c: str, used: list[int] = used) -> float:
+            return float(np.mean([scores[c][s] for s in used if s in scores.get(c, {})] or [float("-inf")]))
+
+        state.leader = max(state.alive, key=lambda c: (sign * mean(c), c))
+        for c in state.alive:
+            if c == state.leader or (c in state.last and state.last[c].state != "continue"):
+                continue
+            diffs = [POINTS * sign * (scores[c][s] - scores[state.leader][s]) for s in used
+                     if s in scores.get(c, {}) and s in scores.get(state.leader, {})]
+            decision = decide(np.asarray(diffs, float), k, plan)
+            state.last[c] = decision
+            if decision.state == "effect" and decision.estimate < 0:
+                state.dropped[c] = decision
+        state.alive = [c for c in state.alive if c not in state.dropped]
+        state.seeds = k
+    return state

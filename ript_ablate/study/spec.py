@@ -38,7 +38,7 @@ PRUNERS = ("none", "median", "hyperband")
 PARAM_TYPES = ("categorical", "float", "int")
 TOP_KEYS = ("name", "config", "set", "mode", "factors", "search_space", "sampler", "sampler_seed", "n_configs",
             "pruner", "seeds", "objective", "retries", "timeout_s", "storage", "output_dir", "tracking_uri",
-            "experiment", "heartbeat_s", "lease_timeout_s", "description", "command", "report")
+            "experiment", "heartbeat_s", "lease_timeout_s", "description", "command", "report", "race")
 REPORT_KEYS = ("success_metric",)
 
 
@@ -89,6 +89,12 @@ class StudySpec:
     description: str = ""
     command: CommandSpec | None = None  # your own trainer instead of the built-in one
     seed_plan: SeedPlan | None = None  # adaptive seeds: `seeds` are the ones enqueued so far (from 0 up)
+    race: Race | None = None  # optuna: race the best configurations with added seeds after the search
+
+    def race_seeds(self, n: int) -> list[int]:
+        """The seeds of a raced configuration that has run `n`: the spec's, then the next integers."""
+        extra = [max(self.seeds) + 1 + i for i in range(max(0, n - len(self.seeds)))]
+        return [*self.seeds[:n], *extra]
     success_metric: str = "eval/success_rate"  # what the report plots and compares as success
 
     @property
@@ -142,7 +148,8 @@ class StudySpec:
         seeds = {"adaptive": self.seed_plan.__dict__} if self.seed_plan else self.seeds  # adaptive: seeds grow
         data = {"base": self.base, "mode": self.mode, "factors": self.factors, "seeds": seeds,
                 "space": [p.__dict__ for p in self.search_space], "objective": self.objective.__dict__,
-                **({"command": self.command.to_json()} if self.command else {})}
+                **({"command": self.command.to_json()} if self.command else {}),
+                **({"race": {"top": self.race.top, **self.race.plan.__dict__}} if self.race else {})}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -360,6 +367,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         keys = {**{f"factors.{k}": k for k in factors}, **{f"search_space.{p.key}": p.key for p in space},
                 "command.seed_key": command.seed_key}
         check.problems.extend(check_keys(command, base, keys, config_path.name))
+    race = _parse_race(raw["race"], mode, seeds if seeds_ok else [], check) if "race" in raw else None
     if command is not None and raw.get("pruner", "none") != "none" and command.n_steps is None:
         check.problems.append("command.n_steps: required with a pruner (the last step your trainer reports: a run is "
                               "never pruned at its last evaluation)")
@@ -375,11 +383,37 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         tracking_uri=raw.get("tracking_uri"), experiment=raw.get("experiment"), heartbeat_s=float(heartbeat),
         lease_timeout_s=float(lease) if lease is not None else None,
         description=str(raw.get("description", "")), command=command, success_metric=success_metric,
-        seed_plan=seed_plan,
+        seed_plan=seed_plan, race=race,
     )
     if command is None:  # the built-in trainer checks every cell's config now; your trainer checks its own
         _check_cells(spec)
     return spec
+
+
+@dataclass(frozen=True)
+class Race:
+    """`race: {top: 4, max_seeds: 10, min_effect: 5}`: after an Optuna search, the `top` configurations get added
+    seeds until a paired sequential test drops each of them as worse than the leader, or max_seeds is reached."""
+
+    top: int
+    plan: SeedPlan  # initial = the spec's seeds
+
+
+def _parse_race(raw: Any, mode: str, seeds: list[int], check: _Checker) -> Race | None:
+    if not check.need(isinstance(raw, dict) and not set(raw) - {"top", "max_seeds", "min_effect", "alpha"}, "race",
+                      raw, "a mapping with top, max_seeds, min_effect (and alpha)"):
+        return None
+    ok = check.need(mode == "optuna", "race", raw, "nothing in grid mode (grids take adaptive seeds instead)")
+    ok &= check.need(len(seeds) >= 2, "race", raw, "at least 2 seeds in `seeds` (a paired spread needs two)")
+    top, most = raw.get("top", 4), raw.get("max_seeds", 10)
+    effect, alpha = raw.get("min_effect", 5.0), raw.get("alpha", 0.05)
+    ok &= check.need(isinstance(top, int) and not isinstance(top, bool) and top >= 2, "race.top", top,
+                     "an integer >= 2 (configurations raced)")
+    ok &= check.need(isinstance(most, int) and not isinstance(most, bool) and len(seeds) <= most <= 1000,
+                     "race.max_seeds", most, f"an integer >= the {len(seeds)} seeds of the search (and <= 1000)")
+    ok &= check.need(_finite(effect) and effect > 0, "race.min_effect", effect, "points (> 0)")
+    ok &= check.need(_finite(alpha) and 0 < alpha < 0.5, "race.alpha", alpha, "a false-decision rate in (0, 0.5)")
+    return Race(top, SeedPlan(len(seeds), most, float(effect), float(alpha))) if ok else None
 
 
 def _parse_seed_plan(raw: dict[str, Any], mode: str, check: _Checker) -> SeedPlan | None:

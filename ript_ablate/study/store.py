@@ -245,6 +245,53 @@ class StudyStore:
         if self.spec.seed_plan:
             self.spec.seeds = list(range(self.seeds_run()))
 
+    def extend(self) -> bool:
+        """The look after every cell so far has ended: adaptive seeds (grids) or the race (Optuna); True when it
+        enqueued cells (or another worker just did)."""
+        if self.spec.seed_plan is not None:
+            return self.extend_seeds()
+        if self.spec.race is not None:
+            return self.extend_race()
+        return False
+
+    def race_state(self) -> dict[str, Any]:
+        """{"entrants": [config ids], "seeds": {config id: seeds run}} once the race has started, else {}."""
+        return dict(self.cells.user_attrs.get("race") or {})
+
+    def extend_race(self) -> bool:
+        """After the search: enqueue the next seed for the race's leader and every configuration still undecided
+        against it, until each is dropped, settled within min_effect or at race.max_seeds."""
+        from ript_ablate.study.adaptive import race, race_entrants
+
+        assert self.spec.race is not None
+        with self.setup_lock():
+            if self.has_active():
+                return True
+            scores: dict[str, dict[int, float]] = {}
+            for rec in self.records():
+                if rec.value is not None:
+                    scores.setdefault(rec.config_id, {})[rec.seed] = float(rec.value)
+            state = self.race_state()
+            if not state:
+                entrants = race_entrants(self.spec, scores)
+                if len(entrants) < 2:
+                    return False
+                state = {"entrants": entrants, "seeds": {c: len(self.spec.seeds) for c in entrants}}
+            current = max(state["seeds"].values())
+            result = race(self.spec, scores, state["entrants"], current)
+            if current >= self.spec.race.plan.max or not result.racing:
+                self.cells.set_user_attr("race", state)
+                return False
+            seed = self.spec.race_seeds(current + 1)[-1]
+            by_config = {t.user_attrs.get("config_id"): t for t in self.search_trials()}
+            for config_id in result.racing:
+                trial = by_config[config_id]
+                state["seeds"][config_id] = current + 1
+                self.cells.enqueue_trial({}, user_attrs=self.cell_attrs(dict(trial.params), seed, config_id,
+                                                                        config_trial=trial.number))
+            self.cells.set_user_attr("race", state)
+            return True
+
     def extend_seeds(self) -> bool:
         """Adaptive seeds, the look after the last cell of a seed ended: enqueue the next seed for every
         configuration while a comparison is undecided and seeds < max. Once, whichever worker or machine gets
@@ -291,6 +338,9 @@ class StudyStore:
         else:
             configs = [(t.user_attrs["config_id"], dict(t.params)) for t in self.search_trials()
                        if "config_id" in t.user_attrs]
+            raced = self.race_state().get("seeds", {}) if self.spec.race else {}
+            return [(cell_id_for(c, s), c, s, v) for c, v in configs
+                    for s in self.spec.race_seeds(raced.get(c, len(self.spec.seeds)))]
         return [(cell_id_for(c, s), c, s, v) for c, v in configs for s in self.spec.seeds]
 
     def claim(self) -> Claim | None:

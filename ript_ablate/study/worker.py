@@ -144,7 +144,7 @@ class Worker:
             if self.spec.mode == "optuna" and self.store.ask_config():
                 continue
             if self.store.done():
-                if self.store.extend_seeds():  # adaptive seeds: the look decided another seed is needed
+                if self.store.extend():  # adaptive seeds or the race: the look asked for another seed
                     continue
                 return None
             time.sleep(POLL_S)
