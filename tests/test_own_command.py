@@ -170,7 +170,8 @@ def test_metrics_stream_placement_and_pruning_rules(tmp_path):
     path = tmp_path / "m.jsonl"
     stream = JsonlStream(path, "step")
     assert stream.read() == []  # no file yet
-    path.write_text('{"step": 0, "eval/success_rate": 0.5}\nnot json\n{"step": 1, "eval/success_rate": 0.2, "note": "x"}\n'
+    path.write_text('{"step": 0, "eval/success_rate": 0.5}\nnot json\n'
+                    '{"step": 1, "eval/success_rate": 0.2, "note": "x"}\n'
                     '{"step": 2, "eval/suc')  # the last line is still being written
     assert stream.read() == [(0, {"eval/success_rate": 0.5}), (1, {"eval/success_rate": 0.2})] and stream.skipped == 1
     with path.open("a") as f:

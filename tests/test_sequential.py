@@ -38,7 +38,8 @@ def test_spending_and_power_against_hand_computed_values():
 def test_a_look_decides_effect_no_effect_or_asks_for_a_seed():
     rng = np.random.default_rng(0)
     clear = decide(rng.normal(20, 2, 12), 3, PLAN)
-    assert clear.state == "effect" and clear.low > 0 and clear.sentence("True", 5) == "decided: prefer True (at 3 seeds)"
+    assert clear.state == "effect" and clear.low > 0
+    assert clear.sentence("True", 5) == "decided: prefer True (at 3 seeds)"
     tight_null = decide(rng.normal(0, 1, 40), 10, PLAN)
     assert tight_null.state == "no_effect" and -5 < tight_null.low < tight_null.high < 5
     assert tight_null.sentence("x", 5) == "no effect of 5 points or more (at 10 seeds)"

@@ -218,7 +218,8 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
 # stability columns, each with the metric it needs
 HEALTH_COLUMNS = (("kl_spikes", "ppo/approx_kl", "{}"), ("clip_spikes", "ppo/clip_fraction", "{}"),
                   ("grad_outliers", "grad_norm/backbone", "{}"), ("nonfinite", "health/nonfinite_events", "{:.0f}"),
-                  ("log_b_drift", "scale/log_b_mean", "{:+.3f}"), ("tried_per_group", "sampling/accepted_groups", "{:.1f}"))
+                  ("log_b_drift", "scale/log_b_mean", "{:+.3f}"),
+                  ("tried_per_group", "sampling/accepted_groups", "{:.1f}"))
 
 
 def _health_cells(row, missing: list[str]) -> list[str]:
