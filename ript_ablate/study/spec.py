@@ -90,12 +90,12 @@ class StudySpec:
     command: CommandSpec | None = None  # your own trainer instead of the built-in one
     seed_plan: SeedPlan | None = None  # adaptive seeds: `seeds` are the ones enqueued so far (from 0 up)
     race: Race | None = None  # optuna: race the best configurations with added seeds after the search
+    success_metric: str = "eval/success_rate"  # what the report plots and compares as success
 
     def race_seeds(self, n: int) -> list[int]:
         """The seeds of a raced configuration that has run `n`: the spec's, then the next integers."""
         extra = [max(self.seeds) + 1 + i for i in range(max(0, n - len(self.seeds)))]
         return [*self.seeds[:n], *extra]
-    success_metric: str = "eval/success_rate"  # what the report plots and compares as success
 
     @property
     def seed_key(self) -> str:
