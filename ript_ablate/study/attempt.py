@@ -4,13 +4,33 @@ its pruning (the Optuna trial it reports to, and the rule that stops a seed)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 RESULT_FILE = "result.json"
 RUN_FILE = "run.json"
+STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
+
+
+def stop_process(proc: subprocess.Popen, grace: float = STOP_GRACE_S, group: bool = False) -> int:
+    """SIGTERM to the process (or its whole process group), SIGKILL after `grace` seconds; its exit code."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # it (or its group) has already gone
+            if group:
+                os.killpg(proc.pid, sig)
+            elif proc.poll() is None:
+                proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
 
 
 class LeaseLost(Exception):

@@ -64,6 +64,17 @@ def dotted_keys(data: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def flatten_dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'algo': {'lr': 1}} -> {'algo.lr': 1}: the leaves only (a cell's YAML as MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     """A copy of `data` with `key` (dotted, any depth) set to `value`; missing sections are created."""
     head, _, rest = key.partition(".")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,12 +19,11 @@ from typing import Any
 
 import yaml
 
-from ript_ablate.study.command import CONFIG_FILE, format_args
+from ript_ablate.study.command import CONFIG_FILE, flatten_dotted, format_args
 from ript_ablate.tracking import tags as tag
 
 POLL_S = 0.5  # how often the metrics file and the process are looked at
 MLFLOW_POLL_S = 2.0  # how often the objective is read back from MLflow for the pruner (mlflow route)
-STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 TAIL_LINES = 15  # lines of the command's output kept as a failure's reason
 
 
@@ -85,21 +83,16 @@ def output_tail(log: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def stop(proc: subprocess.Popen) -> int:
-    """SIGTERM, then SIGKILL after STOP_GRACE_S; its exit code."""
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
-        if proc.poll() is not None:
-            break
-        proc.send_signal(sig)
-        try:
-            return proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    return proc.wait()
-
-
 def run_command_job(job: dict[str, Any]) -> dict[str, Any]:
-    from ript_ablate.study.attempt import RUN_FILE, LeaseLost, lease_guard, prune_decision, pruning_trial, write_json
+    from ript_ablate.study.attempt import (
+        RUN_FILE,
+        LeaseLost,
+        lease_guard,
+        prune_decision,
+        pruning_trial,
+        stop_process,
+        write_json,
+    )
     from ript_ablate.study.objective import reduce_points
     from ript_ablate.tracking.runs import client, create_run, experiment_id, log_metrics, metric_histories
     from ript_ablate.tracking.uri import absolute_tracking_uri
@@ -130,7 +123,7 @@ def run_command_job(job: dict[str, Any]) -> dict[str, Any]:
     mlflow = client(uri)
     experiment = experiment_id(mlflow, track["experiment"])
     run_tags = {**tags, **({tag.PARENT_RUN: track["parent_run_id"]} if track.get("parent_run_id") else {})}
-    params = {"command": " ".join(args), **_flatten(job["config"])}
+    params = {"command": " ".join(args), **flatten_dotted(job["config"])}
     run_id = create_run(mlflow, experiment, track.get("run_name"), run_tags, params)
     write_json(attempt_dir / RUN_FILE, {"mlflow_run_id": run_id})
 
@@ -168,7 +161,7 @@ def run_command_job(job: dict[str, Any]) -> dict[str, Any]:
                 points.update(metric_histories(uri, run_id, [objective["metric"]])[objective["metric"]])
             why = _prune(pruning, points, reported, job, prune_decision) if code is None else None
             if why:
-                stop(proc)
+                stop_process(proc)
                 return _end(mlflow, run_id, {**result, "status": "pruned", "reason": why,
                                              "train_s": time.perf_counter() - start}, "KILLED")
             if guard is not None and time.monotonic() - last_lease >= float(job.get("heartbeat_s", 10.0)):
@@ -178,7 +171,7 @@ def run_command_job(job: dict[str, Any]) -> dict[str, Any]:
                 break
             time.sleep(POLL_S)
     except LeaseLost as exc:  # the cell's next attempt owns it: stop, and close this run as lease-lost
-        stop(proc)
+        stop_process(proc)
         mlflow.set_tag(run_id, tag.STATUS, "lease-lost")
         mlflow.set_terminated(run_id, "KILLED")
         return {**result, "status": "lease_lost", "reason": str(exc), "train_s": time.perf_counter() - start}
@@ -222,12 +215,3 @@ def _end(mlflow: Any, run_id: str, result: dict[str, Any], status: str | None = 
         log_metrics(mlflow, run_id, [("study/objective", result["value"], result["points"][-1][0])])
     mlflow.set_terminated(run_id, status or ("FINISHED" if result["status"] == "finished" else "FAILED"))
     return result
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix[:-1]: data} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out

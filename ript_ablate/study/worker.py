@@ -9,7 +9,6 @@ an exception, a crash of the cell process or a timeout -> FAIL with the reason, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ from optuna.trial import TrialState
 
 from ript_ablate.errors import is_infrastructure_error, readable_error
 from ript_ablate.progress import console
-from ript_ablate.study.attempt import RESULT_FILE, RUN_FILE, write_json
+from ript_ablate.study.attempt import RESULT_FILE, RUN_FILE, STOP_GRACE_S, stop_process, write_json
 from ript_ablate.study.resources import Slot
 from ript_ablate.study.spec import StudySpec, describe
 from ript_ablate.study.store import Claim, StudyStore
@@ -37,7 +36,6 @@ POLL_S = 2.0  # how often an idle worker looks for work (a failed cell's retry, 
 INFRA_FIRST_WAIT_S = 5.0  # back-off after a store or server failure: 5 s, doubling, at most INFRA_MAX_WAIT_S
 INFRA_MAX_WAIT_S = 120.0
 MAX_INFRA_FAILURES = 20  # a cell whose attempts failed this often on the infrastructure fails for real
-STOP_GRACE_S = 10.0  # SIGTERM to a cell's process group, then SIGKILL after this long
 
 
 class CellInterrupted(Exception):
@@ -75,15 +73,8 @@ class Heartbeat:
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> int:
-    """SIGTERM to the process's whole group, SIGKILL after `grace` seconds; returns its exit code."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group has already gone
-            os.killpg(proc.pid, sig)
-        try:
-            return proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    return proc.wait()
+    """SIGTERM to the cell's whole process group, SIGKILL after `grace` seconds; its exit code."""
+    return stop_process(proc, grace, group=True)
 
 
 class Worker:
