@@ -289,7 +289,8 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
     if isinstance(seeds, dict):  # adaptive: {initial, max, min_effect}
         seed_plan = _parse_seed_plan(seeds, raw.get("mode", "grid"), check)
         seeds = list(range(seed_plan.initial)) if seed_plan else []
-    seeds_ok = "seeds" in raw and check.need(
+    adaptive_failed = isinstance(raw.get("seeds"), dict) and seed_plan is None  # its problems are listed already
+    seeds_ok = "seeds" in raw and not adaptive_failed and check.need(
         isinstance(seeds, list) and bool(seeds) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
         and len(set(seeds)) == len(seeds) and len(seeds) <= 10_000, "seeds", seeds,
         "a non-empty list of distinct integers")
