@@ -135,18 +135,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ript_ablate.distributed import init_ranks, launched_by_torchrun
+
+    if args.nproc > 1 and not launched_by_torchrun():
+        return launch_train(args)
+    cfg = _load(args)
+    ranks = init_ranks(cfg.training.device, cfg.training.collective_timeout_s)
+    try:
+        return train_on_rank(cfg, args, ranks)
+    finally:
+        ranks.close()
+
+
+def train_on_rank(cfg: Config, args: argparse.Namespace, ranks) -> int:
+    """One process's training: the whole run, or one rank of a torchrun trial (rank 0 builds the base and tracks)."""
     from ript_ablate.bc import ensure_base
     from ript_ablate.ript.trainer import Trainer
     from ript_ablate.tracking import MlflowTracker, Tracker
     from ript_ablate.tracking.tags import outcome_tags
 
-    cfg = _load(args)
-    ensure_base(cfg)  # the explicit behaviour-cloning step (a cache hit after the first run)
-    track = cfg.tracking.enabled and not args.no_track
+    if ranks.is_main:
+        ensure_base(cfg)  # the explicit behaviour-cloning step (a cache hit after the first run)
+    ranks.barrier()
+    track = cfg.tracking.enabled and not args.no_track and ranks.is_main
     tracker = (MlflowTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name)
                if track else Tracker())
     try:
-        result = Trainer(cfg, tracker).run(args.output)
+        result = Trainer(cfg, tracker, ranks=ranks).run(args.output)
     except BaseException:
         tracker.end("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
         raise
@@ -154,10 +169,48 @@ def cmd_train(args: argparse.Namespace) -> int:
         tracker.set_tags(outcome_tags(result.status))  # type: ignore[attr-defined]
     tracker.end("FINISHED" if result.status == "finished" else "FAILED")
     final = result.history[-1] if result.history else {}
-    console.print(f"run {result.status}: output in {result.output_dir}"
-                  + (f", MLflow run {result.run_id}" if result.run_id else "")
-                  + (f", final eval {100 * final['eval/success_rate']:.1f}%" if "eval/success_rate" in final else ""))
-    return 0 if result.status == "finished" else EXIT_DIVERGED
+    if ranks.is_main:
+        console.print(f"run {result.status}: output in {result.output_dir}"
+                      + (f", MLflow run {result.run_id}" if result.run_id else "")
+                      + (f", final eval {100 * final['eval/success_rate']:.1f}%" if "eval/success_rate" in final
+                         else "") + (f" ({ranks.size} processes)" if ranks.size > 1 else ""))
+    if result.status == "finished" or ranks.size > 1:  # under torchrun a diverged run is a result, not a crash:
+        return 0  # the launcher reads it from the run directory (`train --nproc` exits 3 as one process does)
+    return EXIT_DIVERGED
+
+
+def launch_train(args: argparse.Namespace) -> int:
+    """`train --nproc N`: check the config, build the base once, then run torchrun with N processes on this
+    machine (each with cores / N threads) and exit as one process would (0, 3 when diverged, 1 on an error)."""
+    import json
+    import subprocess
+
+    from ript_ablate.bc import ensure_base
+    from ript_ablate.distributed import torchrun_args
+    from ript_ablate.study.resources import available_cores
+
+    cfg = _load(args)
+    ensure_base(cfg)
+    out = Path(args.output or Path(cfg.training.output_dir) / time.strftime("run-%Y%m%d-%H%M%S"))
+    argv = ["train", args.config, *[f"--set={s}" for s in args.set], "--output", str(out)]
+    if args.no_track:
+        argv.append("--no-track")
+    threads = max(1, available_cores() // args.nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    console.print(f"launching {args.nproc} processes (torchrun, {threads} thread(s) each): output in {out}")
+    code = subprocess.run(torchrun_args(args.nproc, argv), env=env).returncode
+    if code != 0:
+        from ript_ablate.study.cell import resume_point
+
+        checkpoint, _ = resume_point(out)
+        raise RiptAblateError(f"the {args.nproc}-process run failed (torchrun exit {code}; its report is above); "
+                              + (f"resume from its last checkpoint with --set algo.lora_adaptor_ckpt={checkpoint}"
+                                 if checkpoint else f"it wrote no checkpoint in {out / 'checkpoints'}"))
+    try:
+        status = json.loads((out / "result.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return 0 if status == "finished" else EXIT_DIVERGED
 
 
 def _study(args: argparse.Namespace):
@@ -256,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "MLflow.")
     p.add_argument("--no-track", action="store_true", help="do not track in MLflow")
     p.add_argument("--output", default=None, help="run directory (default: training.output_dir/run-<time>)")
+    p.add_argument("--nproc", type=int_in(1, 1024), default=1,
+                   help="processes (GPUs) for this one run: launches torchrun for you (default 1; or run "
+                        "`torchrun --nproc_per_node N -m ript_ablate train CONFIG` yourself)")
     add_study_commands(sub)
     add_report_command(sub)
     return parser

@@ -154,6 +154,8 @@ class TrainingConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N. CUDA trains with bf16 autocast.")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (also on CPU) | fp32.")
     max_nonfinite: int = _f(3, "Consecutive non-finite updates tolerated before the run ends 'diverged'.")
+    collective_timeout_s: float = _f(1800.0, "Under torchrun: the longest one rank waits for the others (a rollout "
+                                             "round or an evaluation of the slowest) before the run ends with an error.")
 
 
 @dataclass
@@ -562,6 +564,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, t.eval_interval >= 1, "training.eval_interval", t.eval_interval, ">= 1")
     _check(p, t.save_interval >= 1, "training.save_interval", t.save_interval, ">= 1")
     _check(p, t.max_nonfinite >= 0, "training.max_nonfinite", t.max_nonfinite, ">= 0")
+    _check(p, t.collective_timeout_s > 0, "training.collective_timeout_s", t.collective_timeout_s, "> 0 seconds")
     _check(p, t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
            t.device, "auto, cpu, cuda or cuda:N")
     _check(p, t.precision in PRECISIONS, "training.precision", t.precision, "one of " + ", ".join(PRECISIONS))

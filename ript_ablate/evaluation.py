@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ript_ablate.distributed import Ranks
 from ript_ablate.episodes import EpisodeJob
 from ript_ablate.progress import progress
 
@@ -37,16 +38,20 @@ class EvalResult:
         return table
 
 
-def evaluate(world: Any, engine: Any, tasks: list[str] | None = None) -> EvalResult:
-    """Success per task on `world.eval_states`, acting with the policy the engine was last given (`set_policy`)."""
+def evaluate(world: Any, engine: Any, tasks: list[str] | None = None, ranks: Ranks | None = None) -> EvalResult:
+    """Success per task on `world.eval_states`, acting with the policy the engine was last given (`set_policy`).
+    In a multi-process trial each rank runs every size-th episode and all ranks get the whole result."""
+    ranks = ranks or Ranks()
     tasks = tasks or world.tasks
-    jobs = [EpisodeJob(s, seed=0, mode="mean") for t in tasks for s in world.eval_states(t)]
+    jobs = ranks.split([EpisodeJob(s, seed=0, mode="mean") for t in tasks for s in world.eval_states(t)])
     with progress() as bar:
         task_id = bar.add_task("evaluation", total=len(jobs), status="")
-        episodes = engine.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps)))
+        episodes = engine.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps))) if jobs else []
+    outcomes = [o for part in ranks.gather([(e.task, float(e.success), int(e.length)) for e in episodes])
+                for o in part]
     per_task = {t: 0.0 for t in tasks}
     counts = {t: 0 for t in tasks}
-    for ep in episodes:
-        per_task[ep.task] += ep.success
-        counts[ep.task] += 1
-    return EvalResult({t: per_task[t] / counts[t] for t in tasks}, len(episodes), sum(e.length for e in episodes))
+    for task, success, _ in outcomes:
+        per_task[task] += success
+        counts[task] += 1
+    return EvalResult({t: per_task[t] / counts[t] for t in tasks}, len(outcomes), sum(o[2] for o in outcomes))

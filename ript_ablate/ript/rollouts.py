@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ript_ablate.config import AlgoConfig
+from ript_ablate.distributed import Ranks
 from ript_ablate.episodes import Episode, EpisodeJob, InitialState
 from ript_ablate.ript.distributions import ActionDistribution
 from ript_ablate.seeding import stream_seed
@@ -56,31 +57,47 @@ class IterationRollouts:
     surplus_episodes: list[Episode] = field(default_factory=list, repr=False)  # rolled out past the quota
     group_size: int = 1
 
-    @property
-    def env_steps(self) -> int:
-        return sum(e.length for e in self.all_episodes + self.surplus_episodes)
+    def tally(self) -> dict[str, Any]:
+        """What the iteration's metrics need, small and picklable: one rank's share of a multi-process trial."""
+        return {"tried": self.tried, "zero_variance": self.zero_variance, "accepted": len(self.accepted),
+                "quota": self.quota, "seconds": self.seconds, "group_size": self.group_size,
+                "episodes": [(e.task, bool(e.success), int(e.length)) for e in self.all_episodes],
+                "surplus": [(e.task, bool(e.success), int(e.length)) for e in self.surplus_episodes]}
 
     def metrics(self, tasks: list[str]) -> dict[str, float]:
-        out = {
-            "sampling/contexts_tried": float(self.tried),
-            "sampling/zero_variance_groups": float(self.zero_variance),
-            "sampling/accepted_groups": float(len(self.accepted)),
-            "sampling/shortfall": float(self.quota - len(self.accepted)),
-            "sampling/surplus_contexts": float(len(self.surplus_episodes) // max(self.group_size, 1)),
-            "train/success_rate": float(np.mean([e.success for e in self.all_episodes])),
-            "perf/env_steps_per_s": self.env_steps / max(self.seconds, 1e-9),
-            "perf/env_steps": float(self.env_steps),
-            "perf/rollout_s": self.seconds,
-        }
-        for task in tasks:
-            eps = [e for e in self.all_episodes if e.task == task]
-            if eps:
-                out[f"train/success_rate/{task}"] = float(np.mean([e.success for e in eps]))
-            ran = [e for e in self.all_episodes + self.surplus_episodes if e.task == task]
-            if ran:
-                out[f"perf/env_steps/{task}"] = float(sum(e.length for e in ran))
-                out[f"perf/episodes/{task}"] = float(len(ran))
-        return out
+        return rollout_metrics([self.tally()], tasks)
+
+
+def rollout_metrics(tallies: list[dict[str, Any]], tasks: list[str]) -> dict[str, float]:
+    """The iteration's sampling, success and throughput metrics over every rank's tally (one in one process): counts
+    add up, rates are over all episodes, and the rollout time is the slowest rank's (it is what the step waits for).
+    """
+    episodes = [e for t in tallies for e in t["episodes"]]
+    ran = episodes + [e for t in tallies for e in t["surplus"]]
+    seconds = max(t["seconds"] for t in tallies)
+    env_steps = sum(length for _, _, length in ran)
+    surplus = sum(len(t["surplus"]) // max(t["group_size"], 1) for t in tallies)
+    accepted = sum(t["accepted"] for t in tallies)
+    out = {
+        "sampling/contexts_tried": float(sum(t["tried"] for t in tallies)),
+        "sampling/zero_variance_groups": float(sum(t["zero_variance"] for t in tallies)),
+        "sampling/accepted_groups": float(accepted),
+        "sampling/shortfall": float(tallies[0]["quota"] - accepted),
+        "sampling/surplus_contexts": float(surplus),
+        "train/success_rate": float(np.mean([s for _, s, _ in episodes])),
+        "perf/env_steps_per_s": env_steps / max(seconds, 1e-9),
+        "perf/env_steps": float(env_steps),
+        "perf/rollout_s": seconds,
+    }
+    for task in tasks:
+        counted = [s for t, s, _ in episodes if t == task]
+        if counted:
+            out[f"train/success_rate/{task}"] = float(np.mean(counted))
+        lengths = [length for t, _, length in ran if t == task]
+        if lengths:
+            out[f"perf/env_steps/{task}"] = float(sum(lengths))
+            out[f"perf/episodes/{task}"] = float(len(lengths))
+    return out
 
 
 def sampling_target(algo: AlgoConfig, quota: int) -> int:
@@ -104,18 +121,25 @@ def group_jobs(context: InitialState, k: int, seeds: list[int], mix_states: list
 
 def collect(engine: Any, contexts: list[InitialState], algo: AlgoConfig, quota: int, iteration: int,
             eval_states: dict[str, list[InitialState]] | None = None,
-            distribution: ActionDistribution | None = None) -> IterationRollouts:
+            distribution: ActionDistribution | None = None, ranks: Ranks | None = None) -> IterationRollouts:
     """Roll out contexts (reshuffled each iteration) in rounds until the quota is met or the cap is reached.
 
     `contexts` are the training contexts, or the evaluation states when `use_val_init`; `eval_states` (per task)
-    is needed for `mix_val_init_in_rloo`.
+    is needed for `mix_val_init_in_rloo`. In a multi-process trial `contexts` are this rank's, `quota` is the
+    trial's: each rank aims at its share, and all stop once int(early_stop_percentage x quota) groups are accepted
+    over all ranks (a sum after every round: the original's shared counter, as a collective), so the accepted
+    total can pass that threshold by what the last round of each rank accepted, as the original's can.
     """
+    ranks = ranks or Ranks()
     start = time.perf_counter()
     k = algo.rloo_batch_size
-    rng = np.random.default_rng(stream_seed(algo.model_seed, "contexts", iteration))
+    rank_part = ("rank", ranks.rank) if ranks.size > 1 else ()  # one process keeps its streams unchanged
+    rng = np.random.default_rng(stream_seed(algo.model_seed, "contexts", iteration, *rank_part))
     order = rng.permutation(len(contexts))
-    cap = attempt_cap(algo, quota) if algo.enable_dynamic_sampling else quota
+    share = ranks.share(quota)
+    cap = attempt_cap(algo, share) if algo.enable_dynamic_sampling else share
     target = sampling_target(algo, quota)
+    local_target = min(share, target)
     accepted: list[Group] = []
     all_episodes: list[Episode] = []
     surplus: list[Episode] = []
@@ -123,19 +147,28 @@ def collect(engine: Any, contexts: list[InitialState], algo: AlgoConfig, quota: 
     distribution = distribution or ActionDistribution.from_algo(algo)
     mix = algo.use_val_init and algo.mix_val_init_in_rloo
     min_round = 2 * getattr(engine, "num_workers", 1)
-    while len(accepted) < target and tried < cap:
-        need = target - len(accepted)
+    while True:
+        going = len(accepted) < local_target and tried < cap and len(contexts) > 0
+        if ranks.size > 1:
+            total, active = ranks.sum([len(accepted), float(going)])
+            if total >= target or active == 0:
+                break
+            if not going:
+                continue  # this rank is done: wait for the others' next round
+        elif not going:
+            break
+        need = local_target - len(accepted)
         n = need if tried == 0 else max(math.ceil(need * tried / max(len(accepted), 1)), min_round)
         n = min(n, cap - tried)
         picked = [contexts[order[(tried + i) % len(order)]] for i in range(n)]
         jobs: list[EpisodeJob] = []
         for i, ctx in enumerate(picked):
-            seeds = [stream_seed(algo.model_seed, "noise", iteration, tried + i, j) for j in range(k)]
+            seeds = [stream_seed(algo.model_seed, "noise", iteration, *rank_part, tried + i, j) for j in range(k)]
             jobs += group_jobs(ctx, k, seeds, (eval_states or {}).get(ctx.task) if mix else None, rng)
         episodes = engine.run(jobs, distribution)
         for i, ctx in enumerate(picked):
             group = Group(ctx, episodes[i * k:(i + 1) * k])
-            if len(accepted) >= target:  # the quota was met earlier in this round: not judged, not used
+            if len(accepted) >= local_target:  # the quota was met earlier in this round: not judged, not used
                 surplus += group.episodes
                 continue
             tried += 1

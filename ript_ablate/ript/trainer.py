@@ -5,6 +5,10 @@ iteration on it; `Trainer.run` is the loop. The behaviour-cloning base is built 
 
 Evaluation runs before the first update (iteration 0), every `training.eval_interval` iterations and at the end;
 checkpoints every `training.save_interval` and at the end, in the layout `algo.lora_adaptor_ckpt` reads.
+
+Under torchrun the same loop runs on every rank (`ript_ablate.distributed`): each rank rolls out its tasks' contexts
+(its share of the quota), the update sums gradients over the ranks, evaluation is split and gathered, and rank 0
+alone writes (history, MLflow, checkpoints) and decides a stop (pruning, a lost lease), which every rank follows.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ript_ablate import checkpoints
 from ript_ablate.bc import cached_base, load_base
 from ript_ablate.config import Config, flatten, to_yaml
 from ript_ablate.device import resolve_device
+from ript_ablate.distributed import RankFailure, Ranks, maybe_exit_for_test, rank_device
 from ript_ablate.engine import RolloutEngine, resolve_inference
 from ript_ablate.episodes import InitialState
 from ript_ablate.errors import CheckpointError, ConfigError
@@ -33,7 +38,7 @@ from ript_ablate.plugins import build_world
 from ript_ablate.progress import console
 from ript_ablate.ript.advantages import advantages as rloo_advantages
 from ript_ablate.ript.distributions import ActionDistribution
-from ript_ablate.ript.rollouts import collect
+from ript_ablate.ript.rollouts import collect, rollout_metrics
 from ript_ablate.ript.update import PPOUpdater, build_trajectories
 from ript_ablate.seeding import stream_seed
 from ript_ablate.tracking import Tracker, git_commit
@@ -91,6 +96,7 @@ class RunState:
     start_iteration: int
     result: TrainResult
     done: int = 0  # the last iteration run (the start iteration before any)
+    all_tasks: list[str] = field(default_factory=list)  # the training tasks of every rank (metrics name them all)
 
 
 EvalCallback = Callable[[int, dict[str, float]], None]
@@ -101,13 +107,17 @@ class Trainer:
     from it to stop the run); `prior_history` holds the metrics of the iterations before a resume point, so a
     resumed run's history (and MLflow run) is complete; `guard()` is called before every write that matters
     (history line, MLflow batch, checkpoint) and raises to stop a run that must not write any more (a study cell
-    whose lease was taken over)."""
+    whose lease was taken over). In a multi-process trial (`ranks`) only rank 0's tracker, callbacks and guard
+    act; give the other ranks an untracked `Tracker()`."""
 
     def __init__(self, cfg: Config, tracker: Tracker | None = None, on_eval: EvalCallback | None = None,
-                 prior_history: list[dict[str, float]] | None = None, guard: Callable[[], None] | None = None):
+                 prior_history: list[dict[str, float]] | None = None, guard: Callable[[], None] | None = None,
+                 ranks: Ranks | None = None):
         self.cfg = cfg
         self.tracker = tracker or Tracker()
-        self.device = resolve_device(cfg.training.device)
+        self.ranks = ranks or Ranks()
+        self.device = rank_device(resolve_device(cfg.training.device), self.ranks)
+        self.last_checkpoint: Path | None = None
         self.on_eval = on_eval
         self.prior_history = prior_history or []
         self.history_file: Path | None = None
@@ -115,37 +125,52 @@ class Trainer:
 
     def run(self, output_dir: str | Path | None = None) -> TrainResult:
         """Set up, evaluate the start, then one `iteration` at a time until `n_iterations` or divergence."""
-        with self.set_up(output_dir) as run:
-            if not self.cfg.algo.eval_only:
-                for iteration in range(run.start_iteration + 1, self.cfg.training.n_iterations + 1):
-                    if not self.iteration(run, iteration):
-                        break
-            self._finish(run)
-            return run.result
+        try:
+            with self.set_up(output_dir) as run:
+                if not self.cfg.algo.eval_only:
+                    for iteration in range(run.start_iteration + 1, self.cfg.training.n_iterations + 1):
+                        if not self.iteration(run, iteration):
+                            break
+                self._finish(run)
+                return run.result
+        except RankFailure as exc:
+            where = (f"the last checkpoint is {self.last_checkpoint}: resume with --set "
+                     f"algo.lora_adaptor_ckpt={self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint was written yet (training.save_interval): start again")
+            raise RankFailure(f"{exc}; {where}") from exc
 
     @contextmanager
     def set_up(self, output_dir: str | Path | None = None) -> Iterator[RunState]:
         """Output directory, world, rollout engine, start policy, optimizer, tracking, contexts; logs the
         evaluation of the starting point. The engine's worker processes live as long as the context."""
-        cfg, algo = self.cfg, self.cfg.algo
+        cfg, algo, ranks = self.cfg, self.cfg.algo, self.ranks
         torch.manual_seed(algo.model_seed)
-        out = Path(output_dir or Path(cfg.training.output_dir) / time.strftime("run-%Y%m%d-%H%M%S"))
-        out.mkdir(parents=True, exist_ok=True)
-        self.guard()
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        self.history_file = out / HISTORY_LOG
-        self.history_file.write_text("")
+        out = Path(ranks.broadcast(str(output_dir or Path(cfg.training.output_dir)
+                                       / time.strftime("run-%Y%m%d-%H%M%S"))))
+        if ranks.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            self.guard()
+            (out / "config.yaml").write_text(to_yaml(cfg))
+            self.history_file = out / HISTORY_LOG
+            self.history_file.write_text("")
         world = build_world(cfg)
-        tasks = algo.rollout_training_task_names or world.tasks
-        unknown = [t for t in tasks if t not in world.tasks]
+        all_tasks = algo.rollout_training_task_names or world.tasks
+        unknown = [t for t in all_tasks if t not in world.tasks]
         if unknown:
             raise ConfigError([f"algo.rollout_training_task_names: {unknown} are not tasks of the world "
                                f"({world.tasks})"])
+        if cfg.training.contexts_per_iteration < ranks.size:
+            raise ConfigError([f"training.contexts_per_iteration: {cfg.training.contexts_per_iteration} groups "
+                               f"cannot be shared by {ranks.size} processes: give at least one per process"])
+        # the original deals tasks round-robin over the ranks; with fewer tasks than ranks, the contexts instead
+        tasks = ranks.split(all_tasks) if len(all_tasks) >= ranks.size else list(all_tasks)
         policy, base, meta = load_start_policy(cfg, world)
         policy.to(self.device)
+        ranks.broadcast_parameters(policy)  # one start on every rank, whatever its random LoRA initialisation
+        torch.manual_seed(algo.model_seed + ranks.rank)  # model_seed + rank seeds each rank, as the original does
         inference = resolve_inference(cfg.suite.inference, policy, self.device)
         with RolloutEngine(cfg, world) as engine:
-            updater = PPOUpdater(policy, algo, self.device, cfg.training.precision)
+            updater = PPOUpdater(policy, algo, self.device, cfg.training.precision, ranks)
             start_iteration = int(meta.get("iteration", 0))
             if algo.lora_adaptor_ckpt:
                 opt_file = Path(algo.lora_adaptor_ckpt) / checkpoints.OPTIMIZER_FILE
@@ -154,23 +179,27 @@ class Trainer:
                         updater.optimizer, checkpoints.load_tensors(opt_file, "optimizer checkpoint"))
             self.tracker.start(flatten(cfg), {
                 "git_commit": git_commit(), "device": str(self.device), "torch_version": torch.__version__,
-                "base_checkpoint": base, "rollout_inference": inference,
+                "base_checkpoint": base, "rollout_inference": inference, "processes": str(ranks.size),
             })
             if algo.use_val_init:
                 contexts = [s for t in tasks for s in world.eval_states(t)]
             else:
                 demos = world.demonstrations(engine, cfg.sft.cache_dir)
                 contexts = [s for t in tasks for s in world.training_contexts(t, demos)]
+            if len(all_tasks) < ranks.size:
+                contexts = ranks.split(contexts)
             run = RunState(
                 out=out, world=world, engine=engine, policy=policy, updater=updater, base=base, tasks=tasks,
                 contexts=contexts, eval_states={t: world.eval_states(t) for t in tasks},
                 instructions={t: policy.encode_instruction(world.instruction(t)) for t in world.tasks},
                 distribution=ActionDistribution.from_algo(algo), inference=inference, start_iteration=start_iteration,
                 result=TrainResult("finished", output_dir=out, run_id=getattr(self.tracker, "run_id", None)),
+                all_tasks=list(all_tasks),
             )
             run.done = start_iteration
             self._replay_prior(start_iteration, run.result)
-            if not any(h["iteration"] == start_iteration and "eval/success_rate" in h for h in run.result.history):
+            evaluated = any(h["iteration"] == start_iteration and "eval/success_rate" in h for h in run.result.history)
+            if not ranks.broadcast(evaluated):
                 self._evaluate(run, start_iteration)  # one point per iteration, also on resume
             yield run
 
@@ -181,25 +210,32 @@ class Trainer:
     def iteration(self, run: RunState, iteration: int) -> bool:
         """One RIPT iteration: rollouts, RLOO, PPO passes, evaluation when due, log, checkpoint when due.
         Returns False when the run must stop (diverged)."""
-        cfg, algo = self.cfg, self.cfg.algo
+        cfg, algo, ranks = self.cfg, self.cfg.algo, self.ranks
         run.done = iteration
+        maybe_exit_for_test(ranks, iteration)
         t_iter = time.perf_counter()
         self._act(run)
         rollouts = collect(run.engine, run.contexts, algo, cfg.training.contexts_per_iteration, iteration,
-                           run.eval_states, run.distribution)
-        metrics = rollouts.metrics(run.tasks)
+                           run.eval_states, run.distribution, ranks)
+        tallies = ranks.gather(rollouts.tally())
+        metrics = rollout_metrics(tallies, run.all_tasks)
         t_update = time.perf_counter()
-        if rollouts.accepted:
-            rewards = np.stack([g.rewards for g in rollouts.accepted])
-            adv = rloo_advantages(rewards, algo.rloo_over_all_rollouts)
-            metrics["rloo/advantage_mean"] = float(adv.mean())
-            metrics["rloo/nonzero_adv_fraction"] = float((np.abs(adv) > 1e-12).mean())
-            metrics["rloo/reward_mean"] = float(rewards.mean())
+        if any(t["accepted"] for t in tallies):  # every rank steps together, those with no group too
+            rewards = np.stack([g.rewards for g in rollouts.accepted]) if rollouts.accepted else np.zeros((0, 1))
+            adv = rloo_advantages(rewards, algo.rloo_over_all_rollouts) if rollouts.accepted else rewards
+            pooled = [np.concatenate(part) for part in zip(*ranks.gather((rewards.ravel(), adv.ravel())))]
+            metrics["rloo/advantage_mean"] = float(pooled[1].mean())
+            metrics["rloo/nonzero_adv_fraction"] = float((np.abs(pooled[1]) > 1e-12).mean())
+            metrics["rloo/reward_mean"] = float(pooled[0].mean())
             trajectories = build_trajectories(rollouts.accepted, adv, run.instructions, algo, self.device,
                                               run.distribution)
-            rng = np.random.default_rng(stream_seed(algo.model_seed, "shuffle", iteration))
+            rank_part = ("rank", ranks.rank) if ranks.size > 1 else ()
+            rng = np.random.default_rng(stream_seed(algo.model_seed, "shuffle", iteration, *rank_part))
+            comm_before = ranks.comm_seconds
             update = run.updater.update(trajectories, rng, cfg.training.max_nonfinite)
             metrics.update(update["metrics"])
+            if ranks.size > 1:
+                metrics["perf/allreduce_s"] = ranks.comm_seconds - comm_before
             if update["diverged"]:
                 run.result.status = "diverged"
         metrics["perf/update_s"] = time.perf_counter() - t_update
@@ -232,7 +268,7 @@ class Trainer:
     def _evaluate(self, run: RunState, iteration: int, metrics: dict[str, float] | None = None) -> None:
         t0 = time.perf_counter()
         self._act(run)
-        res = evaluate(run.world, run.engine)
+        res = evaluate(run.world, run.engine, ranks=self.ranks)
         values = {**res.metrics(), "perf/eval_s": time.perf_counter() - t0}
         if metrics is None:
             self._log(iteration, values, run.result)
@@ -245,14 +281,36 @@ class Trainer:
                 f.write(json.dumps(entry) + "\n")
 
     def _log(self, iteration: int, metrics: dict[str, float], result: TrainResult) -> None:
-        self.guard()
         result.history.append({"iteration": iteration, **metrics})
+        self._on_main(lambda: self._log_main(iteration, metrics, result))
+
+    def _log_main(self, iteration: int, metrics: dict[str, float], result: TrainResult) -> None:
+        self.guard()
         self._append_history(result.history[-1])
         self.tracker.record(metrics, iteration)
         self.tracker.flush()
         self._print(iteration, metrics)
         if self.on_eval is not None and "eval/success_rate" in metrics:
             self.on_eval(iteration, metrics)  # after logging, so a pruned run keeps this iteration
+
+    def _on_main(self, action: Callable[[], Any]) -> Any:
+        """Run `action` on rank 0; when it raises (a pruner, a lost lease, a full disk), every rank stops with it:
+        rank 0 re-raises its own exception, the others a `RankFailure` that names it."""
+        if self.ranks.size == 1:
+            return action()
+        error: BaseException | None = None
+        value = None
+        if self.ranks.is_main:
+            try:
+                value = action()
+            except BaseException as exc:  # noqa: BLE001 - passed on to every rank, then re-raised
+                error = exc
+        reason = self.ranks.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if reason is not None:
+            raise RankFailure(f"rank {self.ranks.rank}: stopped because rank 0 stopped ({reason})")
+        return value
 
     def _print(self, iteration: int, metrics: dict[str, float]) -> None:
         parts = [f"iter {iteration}"]
@@ -264,15 +322,26 @@ class Trainer:
         console.print(" | ".join(parts))
 
     def _save(self, run: RunState, directory: Path, iteration: int) -> Path:
-        self.guard()
-        meta = {"iteration": iteration, "base_checkpoint": run.base}
-        return checkpoints.save_run_checkpoint(directory, run.policy, run.updater.optimizer, meta)
+        def save() -> Path:
+            self.guard()
+            meta = {"iteration": iteration, "base_checkpoint": run.base, "processes": self.ranks.size}
+            return checkpoints.save_run_checkpoint(directory, run.policy, run.updater.optimizer, meta)
+
+        self._on_main(save)
+        self.last_checkpoint = directory
+        return directory
 
     def _finish(self, run: RunState) -> None:
         final = self._save(run, run.out / "checkpoints" / "final", run.done)
         run.result.final_checkpoint = final
-        self.guard()
-        (run.out / "history.json").write_text(json.dumps(run.result.history, indent=1))
-        self.tracker.log_artifact(run.out / "config.yaml")
-        if self.cfg.tracking.log_checkpoint:
-            self.tracker.log_artifact(final, "checkpoint")
+
+        def write() -> None:
+            self.guard()
+            (run.out / "history.json").write_text(json.dumps(run.result.history, indent=1))
+            (run.out / "result.json").write_text(json.dumps({"status": run.result.status,
+                                                              "processes": self.ranks.size}))
+            self.tracker.log_artifact(run.out / "config.yaml")
+            if self.cfg.tracking.log_checkpoint:
+                self.tracker.log_artifact(final, "checkpoint")
+
+        self._on_main(write)

@@ -28,6 +28,7 @@ from torch import nn
 
 from ript_ablate.config import AlgoConfig
 from ript_ablate.device import autocast
+from ript_ablate.distributed import Ranks
 from ript_ablate.interfaces.policy import Policy
 from ript_ablate.ript.distributions import ActionDistribution
 
@@ -91,8 +92,14 @@ def parameter_groups(policy: Policy, algo: AlgoConfig) -> tuple[list[nn.Paramete
 
 
 class PPOUpdater:
-    def __init__(self, policy: Policy, algo: AlgoConfig, device: torch.device, precision: str = "auto"):
+    """The update of one process, or of one rank of a multi-process trial: there every optimizer step takes the
+    same place in every rank's pass, each trajectory weighs 1 / (trajectories of this step on all ranks), and the
+    gradients are summed over the ranks before both groups are clipped (see `ript_ablate.distributed`)."""
+
+    def __init__(self, policy: Policy, algo: AlgoConfig, device: torch.device, precision: str = "auto",
+                 ranks: Ranks | None = None):
         self.policy, self.algo, self.device, self.precision = policy, algo, device, precision
+        self.ranks = ranks or Ranks()
         self.distribution = ActionDistribution.from_algo(algo)
         self.backbone_params, self.head_params = parameter_groups(policy, algo)
         groups = [{"params": self.backbone_params, "lr": algo.lr, "name": "backbone"},
@@ -146,7 +153,11 @@ class PPOUpdater:
                 stats["log_b_count"] += step_valid.sum()
 
     def _optimizer_step(self, stats: dict[str, torch.Tensor]) -> bool:
-        """Clip each group apart and step; skip (and count) a non-finite update. One host sync per step."""
+        """Sum the gradients over the ranks, clip each group apart and step; skip (and count) a non-finite update
+        (the same decision on every rank: it reads only summed values). One host sync per step."""
+        if self.ranks.size > 1:
+            stats["step_loss"] = self.ranks.sum_gradients(self.backbone_params + self.head_params,
+                                                          stats["step_loss"])
         norms = []
         for params, max_norm in ((self.backbone_params, self.algo.grad_norm_clip_model),
                                  (self.head_params, self.algo.grad_norm_clip_header)):
@@ -173,15 +184,19 @@ class PPOUpdater:
                 "step_loss")
         stats = {k: torch.zeros((), device=self.device) for k in keys}
         ga = self.algo.gradient_accumulation_steps
+        counts = [int(n) for n in self.ranks.gather(len(trajectories))]
+        steps_per_pass = max(math.ceil(n / ga) for n in counts)
         diverged = False
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         for _epoch in range(self.algo.num_ppo_epochs):
             order = rng.permutation(len(trajectories))
-            for start in range(0, len(order), ga):
-                group = order[start:start + ga]  # the last group may be smaller: it still steps
+            for step in range(steps_per_pass):
+                group = order[step * ga:(step + 1) * ga]  # the last group may be smaller: it still steps
+                in_step = sum(min(max(n - step * ga, 0), ga) for n in counts)  # this step's trajectories, all ranks
                 before = stats["loss"].clone()
-                self._micro_batch([trajectories[int(i)] for i in group], [1.0 / len(group)] * len(group), stats)
+                if len(group):
+                    self._micro_batch([trajectories[int(i)] for i in group], [1.0 / in_step] * len(group), stats)
                 stats["step_loss"] = stats["loss"] - before
                 if not self._optimizer_step(stats) and self.consecutive_nonfinite > max_nonfinite:
                     diverged = True
@@ -189,6 +204,11 @@ class PPOUpdater:
             if diverged:
                 break
         self.policy.eval()
+        per_rank = ("loss", "ratio", "clipped_low", "clipped_high", "approx_kl", "count", "log_b", "log_b_clipped",
+                    "log_b_count", "micro_batches")  # the rest are the same on every rank (read after the reduction)
+        if self.ranks.size > 1:
+            summed = self.ranks.sum([float(stats[k]) for k in per_rank])
+            stats.update({k: torch.tensor(v) for k, v in zip(per_rank, summed)})
         values = {k: float(v) for k, v in stats.items()}  # the one read of the iteration
         count, steps = max(values["count"], 1.0), max(values["steps"], 1.0)
         return {

@@ -1,0 +1,138 @@
+"""One trial on several processes, on CPU with gloo: N ranks with gradient_accumulation_steps g take exactly the
+step one process takes with N x g; a 2-rank run of the example world trains, tracks one MLflow run, survives a
+killed rank with a resumable checkpoint and resumes to the same numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from ript_ablate.config import AlgoConfig
+from ript_ablate.distributed import RANK_EXIT_ENV, Ranks, TorchRanks
+from ript_ablate.ript.update import PPOUpdater
+from tests.test_fidelity import WIDE, small_policy, with_ratios
+from tests.test_plugins import example_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGO = dict(lora_rank=2, log_scale_clip=WIDE, fix_scale_head=False, num_ppo_epochs=1, lr=1e-2, header_lr=1e-2)
+
+
+def trajectories(algo: AlgoConfig, n: int) -> list:
+    """n trajectories, the same in every process: ratios inside and outside the clip band, both signs of A."""
+    torch.manual_seed(0)
+    policy = small_policy(chunk=2)
+    patterns = [([[1.0, 1.05]], -1.0), ([[1.3, 0.95]], 1.0), ([[0.7, 1.0]], -1.0), ([[1.02, 1.25]], 1.0)]
+    return [with_ratios(policy, algo, patterns[i % 4][0], patterns[i % 4][1] * (1 + i / n), seed=i)
+            for i in range(n)]
+
+
+def step(ranks: Ranks, algo: AlgoConfig, mine: list) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    torch.manual_seed(0)
+    policy = small_policy(chunk=2)  # the same start (seeded) in every process
+    updater = PPOUpdater(policy, algo, torch.device("cpu"), "fp32", ranks)
+    metrics = updater.update(mine, np.random.default_rng(7), 3)["metrics"]
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}, metrics
+
+
+def rank_main(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = TorchRanks("gloo", timeout_s=60)
+    try:
+        results = {}
+        # even: each rank 2 trajectories, GA 2 -> one step of 4 trajectories
+        algo = AlgoConfig(**ALGO, gradient_accumulation_steps=2)
+        trajs = trajectories(algo, 4)
+        results["even"] = step(ranks, algo, trajs[2 * rank:2 * rank + 2])
+        # uneven: rank 0 has 3 trajectories, rank 1 none; GA 2 -> two steps (2 then 1), rank 1 steps with them
+        algo = AlgoConfig(**{**ALGO, "num_ppo_epochs": 2}, gradient_accumulation_steps=2)
+        results["uneven"] = step(ranks, algo, trajectories(algo, 3) if rank == 0 else [])
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        ranks.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_with_ga_g_take_the_step_of_one_process_with_2g(tmp_path):
+    mp.spawn(rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    one = Ranks()
+    algo = AlgoConfig(**ALGO, gradient_accumulation_steps=4)
+    expected = {"even": step(one, algo, trajectories(algo, 4))}
+    algo = AlgoConfig(**{**ALGO, "num_ppo_epochs": 2}, gradient_accumulation_steps=2)
+    expected["uneven"] = step(one, algo, trajectories(algo, 3))  # what rank 0 alone would do with its 3
+    torch.manual_seed(0)
+    start = small_policy(chunk=2).state_dict()
+    for case, (weights, metrics) in expected.items():
+        assert any(not torch.equal(weights[k], start[k]) for k in weights), case  # the step moved the weights
+        for r in range(2):
+            got_weights, got_metrics = ranks[r][case]
+            for key in weights:
+                torch.testing.assert_close(got_weights[key], weights[key], rtol=1e-5, atol=1e-7, msg=key)
+                assert torch.equal(got_weights[key], ranks[0][case][0][key]), key  # the ranks agree bitwise
+            for key in ("ppo/loss", "ppo/clip_fraction_low", "ppo/clip_fraction_high", "ppo/ratio_mean",
+                        "ppo/optimizer_steps", "grad_norm/backbone", "grad_norm/header"):
+                assert got_metrics[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), (case, key)
+    assert expected["even"][1]["ppo/clip_fraction"] > 0 and expected["uneven"][1]["ppo/optimizer_steps"] == 4
+
+
+def train(config: Path, out: Path, *extra: str, env: dict | None = None, timeout: float = 240):
+    return subprocess.run([sys.executable, "-m", "ript_ablate", "train", str(config), "--nproc", "2", "--output",
+                           str(out), *extra], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def settled(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if not k.startswith("perf/")} for h in history]
+
+
+def test_a_two_rank_run_tracks_one_run_survives_a_killed_rank_and_resumes_to_the_same_numbers(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data = example_dict(tmp_path)
+    data["training"]["n_iterations"] = 3
+    data["tracking"].update(tracking_uri=uri, experiment="two-ranks")
+    config = tmp_path / "pointmass.yaml"
+    config.write_text(yaml.safe_dump(data))
+
+    whole = train(config, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert "(2 processes)" in whole.stderr
+    history = json.loads((tmp_path / "whole" / "history.json").read_text())
+    assert [h["iteration"] for h in history] == [0, 1, 2, 3]
+    assert history[1]["sampling/accepted_groups"] >= 1 and "perf/allreduce_s" in history[1]
+    assert {"train/success_rate/reach", "train/success_rate/reach-mirror"} <= set(history[1])  # both ranks' tasks
+
+    killed = train(config, tmp_path / "killed", env={RANK_EXIT_ENV: "1@3"}, timeout=120)  # ends; never hangs
+    assert killed.returncode == 1
+    checkpoint = tmp_path / "killed" / "checkpoints" / "iter_0002"
+    assert f"resume from its last checkpoint with --set algo.lora_adaptor_ckpt={checkpoint}" in killed.stderr
+    # rank 0's own word (from the broken collective or from the launcher's SIGTERM, whichever comes first)
+    assert "another process of this run" in killed.stderr and f"the last checkpoint is {checkpoint}" in killed.stderr
+    resumed = train(config, tmp_path / "resumed", f"--set=algo.lora_adaptor_ckpt={checkpoint}")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    again = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert [h["iteration"] for h in again] == [2, 3]
+    assert settled(again)[1] == settled(history)[3]  # the resumed ranks continue exactly as the whole run did
+    assert again[0]["eval/success_rate"] == history[2]["eval/success_rate"]  # from the same weights
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("two-ranks").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]  # one run per launch: rank 0's
+    assert all(r.data.tags.get("processes") == "2" for r in runs)
