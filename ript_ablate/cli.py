@@ -198,7 +198,7 @@ def launch_train(args: argparse.Namespace) -> int:
     threads = max(1, available_cores() // args.nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     console.print(f"launching {args.nproc} processes (torchrun, {threads} thread(s) each): output in {out}")
-    code = subprocess.run(torchrun_args(args.nproc, argv), env=env).returncode
+    code = subprocess.run(torchrun_args(args.nproc, argv), env=env, check=False).returncode
     if code != 0:
         from ript_ablate.study.cell import resume_point
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,12 @@ RANK_EXIT_ENV = "RIPT_ABLATE_INJECT_RANK_EXIT"  # "<rank>@<iteration>": that ran
 
 class RankFailure(RiptAblateError):
     """Another process of this run stopped or stopped answering: the run cannot go on (resume from a checkpoint)."""
+
+    raised = False  # once one was raised, this process is winding down: the launcher's SIGTERM is not raised again
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        RankFailure.raised = True
 
 
 class Ranks:
@@ -104,8 +111,9 @@ class TorchRanks(Ranks):
         try:
             yield
         except RuntimeError as exc:  # DistBackendError / DistNetworkError and gloo's own errors derive from it
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise RankFailure(f"rank {self.rank}: {what} failed, another process of this run stopped or stopped "
-                              f"answering ({str(exc).splitlines()[0][:200]})") from exc
+                              f"answering ({detail[:160]})") from exc
 
     def sum(self, values: Sequence[float]) -> list[float]:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
@@ -194,7 +202,10 @@ def init_ranks(device: str = "auto", timeout_s: float = 1800.0) -> Ranks:
 
 def _stopped_by_launcher(signum: int, frame: Any) -> None:
     """torchrun stops the other ranks with SIGTERM when one fails: end with a `RankFailure` (so the run says where
-    to resume from) instead of dying silently."""
+    to resume from) instead of dying silently; when one is already on its way (a broken collective came first), let
+    the process finish saying so (torchrun kills it if that takes too long)."""
+    if RankFailure.raised:
+        return
     raise RankFailure("stopped by the launcher (SIGTERM): another process of this run failed, see the launcher's "
                       "report")
 

@@ -160,8 +160,8 @@ class Trainer:
             raise ConfigError([f"algo.rollout_training_task_names: {unknown} are not tasks of the world "
                                f"({world.tasks})"])
         if cfg.training.contexts_per_iteration < ranks.size:
-            raise ConfigError([f"training.contexts_per_iteration: {cfg.training.contexts_per_iteration} groups "
-                               f"cannot be shared by {ranks.size} processes: give at least one per process"])
+            raise ConfigError([(f"training.contexts_per_iteration: {cfg.training.contexts_per_iteration} groups "
+                                f"cannot be shared by {ranks.size} processes: give at least one per process")])
         # the original deals tasks round-robin over the ranks; with fewer tasks than ranks, the contexts instead
         tasks = ranks.split(all_tasks) if len(all_tasks) >= ranks.size else list(all_tasks)
         policy, base, meta = load_start_policy(cfg, world)
@@ -239,6 +239,8 @@ class Trainer:
             if update["diverged"]:
                 run.result.status = "diverged"
         metrics["perf/update_s"] = time.perf_counter() - t_update
+        if self.device.type == "cuda":
+            metrics["perf/gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         metrics["lr/backbone"] = algo.lr
         metrics["lr/header"] = algo.header_lr
         last = iteration == cfg.training.n_iterations or run.result.status == "diverged"

@@ -4,11 +4,15 @@ The worker writes the job file, starts this process and reads `result.json` when
 the cell's MLflow child run (explicit parent run id, so it nests from any process), writes the run id to the
 attempt's `run.json` at once (so a worker can mark the run killed if this process dies), reports evaluations to
 the pruner, and exits on its own if its worker dies (no orphaned trainings: it takes its process group along).
-A job with a `command` runs the user's own trainer instead (study/command_cell.py).
+A job with a `command` runs the user's own trainer instead (study/command_cell.py). A job with `processes` > 1 is
+started under torchrun: every rank runs this module, rank 0 does all of the above (and writes the result), the
+others train quietly; a rank that dies fails the attempt, and the next attempt resumes from the last checkpoint.
 
 RIPT_ABLATE_INJECT_FAULT="<cell_id>@<attempt>[:infra][,...]" (attempt `*` = every attempt) makes the named
 attempts raise after their first evaluation: a way to check that a study set-up retries and reports failures as
-expected. `:infra` raises a connection error instead (once per attempt), as a tracking store that went away would.
+expected. `:infra` raises a connection error instead (once per attempt), as a tracking store that went away would;
+`:stall` hangs after the first evaluation; `:rank-exit` kills the last rank of a multi-process cell as iteration 2
+starts.
 """
 
 from __future__ import annotations
@@ -60,14 +64,27 @@ def fault_planned(cell_id: str, attempt: int, spec: str | None = None) -> str | 
 
 
 def exit_with_parent(parent_pid: int) -> None:
-    """A watchdog: when the worker that started this cell dies, stop (its lease will be recovered)."""
+    """A watchdog: when the worker that started this cell dies, stop (its lease will be recovered). A rank of a
+    multi-process cell is torchrun's child, not the worker's: it watches the worker's pid instead."""
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+    def worker_alive() -> bool:
+        if not under_torchrun:
+            return os.getppid() == parent_pid
+        try:
+            os.kill(parent_pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
     def watch() -> None:
         while True:
-            if os.getppid() != parent_pid:
-                with contextlib.suppress(OSError):  # this cell leads its process group: take its children along
-                    if os.getpgrp() == os.getpid():
-                        os.killpg(os.getpid(), signal.SIGKILL)
+            if not worker_alive():
+                with contextlib.suppress(OSError):  # the cell (or torchrun) leads its process group: take it along
+                    if os.getpgrp() in (os.getpid(), os.getppid()):
+                        os.killpg(os.getpgrp(), signal.SIGKILL)
                 os._exit(70)
             time.sleep(1.0)
 
@@ -90,14 +107,35 @@ def resume_point(out: Path) -> tuple[str | None, list[dict[str, float]]]:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from ript_ablate.distributed import init_ranks
+
+    torch.set_num_threads(int(job["threads"]))
+    if int(job.get("processes", 1)) <= 1:
+        return run_job_on(job, None)
+    data = job["config"]
+    training = data.get("training", {})
+    ranks = init_ranks(str(training.get("device", "auto")), float(training.get("collective_timeout_s", 1800.0)))
+    try:
+        return run_job_on(job, ranks)
+    finally:
+        ranks.close()
+
+
+def run_job_on(job: dict[str, Any], ranks: Any) -> dict[str, Any]:
+    """The cell on one process, or on one rank of a multi-process cell (`ranks`): rank 0 tracks, reports to the
+    pruner, checks the lease and returns the result; the other ranks train with it and return None."""
     from ript_ablate.bc import ensure_base
+    from ript_ablate.distributed import Ranks
     from ript_ablate.errors import is_infrastructure_error, readable_error
     from ript_ablate.plugins import checked_config_from_dict
     from ript_ablate.ript.trainer import Trainer
     from ript_ablate.study.objective import metric_points, reduce_points
     from ript_ablate.tracking import MlflowTracker, Tracker
 
-    torch.set_num_threads(int(job["threads"]))
+    ranks = ranks or Ranks()
+    if not ranks.is_main:
+        run_other_rank(job, ranks)
+        return None
     out = Path(job["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     checkpoint, prior = resume_point(out) if job.get("resume", True) else (None, [])
@@ -128,6 +166,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     inject = fault_planned(job["cell_id"], int(job["attempt"]))
     if inject in ("infra", "stall") and int(job.get("infra_failures", 0)) > 0:
         inject = None  # an injected outage or stop happens once; the attempt's next run goes through
+    if inject == "rank-exit":
+        inject = None  # the last rank acts on it (run_other_rank)
 
     def on_eval(iteration: int, metrics: dict[str, float]) -> None:
         while inject == "stall":  # a cell that is surely still running when the user stops the study
@@ -148,7 +188,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"resumed_from": checkpoint}
     try:
         ensure_base(cfg)  # normally a cache hit: the runner builds the bases before its workers start
-        trained = Trainer(cfg, tracker, on_eval=on_eval, prior_history=prior, guard=guard).run(out)
+        ranks.barrier()
+        trained = Trainer(cfg, tracker, on_eval=on_eval, prior_history=prior, guard=guard, ranks=ranks).run(out)
         history = trained.history
         result["status"] = trained.status
     except Pruned as exc:
@@ -183,6 +224,26 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 raise
             result.update(status="infra", reason=readable_error(exc))
     return result
+
+
+def run_other_rank(job: dict[str, Any], ranks: Any) -> None:
+    """A rank > 0 of a multi-process cell: the same config and resume point as rank 0, no tracking, no result (rank 0
+    writes it); a stop of rank 0's (pruned, lease lost) ends it with a RankFailure, which is expected."""
+    from ript_ablate.distributed import RANK_EXIT_ENV, RankFailure
+    from ript_ablate.plugins import checked_config_from_dict
+    from ript_ablate.ript.trainer import Trainer
+
+    out = Path(job["output_dir"])
+    checkpoint, prior = resume_point(out) if job.get("resume", True) else (None, [])
+    data = job["config"]
+    if checkpoint:
+        data = {**data, "algo": {**data.get("algo", {}), "lora_adaptor_ckpt": checkpoint}}
+    cfg = checked_config_from_dict(data, f"cell {job['cell_id']}")
+    if fault_planned(job["cell_id"], int(job["attempt"])) == "rank-exit" and ranks.rank == ranks.size - 1:
+        os.environ[RANK_EXIT_ENV] = f"{ranks.rank}@2"
+    ranks.barrier()  # rank 0 has the base
+    with contextlib.suppress(RankFailure):
+        Trainer(cfg, prior_history=prior, ranks=ranks).run(out)
 
 
 def failure(exc: BaseException) -> dict[str, str]:
@@ -222,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     job_path = Path(args[0])
     job = json.loads(job_path.read_text())
     exit_with_parent(int(job["parent_pid"]))
+    main_rank = os.environ.get("RANK", "0") == "0"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         if "command" in job:  # your own trainer (study/command.py)
@@ -231,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_job(job)
     except Exception as exc:  # a failure outside the training itself (MLflow unreachable, bad job)
+        if not main_rank:
+            raise  # exits non-zero: torchrun stops the cell's other ranks, and the attempt fails
         result = failure(exc)
-    write_json(job_path.parent / RESULT_FILE, result)
+    if main_rank:  # a rank > 0 of a multi-process cell returns None: rank 0 writes the result
+        write_json(job_path.parent / RESULT_FILE, result)
     return 0
 
 

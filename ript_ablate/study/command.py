@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 # in `run`; `resume.args` may also use resume_from. {python} is the interpreter running the study (sys.executable),
-# so a command runs in the study's environment without activating it.
-PLACEHOLDERS = ("python", "config", "output_dir", "seed", "cell_id")
+# so a command runs in the study's environment without activating it; {nproc} is the spec's processes_per_cell (for
+# a command that launches its own torchrun on the GPUs CUDA_VISIBLE_DEVICES lists).
+PLACEHOLDERS = ("python", "config", "output_dir", "seed", "cell_id", "nproc")
 METRIC_ROUTES = ("mlflow", "jsonl")
 COMMAND_KEYS = ("run", "cwd", "seed_key", "metrics", "metrics_file", "step_key", "resume", "allow_new_keys", "env",
                 "n_steps")

@@ -63,8 +63,9 @@ class JsonlStream:
 
 
 def cuda_visible_devices(device: str) -> str:
-    """The worker's device as the command sees it: cuda:1 -> "1" (its only GPU, as cuda:0); cpu -> "" (none)."""
-    return device.split(":", 1)[1] if device.startswith("cuda:") else ""
+    """The worker's device(s) as the command sees them: cuda:1 -> "1" (its only GPU, as cuda:0); a multi-process
+    cell's cuda:2,cuda:3 -> "2,3"; cpu -> "" (none)."""
+    return ",".join(d.split(":", 1)[1] for d in device.split(",") if d.startswith("cuda:"))
 
 
 def latest_checkpoint(out: Path, pattern: str | None) -> Path | None:
@@ -104,7 +105,7 @@ def run_command_job(job: dict[str, Any]) -> dict[str, Any]:
     config_path = out / CONFIG_FILE
     config_path.write_text(yaml.safe_dump(job["config"], sort_keys=False))
     values = {"python": sys.executable, "config": str(config_path), "output_dir": str(out), "seed": seed,
-              "cell_id": job["cell_id"]}
+              "cell_id": job["cell_id"], "nproc": int(job.get("processes", 1))}
     args = format_args(command["run"], values)
     checkpoint = latest_checkpoint(out, command.get("resume_checkpoint"))
     metrics_path = out / command["metrics_file"]

@@ -152,7 +152,7 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
               retry_failed: bool = False) -> int:
     from ript_ablate.tracking import check_tracking_store, resolve_tracking_uri
 
-    slots = plan_slots(workers, devices)
+    slots = plan_slots(workers, devices, processes=spec.processes_per_cell)
     tracking_uri = resolve_tracking_uri(spec.tracking_uri)
     check_tracking_store(tracking_uri)  # one line now, not minutes of retries in every cell
     store = open_store(spec, storage, create=True)
@@ -321,7 +321,7 @@ def run_worker(spec: StudySpec, storage: str | None, devices: str, slot_json: st
     from ript_ablate.study.store import RDB_PREFIXES
     from ript_ablate.tracking import check_tracking_store, resolve_tracking_uri
 
-    slot = Slot(**json.loads(slot_json)) if slot_json else plan_slots(1, devices)[0]
+    slot = Slot(**json.loads(slot_json)) if slot_json else plan_slots(1, devices, processes=spec.processes_per_cell)[0]
     tracking_uri = resolve_tracking_uri(spec.tracking_uri)
     url = spec.storage_url(storage)
     independent = slot_json is None

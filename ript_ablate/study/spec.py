@@ -38,7 +38,8 @@ PRUNERS = ("none", "median", "hyperband")
 PARAM_TYPES = ("categorical", "float", "int")
 TOP_KEYS = ("name", "config", "set", "mode", "factors", "search_space", "sampler", "sampler_seed", "n_configs",
             "pruner", "seeds", "objective", "retries", "timeout_s", "storage", "output_dir", "tracking_uri",
-            "experiment", "heartbeat_s", "lease_timeout_s", "description", "command", "report", "race")
+            "experiment", "heartbeat_s", "lease_timeout_s", "description", "command", "report", "race",
+            "processes_per_cell")
 REPORT_KEYS = ("success_metric",)
 
 
@@ -91,6 +92,7 @@ class StudySpec:
     seed_plan: SeedPlan | None = None  # adaptive seeds: `seeds` are the ones enqueued so far (from 0 up)
     race: Race | None = None  # optuna: race the best configurations with added seeds after the search
     success_metric: str = "eval/success_rate"  # what the report plots and compares as success
+    processes_per_cell: int = 1  # >1: every cell is one torchrun trial of that many processes (GPUs)
 
     def race_seeds(self, n: int) -> list[int]:
         """The seeds of a raced configuration that has run `n`: the spec's, then the next integers."""
@@ -362,6 +364,9 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         check.need(isinstance(raw.get("sampler_seed", 0), int), "sampler_seed", raw.get("sampler_seed"), "an integer")
         n_configs = raw.get("n_configs")
         check.need(not isinstance(n_configs, int) or n_configs <= 100_000, "n_configs", n_configs, "at most 100,000")
+    processes = raw.get("processes_per_cell", 1)
+    check.need(isinstance(processes, int) and not isinstance(processes, bool) and 1 <= processes <= 64,
+               "processes_per_cell", processes, "an integer in 1..64 (processes, one GPU each on CUDA, of one cell)")
     storage = raw.get("storage")
     check.need(storage is None or isinstance(storage, str), "storage", storage, "a URL or journal file path")
     if command is not None and base:
@@ -384,7 +389,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         tracking_uri=raw.get("tracking_uri"), experiment=raw.get("experiment"), heartbeat_s=float(heartbeat),
         lease_timeout_s=float(lease) if lease is not None else None,
         description=str(raw.get("description", "")), command=command, success_metric=success_metric,
-        seed_plan=seed_plan, race=race,
+        seed_plan=seed_plan, race=race, processes_per_cell=processes if isinstance(processes, int) else 1,
     )
     if command is None:  # the built-in trainer checks every cell's config now; your trainer checks its own
         _check_cells(spec)

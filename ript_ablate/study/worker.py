@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
+from rich.markup import escape
 
 from ript_ablate.errors import is_infrastructure_error, readable_error
 from ript_ablate.progress import console
 from ript_ablate.study.attempt import RESULT_FILE, RUN_FILE, STOP_GRACE_S, stop_process, write_json
+from ript_ablate.study.command_cell import cuda_visible_devices
 from ript_ablate.study.resources import Slot
 from ript_ablate.study.spec import StudySpec, describe
 from ript_ablate.study.store import Claim, StudyStore
@@ -126,7 +128,7 @@ class Worker:
         """Recover dead workers' cells, settle finished configurations, then claim; None when nothing is left."""
         while not self.stopping:
             for trial, why in self.store.recover_stale():
-                self.log(f"recovered {trial.user_attrs.get('cell_id')} ({why})")
+                self.log(f"recovered {trial.user_attrs.get('cell_id')} ({escape(why)})")
                 self._mark_lost(trial.number, why)
             self.store.settle_configs()
             claim = self.store.claim()
@@ -144,7 +146,7 @@ class Worker:
     def _back_off(self, reason: str) -> None:
         wait = min(INFRA_MAX_WAIT_S, INFRA_FIRST_WAIT_S * 2 ** self.infra_streak)
         self.infra_streak += 1
-        self.log(f"[yellow]infrastructure unavailable[/] ({reason}); waiting {wait:.0f}s before going on "
+        self.log(f"[yellow]infrastructure unavailable[/] ({escape(reason)}); waiting {wait:.0f}s before going on "
                  "(not counted against any cell's retries)")
         deadline = time.time() + wait
         while not self.stopping and time.time() < deadline:
@@ -214,7 +216,7 @@ class Worker:
                 self._persist(lambda: self.store.enqueue_retry(claim.attrs, reason))
         value = f"{outcome.value:.3f}" if outcome.value is not None else "-"
         self.log(f"end {claim.cell_id}: {outcome.attrs.get('status')} objective {value} "
-                 f"in {outcome.attrs['wall_s']:.0f}s" + (f" ({outcome.attrs.get('reason')})"
+                 f"in {outcome.attrs['wall_s']:.0f}s" + (f" ({escape(str(outcome.attrs.get('reason')))})"
                                                          if outcome.state == TrialState.FAIL else ""))
         if interrupted or self.stop_after_cell:
             raise KeyboardInterrupt
@@ -227,7 +229,7 @@ class Worker:
         except Exception as exc:
             if not is_infrastructure_error(exc):
                 raise
-            self.log(f"[yellow]could not mark MLflow run {run_id} {status}[/] ({readable_error(exc)})")
+            self.log(f"[yellow]could not mark MLflow run {run_id} {status}[/] ({escape(readable_error(exc))})")
 
     def job(self, claim: Claim, values: dict[str, Any]) -> dict[str, Any]:
         from ript_ablate.study.spec import SEED_KEY, with_values
@@ -252,6 +254,7 @@ class Worker:
                          "run_name": claim.cell_id + (f"-a{claim.attempt}" if claim.attempt > 1 else "")},
         }
         job["lease"] = {"storage": self.store.url, "trial_id": claim.trial_id}
+        job["processes"] = self.slot.processes
         if self.spec.command:
             job["command"] = self.spec.command.to_json()
             job["device"] = self.slot.device
@@ -270,10 +273,15 @@ class Worker:
         job = {**self.job(claim, values), "attempt_dir": str(attempt_dir)}
         write_json(attempt_dir / "job.json", job)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.slot.threads), "MKL_NUM_THREADS": str(self.slot.threads)}
+        cell = ["-m", "ript_ablate.study.cell", str(attempt_dir / "job.json")]
+        if self.slot.processes > 1 and not self.spec.command:  # one torchrun trial (a command launches its own)
+            cell = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.slot.processes}", *cell]
+            if self.slot.device.startswith("cuda"):
+                env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(self.slot.device)
         with (attempt_dir / "output.log").open("w") as log:
-            # its own process group, so that stopping it stops its rollout processes too
-            proc = subprocess.Popen([sys.executable, "-m", "ript_ablate.study.cell", str(attempt_dir / "job.json")],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            # its own process group, so that stopping it stops its rollout processes (and its ranks) too
+            proc = subprocess.Popen([sys.executable, *cell], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
             self._persist(lambda: self.store.set_attrs(claim.trial_id, {"cell_pid": proc.pid,
                                                                         "log": str(attempt_dir / "output.log")}))
             try:
