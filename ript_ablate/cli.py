@@ -195,7 +195,7 @@ def launch_train(args: argparse.Namespace) -> int:
     argv = ["train", args.config, *[f"--set={s}" for s in args.set], "--output", str(out)]
     if args.no_track:
         argv.append("--no-track")
-    threads = max(1, available_cores() // args.nproc)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, available_cores() // args.nproc))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     console.print(f"launching {args.nproc} processes (torchrun, {threads} thread(s) each): output in {out}")
     code = subprocess.run(torchrun_args(args.nproc, argv), env=env, check=False).returncode

@@ -51,7 +51,8 @@ class Ranks:
     local_rank = 0
 
     def __init__(self) -> None:
-        self.comm_seconds = 0.0  # time spent in gradient reductions (the benchmark reports its share)
+        self.comm_seconds = 0.0  # time spent moving gradients in reductions (the benchmark reports its share)
+        self.wait_seconds = 0.0  # time spent at a step waiting for a slower rank to reach it
 
     @property
     def is_main(self) -> bool:
@@ -134,27 +135,34 @@ class TorchRanks(Ranks):
         return box[0]
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter], extra: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
         device = extra.device
         present = torch.tensor([float(p.grad is not None) for p in params], device=device)
         flat = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device)
                 for p in params]
         buffer = torch.cat([*flat, present, extra.reshape(1).float()])
+        start = time.perf_counter()
         with self._talking("averaging gradients"):
+            # a one-number reduction first: the time to here is waiting for the slowest rank's backward passes
+            self.dist.all_reduce(torch.zeros(1, device=device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            ready = time.perf_counter()
+            self.wait_seconds += ready - start
             self.dist.all_reduce(buffer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        anywhere = buffer[-1 - len(params):-1].tolist()  # one read: which parameters have a gradient on any rank
         offset = 0
         for i, p in enumerate(params):
             n = p.numel()
-            if buffer[-1 - len(params) + i] > 0:
+            if anywhere[i] > 0:
                 grad = buffer[offset:offset + n].view_as(p).to(p.dtype)
                 if p.grad is None:
                     p.grad = grad.clone()
                 else:
                     p.grad.copy_(grad)
             offset += n
-        self.comm_seconds += time.perf_counter() - start
+        self.comm_seconds += time.perf_counter() - ready
         return buffer[-1]
 
     def broadcast_parameters(self, module: torch.nn.Module) -> None:

@@ -117,7 +117,8 @@ def test_a_two_rank_run_tracks_one_run_survives_a_killed_rank_and_resumes_to_the
     assert "(2 processes)" in whole.stderr
     history = json.loads((tmp_path / "whole" / "history.json").read_text())
     assert [h["iteration"] for h in history] == [0, 1, 2, 3]
-    assert history[1]["sampling/accepted_groups"] >= 1 and "perf/allreduce_s" in history[1]
+    assert history[1]["sampling/accepted_groups"] >= 1
+    assert {"perf/allreduce_s", "perf/rank_wait_s", "perf/rank_rollout_imbalance"} <= set(history[1])
     assert {"train/success_rate/reach", "train/success_rate/reach-mirror"} <= set(history[1])  # both ranks' tasks
 
     killed = train(config, tmp_path / "killed", env={RANK_EXIT_ENV: "1@3"}, timeout=120)  # ends; never hangs

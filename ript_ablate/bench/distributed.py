@@ -5,8 +5,9 @@ evaluation, env steps/s, the all-reduce's share of the update, GPU memory, and t
 
 Each process count trains the same config for `--iterations` iterations (`train --nproc N`: torchrun, NCCL on
 CUDA with one GPU per process, gloo on CPU with cores / N threads each), untracked, after the behaviour-cloning
-base is built once. Rollouts run in each training process (`suite.num_workers: 0` unless `--rollout-workers`),
-so N processes roll out on N cores and the ratio measures the trial's own scaling. Per-iteration figures are
+base is built once. Rollouts run in each training process (`suite.num_workers: 0` unless `--rollout-workers`) and
+every process gets the same torch threads (cores / the largest N), so N processes roll out on N cores and the ratio
+measures the trial's own scaling, not one process's use of idle cores. Per-iteration figures are
 medians over the iterations after the first (iteration 1 pays for warm-up); evaluation over the evaluations run.
 On a machine with GPUs run it there as is: the device is CUDA when one is visible.
 """
@@ -23,12 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from ript_ablate.bench import run_main
 from ript_ablate.bc import ensure_base
+from ript_ablate.bench import run_main
 from ript_ablate.plugins import load_checked_config
+from ript_ablate.study.resources import available_cores
 
 FIGURES = (("perf/iteration_s", "iteration s"), ("perf/rollout_s", "rollout s"), ("perf/update_s", "update s"),
-           ("perf/allreduce_s", "all-reduce s"), ("perf/eval_s", "eval s"), ("perf/env_steps_per_s", "env steps/s"),
+           ("perf/allreduce_s", "all-reduce s"), ("perf/rank_wait_s", "rank wait s"),
+           ("perf/rank_rollout_imbalance", "rollout max/min"), ("perf/eval_s", "eval s"), ("perf/env_steps_per_s", "env steps/s"),
            ("perf/gpu_max_memory_gib", "GPU GiB"))
 
 
@@ -44,11 +47,13 @@ def median_of(history: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def run(config: str, nproc: int, iterations: int, overrides: list[str], out: Path) -> tuple[list[dict], float]:
+def run(config: str, nproc: int, iterations: int, overrides: list[str], out: Path,
+        threads: int) -> tuple[list[dict], float]:
     argv = [sys.executable, "-m", "ript_ablate", "train", config, "--no-track", "--nproc", str(nproc),
             "--output", str(out), f"--set=training.n_iterations={iterations}", *[f"--set={s}" for s in overrides]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
@@ -70,9 +75,10 @@ def main() -> None:
     ensure_base(cfg)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     rows: dict[int, dict[str, float | None]] = {}
+    threads = max(1, available_cores() // max(args.nproc))
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.nproc:
-            history, wall = run(args.config, n, args.iterations, overrides, Path(tmp) / f"n{n}")
+            history, wall = run(args.config, n, args.iterations, overrides, Path(tmp) / f"n{n}", threads)
             rows[n] = {key: median_of(history, key) for key, _ in FIGURES}
             rows[n]["wall"] = wall
     import torch
@@ -80,7 +86,8 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"{args.config}: {args.iterations} iterations, contexts_per_iteration {cfg.training.contexts_per_iteration}"
           f", K={cfg.algo.rloo_batch_size}, GA={cfg.algo.gradient_accumulation_steps} per process, "
-          f"{args.rollout_workers} rollout worker(s) per process; {device}; medians over iterations 2..")
+          f"{args.rollout_workers} rollout worker(s) and {threads} thread(s) per process; {device}; medians over "
+          "iterations 2..")
     print(f"  {'processes':>9} " + " ".join(f"{label:>13}" for _, label in FIGURES) + f" {'wall s':>8}")
     for n, row in rows.items():
         cells = [f"{row[key]:13.3f}" if row[key] is not None else f"{'-':>13}" for key, _ in FIGURES]
@@ -89,9 +96,11 @@ def main() -> None:
     for n in args.nproc[1:]:
         rate, base = rows[n]["perf/env_steps_per_s"], rows[first]["perf/env_steps_per_s"]
         it, it0 = rows[n]["perf/iteration_s"], rows[first]["perf/iteration_s"]
-        share = (rows[n]["perf/allreduce_s"] or 0.0) / max(rows[n]["perf/update_s"] or 1e-9, 1e-9)
-        print(f"  {n} vs {first}: env steps/s x{rate / base:.2f}, iteration time x{it / it0:.2f}, "
-              f"all-reduce {100 * share:.1f}% of the update")
+        update = max(rows[n]["perf/update_s"] or 1e-9, 1e-9)
+        share = (rows[n]["perf/allreduce_s"] or 0.0) / update
+        wait = (rows[n]["perf/rank_wait_s"] or 0.0) / update
+        print(f"  {n} vs {first}: env steps/s x{rate / base:.2f}, iteration time x{it / it0:.2f}; of the update: "
+              f"all-reduce {100 * share:.1f}%, waiting for the slowest rank {100 * wait:.1f}%")
 
 
 if __name__ == "__main__":

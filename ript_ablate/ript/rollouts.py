@@ -56,11 +56,13 @@ class IterationRollouts:
     quota: int  # the groups this iteration aimed at (after early_stop_percentage)
     surplus_episodes: list[Episode] = field(default_factory=list, repr=False)  # rolled out past the quota
     group_size: int = 1
+    busy_seconds: float = 0.0  # time spent rolling out (not waiting for other ranks)
 
     def tally(self) -> dict[str, Any]:
         """What the iteration's metrics need, small and picklable: one rank's share of a multi-process trial."""
         return {"tried": self.tried, "zero_variance": self.zero_variance, "accepted": len(self.accepted),
                 "quota": self.quota, "seconds": self.seconds, "group_size": self.group_size,
+                "busy_seconds": self.busy_seconds,
                 "episodes": [(e.task, bool(e.success), int(e.length)) for e in self.all_episodes],
                 "surplus": [(e.task, bool(e.success), int(e.length)) for e in self.surplus_episodes]}
 
@@ -89,6 +91,9 @@ def rollout_metrics(tallies: list[dict[str, Any]], tasks: list[str]) -> dict[str
         "perf/env_steps": float(env_steps),
         "perf/rollout_s": seconds,
     }
+    if len(tallies) > 1:  # the busiest rank's rollout time over the least busy's: what the others wait for
+        busy = [t["busy_seconds"] for t in tallies]
+        out["perf/rank_rollout_imbalance"] = max(busy) / max(min(busy), 1e-9)
     for task in tasks:
         counted = [s for t, s, _ in episodes if t == task]
         if counted:
@@ -144,6 +149,7 @@ def collect(engine: Any, contexts: list[InitialState], algo: AlgoConfig, quota: 
     all_episodes: list[Episode] = []
     surplus: list[Episode] = []
     tried = zero_variance = 0
+    busy = 0.0
     distribution = distribution or ActionDistribution.from_algo(algo)
     mix = algo.use_val_init and algo.mix_val_init_in_rloo
     min_round = 2 * getattr(engine, "num_workers", 1)
@@ -165,7 +171,9 @@ def collect(engine: Any, contexts: list[InitialState], algo: AlgoConfig, quota: 
         for i, ctx in enumerate(picked):
             seeds = [stream_seed(algo.model_seed, "noise", iteration, *rank_part, tried + i, j) for j in range(k)]
             jobs += group_jobs(ctx, k, seeds, (eval_states or {}).get(ctx.task) if mix else None, rng)
+        busy_from = time.perf_counter()
         episodes = engine.run(jobs, distribution)
+        busy += time.perf_counter() - busy_from
         for i, ctx in enumerate(picked):
             group = Group(ctx, episodes[i * k:(i + 1) * k])
             if len(accepted) >= local_target:  # the quota was met earlier in this round: not judged, not used
@@ -179,4 +187,4 @@ def collect(engine: Any, contexts: list[InitialState], algo: AlgoConfig, quota: 
                 zero_variance += int(group.degenerate)
                 accepted.append(group)
     return IterationRollouts(accepted, tried, zero_variance, all_episodes, time.perf_counter() - start, target,
-                             surplus, k)
+                             surplus, k, busy)

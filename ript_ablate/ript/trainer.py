@@ -167,7 +167,8 @@ class Trainer:
         policy, base, meta = load_start_policy(cfg, world)
         policy.to(self.device)
         ranks.broadcast_parameters(policy)  # one start on every rank, whatever its random LoRA initialisation
-        torch.manual_seed(algo.model_seed + ranks.rank)  # model_seed + rank seeds each rank, as the original does
+        if ranks.size > 1:
+            torch.manual_seed(algo.model_seed + ranks.rank)  # model_seed + rank seeds each rank, as the original does
         inference = resolve_inference(cfg.suite.inference, policy, self.device)
         with RolloutEngine(cfg, world) as engine:
             updater = PPOUpdater(policy, algo, self.device, cfg.training.precision, ranks)
@@ -231,11 +232,12 @@ class Trainer:
                                               run.distribution)
             rank_part = ("rank", ranks.rank) if ranks.size > 1 else ()
             rng = np.random.default_rng(stream_seed(algo.model_seed, "shuffle", iteration, *rank_part))
-            comm_before = ranks.comm_seconds
+            comm_before, wait_before = ranks.comm_seconds, ranks.wait_seconds
             update = run.updater.update(trajectories, rng, cfg.training.max_nonfinite)
             metrics.update(update["metrics"])
             if ranks.size > 1:
                 metrics["perf/allreduce_s"] = ranks.comm_seconds - comm_before
+                metrics["perf/rank_wait_s"] = ranks.wait_seconds - wait_before
             if update["diverged"]:
                 run.result.status = "diverged"
         metrics["perf/update_s"] = time.perf_counter() - t_update
