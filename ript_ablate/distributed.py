@@ -100,7 +100,6 @@ class TorchRanks(Ranks):
         import torch.distributed as dist
 
         self.dist = dist
-        self.backend = backend
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
@@ -149,9 +148,7 @@ class TorchRanks(Ranks):
             ready = time.perf_counter()
             self.wait_seconds += ready - start
             self.dist.all_reduce(buffer)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        anywhere = buffer[-1 - len(params):-1].tolist()  # one read: which parameters have a gradient on any rank
+        anywhere = buffer[-1 - len(params):-1].tolist()  # one read (and device sync): which have a gradient anywhere
         offset = 0
         for i, p in enumerate(params):
             n = p.numel()
@@ -179,13 +176,13 @@ class TorchRanks(Ranks):
             self.dist.destroy_process_group()
 
 
-def torchrun_args(nproc: int, argv: Sequence[str]) -> list[str]:
-    """The torchrun command running `python -m ript_ablate ARGV` on `nproc` processes of this machine (a free port
-    of its own, so several such runs share a machine)."""
+def torchrun_args(nproc: int, argv: Sequence[str], module: str = "ript_ablate") -> list[str]:
+    """The torchrun command running `python -m MODULE ARGV` on `nproc` processes of this machine (a free port of
+    its own, so several such runs share a machine)."""
     import sys
 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "ript_ablate", *argv]
+            "-m", module, *argv]
 
 
 def launched_by_torchrun() -> bool:

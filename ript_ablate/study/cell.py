@@ -104,6 +104,18 @@ def resume_point(out: Path) -> tuple[str | None, list[dict[str, float]]]:
     return str(latest), [e for e in _read_history(out) if int(e["iteration"]) <= iteration]
 
 
+def cell_config(job: dict[str, Any]) -> tuple[Any, str | None, list[dict[str, float]]]:
+    """(the cell's checked config, resuming from the latest checkpoint of an earlier attempt if any; that
+    checkpoint; the history up to it): the same on every rank of a multi-process cell."""
+    from ript_ablate.plugins import checked_config_from_dict
+
+    checkpoint, prior = resume_point(Path(job["output_dir"])) if job.get("resume", True) else (None, [])
+    data = job["config"]
+    if checkpoint:
+        data = {**data, "algo": {**data.get("algo", {}), "lora_adaptor_ckpt": checkpoint}}
+    return checked_config_from_dict(data, f"cell {job['cell_id']}"), checkpoint, prior
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -127,7 +139,6 @@ def run_job_on(job: dict[str, Any], ranks: Any) -> dict[str, Any]:
     from ript_ablate.bc import ensure_base
     from ript_ablate.distributed import Ranks
     from ript_ablate.errors import is_infrastructure_error, readable_error
-    from ript_ablate.plugins import checked_config_from_dict
     from ript_ablate.ript.trainer import Trainer
     from ript_ablate.study.objective import metric_points, reduce_points
     from ript_ablate.tracking import MlflowTracker, Tracker
@@ -138,11 +149,7 @@ def run_job_on(job: dict[str, Any], ranks: Any) -> dict[str, Any]:
         return None
     out = Path(job["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint, prior = resume_point(out) if job.get("resume", True) else (None, [])
-    data = job["config"]
-    if checkpoint:
-        data = {**data, "algo": {**data.get("algo", {}), "lora_adaptor_ckpt": checkpoint}}
-    cfg = checked_config_from_dict(data, f"cell {job['cell_id']}")
+    cfg, checkpoint, prior = cell_config(job)
     tags = {**job["tags"], tag.ATTEMPT: str(job["attempt"])}
     if checkpoint:
         tags[tag.RESUMED_FROM] = checkpoint
@@ -230,20 +237,14 @@ def run_other_rank(job: dict[str, Any], ranks: Any) -> None:
     """A rank > 0 of a multi-process cell: the same config and resume point as rank 0, no tracking, no result (rank 0
     writes it); a stop of rank 0's (pruned, lease lost) ends it with a RankFailure, which is expected."""
     from ript_ablate.distributed import RANK_EXIT_ENV, RankFailure
-    from ript_ablate.plugins import checked_config_from_dict
     from ript_ablate.ript.trainer import Trainer
 
-    out = Path(job["output_dir"])
-    checkpoint, prior = resume_point(out) if job.get("resume", True) else (None, [])
-    data = job["config"]
-    if checkpoint:
-        data = {**data, "algo": {**data.get("algo", {}), "lora_adaptor_ckpt": checkpoint}}
-    cfg = checked_config_from_dict(data, f"cell {job['cell_id']}")
+    cfg, _, prior = cell_config(job)
     if fault_planned(job["cell_id"], int(job["attempt"])) == "rank-exit" and ranks.rank == ranks.size - 1:
         os.environ[RANK_EXIT_ENV] = f"{ranks.rank}@2"
     ranks.barrier()  # rank 0 has the base
     with contextlib.suppress(RankFailure):
-        Trainer(cfg, prior_history=prior, ranks=ranks).run(out)
+        Trainer(cfg, prior_history=prior, ranks=ranks).run(job["output_dir"])
 
 
 def failure(exc: BaseException) -> dict[str, str]:

@@ -273,14 +273,17 @@ class Worker:
         job = {**self.job(claim, values), "attempt_dir": str(attempt_dir)}
         write_json(attempt_dir / "job.json", job)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.slot.threads), "MKL_NUM_THREADS": str(self.slot.threads)}
-        cell = ["-m", "ript_ablate.study.cell", str(attempt_dir / "job.json")]
+        job_file = str(attempt_dir / "job.json")
+        cell = [sys.executable, "-m", "ript_ablate.study.cell", job_file]
         if self.slot.processes > 1 and not self.spec.command:  # one torchrun trial (a command launches its own)
-            cell = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.slot.processes}", *cell]
+            from ript_ablate.distributed import torchrun_args  # imports torch: only where a cell needs it
+
+            cell = torchrun_args(self.slot.processes, [job_file], module="ript_ablate.study.cell")
             if self.slot.device.startswith("cuda"):
                 env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(self.slot.device)
         with (attempt_dir / "output.log").open("w") as log:
             # its own process group, so that stopping it stops its rollout processes (and its ranks) too
-            proc = subprocess.Popen([sys.executable, *cell], stdout=log, stderr=subprocess.STDOUT, env=env,
+            proc = subprocess.Popen(cell, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
             self._persist(lambda: self.store.set_attrs(claim.trial_id, {"cell_pid": proc.pid,
                                                                         "log": str(attempt_dir / "output.log")}))
