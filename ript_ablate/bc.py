@@ -1,6 +1,8 @@
 """Behaviour-cloning base for any policy and any world with demonstrations: backbone + action head by L1 on the
-action chunk (as OpenVLA-OFT), then the scale head alone by Laplace negative log-likelihood. Cached under a hash
-of everything that produced it. An explicit step (`ript-ablate sft`, or the study runner before its cells), never a
+action chunk (as OpenVLA-OFT), then the scale head alone by Laplace negative log-likelihood. With
+`sft.pretrain_tasks`, a multi-task pre-training stage comes first (the same L1 on many tasks' demonstrations; the
+paper's Meta-World protocol: ML45 pre-training, then few-shot fine-tuning on the held-out tasks). Each stage is
+cached under a hash of everything that produced it, so the bases of a study's cells share one pre-trained model. An explicit step (`ript-ablate sft`, or the study runner before its cells), never a
 side effect of training: `load_start_policy` only reads the cache.
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from ript_ablate import checkpoints
-from ript_ablate.config import Config, to_yaml
+from ript_ablate.config import Config, pretrain_config, to_yaml
 from ript_ablate.device import autocast, resolve_device
 from ript_ablate.errors import CheckpointError, ConfigError
 from ript_ablate.interfaces.policy import Policy
@@ -67,17 +69,51 @@ def build_bc_data(demos: Any, tasks: list[str], encodings: dict[str, torch.Tenso
                   torch.from_numpy(np.concatenate(target)), torch.from_numpy(np.concatenate(mask)))
 
 
-def sft_key(cfg: Config, demo_key: str) -> str:
-    """Hash of everything that determines the base: demonstrations, policy architecture, BC settings."""
-    sft = asdict(cfg.sft)
-    sft.pop("cache_dir")
+PRETRAIN_KEYS = ("pretrain_tasks", "pretrain_demos_per_task", "pretrain_steps", "pretrain_lr")
+
+
+def _policy_spec(cfg: Config) -> dict[str, Any]:
     policy = asdict(cfg.policy)
     if policy["name"] == "reference" and not policy["options"]:  # keeps the keys of existing bases unchanged
         del policy["name"], policy["options"]
-    spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, "policy": policy, "sft": sft}
+    return policy
+
+
+def _digest(spec: dict[str, Any], cfg: Config) -> str:
     if cfg.training.precision != "auto":  # keeps the keys of existing bases (auto) unchanged
         spec["precision"] = cfg.training.precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sft_key(cfg: Config, demo_key: str, pretrain_key: str | None = None) -> str:
+    """Hash of everything that determines the base: demonstrations, policy architecture, BC settings, and the
+    pre-trained model it was fine-tuned from (`pretrain_key`), if any."""
+    sft = asdict(cfg.sft)
+    for key in ("cache_dir", *PRETRAIN_KEYS):  # the pre-training stage enters through its own key
+        sft.pop(key)
+    spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, "policy": _policy_spec(cfg), "sft": sft}
+    if pretrain_key is not None:
+        spec["pretrain"] = pretrain_key
+    return _digest(spec, cfg)
+
+
+def pretrain_key(cfg: Config, demo_key: str) -> str:
+    """Hash of what determines the pre-trained model: its demonstrations, the policy, the stage's settings."""
+    sft = cfg.sft
+    settings = {"steps": sft.pretrain_steps, "lr": sft.pretrain_lr, "batch_size": sft.batch_size,
+                "weight_decay": sft.weight_decay, "seed": sft.seed}
+    return _digest({"format": SFT_FORMAT_VERSION, "stage": "pretrain", "demos": demo_key,
+                    "policy": _policy_spec(cfg), "sft": settings}, cfg)
+
+
+def base_key(cfg: Config, world: Any) -> str:
+    """The cache key of this config's base on `world` (which builds the pre-training world when there is one)."""
+    if not cfg.sft.pretrain_tasks:
+        return sft_key(cfg, demo_key(world))
+    from ript_ablate.plugins import build_world
+
+    pre = pretrain_key(cfg, demo_key(build_world(pretrain_config(cfg))))
+    return sft_key(cfg, demo_key(world), pre)
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
@@ -89,21 +125,24 @@ def _batch_obs(data: BCData, b: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v[b] for k, v in data.obs.items()}
 
 
-def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device) -> float:
-    """L1 on valid chunk entries; AdamW with cosine decay. Returns the final smoothed loss."""
+def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device, pretraining: bool = False) -> float:
+    """L1 on valid chunk entries; AdamW with cosine decay (the pre-training stage's steps and lr when
+    `pretraining`, else the fine-tuning's). Returns the final smoothed loss."""
     sft = cfg.sft
+    steps, lr = (sft.pretrain_steps, sft.pretrain_lr) if pretraining else (sft.steps, sft.lr)
     scale_prefix = policy.role_prefixes()["scale_head"]
     params = [p for n, p in policy.named_parameters() if not n.startswith(scale_prefix)]
-    optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=sft.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=sft.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, sft.steps) / max(sft.steps, 1))))
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     data = data.to(device)
-    index = _batches(len(data), sft.batch_size, sft.steps, sft.seed)
+    index = _batches(len(data), sft.batch_size, steps, sft.seed)
     smoothed = float("nan")
     policy.train()
     with progress() as bar:
-        task = bar.add_task("behaviour cloning", total=sft.steps, status="")
-        for step in range(sft.steps):
+        task = bar.add_task("pre-training (behaviour cloning)" if pretraining else "behaviour cloning", total=steps,
+                            status="")
+        for step in range(steps):
             b = index[step].to(device)
             with autocast(device, cfg.training.precision):
                 mu, _ = policy(_batch_obs(data, b), data.instr[b])
@@ -114,7 +153,7 @@ def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device) ->
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            if step % 50 == 0 or step == sft.steps - 1:
+            if step % 50 == 0 or step == steps - 1:
                 value = float(loss.detach())
                 smoothed = value if math.isnan(smoothed) else 0.8 * smoothed + 0.2 * value
                 bar.update(task, completed=step + 1, status=f"L1 {smoothed:.4f}")
@@ -155,8 +194,8 @@ def fit_scale_head(policy: Policy, data: BCData, cfg: Config, device: torch.devi
     return last
 
 
-def base_dir(cfg: Config, demo_key: str) -> Path:
-    return Path(cfg.sft.cache_dir) / "sft" / sft_key(cfg, demo_key)
+def base_dir(cfg: Config, world: Any) -> Path:
+    return Path(cfg.sft.cache_dir) / "sft" / base_key(cfg, world)
 
 
 def load_base(path: str | Path, cfg: Config, world: Any) -> Policy:
@@ -175,7 +214,7 @@ def demo_key(world: Any) -> str:
 
 def cached_base(cfg: Config, world: Any) -> Path:
     """The weights file of this config's base; a clear error when it was never built."""
-    weights = base_dir(cfg, demo_key(world)) / "model.safetensors"
+    weights = base_dir(cfg, world) / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"no behaviour-cloning base for this config in {cfg.sft.cache_dir} (expected "
                               f"{weights}): build it first with `ript-ablate sft CONFIG`, or start from "
@@ -185,7 +224,7 @@ def cached_base(cfg: Config, world: Any) -> Path:
 
 def get_base(cfg: Config, world: Any, engine: Any, retrain: bool = False) -> tuple[Policy, Path, dict]:
     """The cached base for this config, trained (and cached) if absent. Returns (policy, weights file, info)."""
-    out = base_dir(cfg, demo_key(world))
+    out = base_dir(cfg, world)
     out.parent.mkdir(parents=True, exist_ok=True)
     with cache_lock(out.with_name(out.name + ".lock")):  # concurrent study cells build a base once
         return _get_base_locked(cfg, world, engine, out, retrain)
@@ -202,19 +241,12 @@ def cache_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: bool) -> tuple[Policy, Path, dict]:
-    key = demo_key(world)
-    weights = out / "model.safetensors"
-    if weights.is_file() and not retrain:
-        info = json.loads((out / "info.json").read_text()) if (out / "info.json").is_file() else {}
-        console.print(f"behaviour-cloning base: cache hit {out}")
-        return load_base(weights, cfg, world), weights, {**info, "cache_hit": True}
-
+def _collect_demonstrations(cfg: Config, world: Any, engine: Any, label: str) -> tuple[Any, float]:
+    """The world's demonstrations (from its cache or its expert) with a progress bar; (demos, seconds)."""
     start = time.perf_counter()
     with progress() as bar:
         want = cfg.suite.demos_per_task
-        total = len(world.tasks) * want
-        task = bar.add_task("expert demonstrations", total=total, status="")
+        task = bar.add_task(label, total=len(world.tasks) * want, status="")
         kept: dict[str, int] = {}
 
         def count(episodes: list) -> None:  # successes beyond a task's quota are not kept: not counted either
@@ -227,25 +259,16 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
     if demos is None:
         raise ConfigError([f"suite.name: the world {cfg.suite.name!r} gives no demonstrations, so no behaviour-"
                            "cloning base can be built; set algo.checkpoint_path to a model.safetensors"])
-    demo_seconds = time.perf_counter() - start
-    device = resolve_device(cfg.training.device)
-    torch.manual_seed(cfg.sft.seed)
-    policy = build_policy(cfg, world)
+    return demos, time.perf_counter() - start
+
+
+def _bc_data(policy: Policy, world: Any, demos: Any) -> BCData:
     encodings = {t: policy.encode_instruction(world.instruction(t)) for t in world.tasks}
-    data = build_bc_data(demos, world.tasks, encodings, policy.chunk_size)
-    policy.observe_demonstrations(data.obs)
-    policy.to(device)
-    t0 = time.perf_counter()
-    bc_loss = train_bc(policy, data, cfg, device)
-    nll = fit_scale_head(policy, data, cfg, device)
-    policy.cpu().eval()
-    info = {
-        "key": out.name, "demo_key": key, "bc_l1": bc_loss, "scale_nll": nll, "samples": len(data),
-        "demo_steps": demos.n_steps(), "demo_seconds": round(demo_seconds, 2),
-        "train_seconds": round(time.perf_counter() - t0, 2), "device": str(device),
-        "log_b_bias": [float(v) for v in policy.checkpoint_tensors("header").get(
-            policy.role_prefixes()["scale_head"] + "bias", torch.zeros(0)).tolist()],
-    }
+    return build_bc_data(demos, world.tasks, encodings, policy.chunk_size)
+
+
+def _save(policy: Policy, cfg: Config, out: Path, info: dict) -> None:
+    """Weights, config and info into `out`, atomically (a directory rename)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoints.save_tensors(policy.state_dict(), tmp / "model.safetensors", {"format": str(SFT_FORMAT_VERSION)})
@@ -253,9 +276,81 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
-    console.print(f"behaviour-cloning base saved to {out} (L1 {bc_loss:.4f}, scale NLL {nll:.3f}, "
+
+
+def _read_info(out: Path) -> dict:
+    return json.loads((out / "info.json").read_text()) if (out / "info.json").is_file() else {}
+
+
+def pretrained_model(cfg: Config, world: Any) -> tuple[Policy, dict]:
+    """The pre-training stage: behaviour cloning on `sft.pretrain_tasks` (observation statistics from their
+    demonstrations), cached under `pretrain-<key>`; built with its own rollout engine when absent."""
+    from ript_ablate.engine import RolloutEngine
+    from ript_ablate.plugins import build_world
+
+    pre_cfg = pretrain_config(cfg)
+    pre_world = build_world(pre_cfg)
+    out = Path(cfg.sft.cache_dir) / "sft" / f"pretrain-{pretrain_key(cfg, demo_key(pre_world))}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(out.with_name(out.name + ".lock")):
+        weights = out / "model.safetensors"
+        if weights.is_file():
+            console.print(f"pre-trained model: cache hit {out}")
+            return load_base(weights, cfg, world), {**_read_info(out), "cache_hit": True}
+        with RolloutEngine(pre_cfg, pre_world) as engine:
+            demos, demo_seconds = _collect_demonstrations(
+                pre_cfg, pre_world, engine, f"pre-training demonstrations ({len(pre_world.tasks)} tasks)")
+        device = resolve_device(cfg.training.device)
+        torch.manual_seed(cfg.sft.seed)
+        policy = build_policy(cfg, world)
+        data = _bc_data(policy, pre_world, demos)
+        policy.observe_demonstrations(data.obs)
+        policy.to(device)
+        t0 = time.perf_counter()
+        loss = train_bc(policy, data, cfg, device, pretraining=True)
+        policy.cpu().eval()
+        info = {"key": out.name, "demo_key": demo_key(pre_world), "tasks": pre_world.tasks, "bc_l1": loss,
+                "samples": len(data), "demo_steps": demos.n_steps(), "demo_seconds": round(demo_seconds, 2),
+                "train_seconds": round(time.perf_counter() - t0, 2), "device": str(device)}
+        _save(policy, pre_cfg, out, info)
+        console.print(f"pre-trained model saved to {out} (L1 {loss:.4f} on {len(pre_world.tasks)} tasks, "
+                      f"{info['train_seconds']:.0f}s training)")
+        return policy, {**info, "cache_hit": False}
+
+
+def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: bool) -> tuple[Policy, Path, dict]:
+    weights = out / "model.safetensors"
+    if weights.is_file() and not retrain:
+        console.print(f"behaviour-cloning base: cache hit {out}")
+        return load_base(weights, cfg, world), weights, {**_read_info(out), "cache_hit": True}
+
+    pretrained, pretrain_info = pretrained_model(cfg, world) if cfg.sft.pretrain_tasks else (None, None)
+    demos, demo_seconds = _collect_demonstrations(cfg, world, engine, "expert demonstrations")
+    device = resolve_device(cfg.training.device)
+    torch.manual_seed(cfg.sft.seed)
+    policy = pretrained if pretrained is not None else build_policy(cfg, world)
+    data = _bc_data(policy, world, demos)
+    if pretrained is None:  # a pre-trained model keeps the observation statistics it was trained with
+        policy.observe_demonstrations(data.obs)
+    policy.to(device)
+    t0 = time.perf_counter()
+    bc_loss = train_bc(policy, data, cfg, device)
+    nll = fit_scale_head(policy, data, cfg, device)
+    policy.cpu().eval()
+    info = {
+        "key": out.name, "demo_key": demo_key(world), "bc_l1": bc_loss, "scale_nll": nll, "samples": len(data),
+        "demo_steps": demos.n_steps(), "demo_seconds": round(demo_seconds, 2),
+        "train_seconds": round(time.perf_counter() - t0, 2), "device": str(device),
+        "log_b_bias": [float(v) for v in policy.checkpoint_tensors("header").get(
+            policy.role_prefixes()["scale_head"] + "bias", torch.zeros(0)).tolist()],
+    }
+    if pretrain_info is not None:
+        info["pretrain"] = {k: v for k, v in pretrain_info.items() if k != "cache_hit"}
+    _save(policy, cfg, out, info)
+    stage = "fine-tuned base" if pretrained is not None else "behaviour-cloning base"
+    console.print(f"{stage} saved to {out} (L1 {bc_loss:.4f}, scale NLL {nll:.3f}, "
                   f"{info['train_seconds']:.0f}s training)")
-    return policy, weights, {**info, "cache_hit": False}
+    return policy, weights, {**info, "cache_hit": False, "pretrain_cache_hit": (pretrain_info or {}).get("cache_hit")}
 
 
 def ensure_base(cfg: Config, world: Any = None) -> Path:
@@ -267,7 +362,7 @@ def ensure_base(cfg: Config, world: Any = None) -> Path:
     from ript_ablate.plugins import build_world
 
     world = world or build_world(cfg)
-    weights = base_dir(cfg, demo_key(world)) / "model.safetensors"
+    weights = base_dir(cfg, world) / "model.safetensors"
     if weights.is_file():
         return weights
     with RolloutEngine(cfg, world) as engine:

@@ -48,7 +48,7 @@ class SuiteConfig:
                                 "'package.module:factory' (README 'Bring your own policy and world').")
     options: dict[str, Any] = _f({}, "Settings of a plug-in world, passed to it as they are.")
     tasks: list[str] = _f(["quick"], "Task names (e.g. reach-v3) or the world's presets (Meta-World: 'quick', "
-                                     "'mt10').")
+                                     "'mt10', 'ml45_train', 'ml45_test').")
     demos_per_task: int = _f(5, "Successful scripted-expert demonstrations per task for behaviour cloning.")
     contexts_per_task: int = _f(20, "RL contexts per task beyond the demonstrations' own initial states.")
     eval_states_per_task: int = _f(50, "Fixed held-out evaluation initial states per task.")
@@ -94,6 +94,13 @@ class SFTConfig:
     scale_lr: float = _f(1e-3, "Learning rate of the scale-head fit.")
     seed: int = _f(0, "Seed of batch sampling.")
     cache_dir: str = _f(".ript_cache", "Where demonstrations and behaviour-cloning bases are cached.")
+    # --- optional multi-task pre-training stage before the target tasks (README "Pre-train, then few-shot") ---
+    pretrain_tasks: list[str] = _f([], "Tasks or presets (Meta-World: 'ml45_train') the base is first trained on "
+                                       "by behaviour cloning; the steps above then fine-tune it on suite.tasks with "
+                                       "suite.demos_per_task demonstrations. Empty: no pre-training stage.")
+    pretrain_demos_per_task: int = _f(20, "Scripted demonstrations per pre-training task.")
+    pretrain_steps: int = _f(20000, "Behaviour-cloning steps of the pre-training stage.")
+    pretrain_lr: float = _f(1e-3, "Learning rate of the pre-training stage (AdamW, cosine decay).")
 
 
 @dataclass
@@ -178,6 +185,16 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def pretrain_config(cfg: Config) -> Config:
+    """The run's config with the pre-training tasks as its suite: the world (and its rollout workers) built from
+    it gives the pre-training demonstrations, with each task's own episode limit (`algo.max_episode_length` is
+    the RL runs' limit on the target tasks)."""
+    suite = dataclasses.replace(cfg.suite, tasks=list(cfg.sft.pretrain_tasks),
+                                demos_per_task=cfg.sft.pretrain_demos_per_task)
+    algo = dataclasses.replace(cfg.algo, rollout_training_task_names=None, max_episode_length=None)
+    return dataclasses.replace(cfg, suite=suite, algo=algo)
 
 
 def all_keys() -> list[str]:
@@ -476,6 +493,8 @@ UPPER_BOUNDS: dict[str, tuple[int, str]] = {
     "sft.steps": (10_000_000, "behaviour-cloning steps"),
     "sft.scale_steps": (10_000_000, "scale-head steps"),
     "sft.batch_size": (1_000_000, "pairs per behaviour-cloning batch"),
+    "sft.pretrain_demos_per_task": (1000, "each is a scripted episode run before pre-training"),
+    "sft.pretrain_steps": (10_000_000, "pre-training steps"),
     "algo.rloo_batch_size": (4096, "rollouts per context"),
     "algo.gradient_accumulation_steps": (1_000_000, "trajectories per optimizer step"),
     "algo.num_ppo_epochs": (10_000, "passes over an iteration's trajectories"),
@@ -528,7 +547,9 @@ def validate(cfg: Config) -> list[str]:
     _check(p, sft.steps >= 0, "sft.steps", sft.steps, ">= 0")
     _check(p, sft.scale_steps >= 0, "sft.scale_steps", sft.scale_steps, ">= 0")
     _check(p, sft.batch_size >= 1, "sft.batch_size", sft.batch_size, ">= 1")
-    for key in ("lr", "scale_lr"):
+    _check(p, sft.pretrain_demos_per_task >= 1, "sft.pretrain_demos_per_task", sft.pretrain_demos_per_task, ">= 1")
+    _check(p, sft.pretrain_steps >= 1, "sft.pretrain_steps", sft.pretrain_steps, ">= 1")
+    for key in ("lr", "scale_lr", "pretrain_lr"):
         _check(p, getattr(sft, key) > 0, f"sft.{key}", getattr(sft, key), "> 0")
     _check(p, a.rloo_batch_size >= 2, "algo.rloo_batch_size", a.rloo_batch_size, ">= 2 (RLOO needs a leave-one-out baseline)")
     _check(p, a.gradient_accumulation_steps >= 1, "algo.gradient_accumulation_steps", a.gradient_accumulation_steps, ">= 1")

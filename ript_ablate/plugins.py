@@ -22,7 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from ript_ablate.config import Config, config_from_dict, load_config
+from ript_ablate.config import Config, config_from_dict, load_config, pretrain_config
 from ript_ablate.errors import ConfigError
 
 KINDS = {"world": ("suite.name", "ript_ablate.worlds"), "policy": ("policy.name", "ript_ablate.policies")}
@@ -119,6 +119,9 @@ def config_problems(cfg: Config) -> list[str]:
         check = getattr(factory, "config_problems", None)
         if callable(check):
             problems.extend(check(cfg))
+            if kind == "world" and cfg.sft.pretrain_tasks:  # the pre-training tasks, as the world sees tasks
+                problems.extend(p.replace("suite.tasks:", "sft.pretrain_tasks:", 1)
+                                for p in check(pretrain_config(cfg)) if p.startswith("suite.tasks:"))
     return problems
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from ript_ablate.bc import base_key, build_bc_data, get_base, load_base, sft_key
 from ript_ablate.cli import main
 from ript_ablate.config import config_from_dict
-from ript_ablate.bc import build_bc_data, get_base, sft_key
 from ript_ablate.engine import RolloutEngine
 from ript_ablate.episodes import Demonstrations, Episode
 from ript_ablate.plugins import build_world
@@ -75,3 +77,56 @@ def test_checkpoint_of_another_architecture_is_named(tiny_yaml, tmp_path, capsys
     assert main(["eval", str(tiny_yaml), "--checkpoint", str(wrong)]) == 1
     err = capsys.readouterr().err
     assert "does not fit this policy" in err and "shape mismatch" in err
+
+
+def _pretraining(tiny_dict: dict, **sft) -> dict:
+    stage = {"pretrain_tasks": ["push-v3"], "pretrain_demos_per_task": 2, "pretrain_steps": 15, **sft}
+    return dict(tiny_dict, sft={**tiny_dict["sft"], **stage})
+
+
+def test_pretraining_then_few_shot_then_scale_head_compose_and_share_the_pretrained_model(tiny_dict):
+    """pre-train on push -> fine-tune on reach -> fit the scale head; a second base reuses the pre-trained model."""
+    cfg = config_from_dict(_pretraining(tiny_dict))
+    world = build_world(cfg)
+    with RolloutEngine(cfg, world) as engine:
+        policy, path, info = get_base(cfg, world, engine)
+    assert not info["cache_hit"] and info["pretrain_cache_hit"] is False
+    assert info["pretrain"]["tasks"] == ["push-v3"] and info["pretrain"]["samples"] > 0
+    pre_dir = Path(cfg.sft.cache_dir) / "sft" / info["pretrain"]["key"]
+    pretrained = load_base(pre_dir / "model.safetensors", cfg, world)
+    # the base keeps the pre-training's observation statistics (from push's demonstrations) ...
+    torch.testing.assert_close(policy.obs_mean, pretrained.obs_mean)
+    assert not torch.allclose(pretrained.obs_mean, torch.zeros_like(pretrained.obs_mean))
+    # ... fine-tuning on reach moved the backbone, and only the last stage fitted the scale head
+    assert not torch.allclose(policy.action_head.weight, pretrained.action_head.weight)
+    torch.testing.assert_close(pretrained.scale_head.bias, torch.full((4,), -3.0))
+    assert not torch.allclose(policy.scale_head.bias, torch.full((4,), -3.0))
+
+    stamp = (pre_dir / "model.safetensors").stat().st_mtime_ns
+    other = config_from_dict(_pretraining(tiny_dict, steps=12))  # another fine-tuning of the same pre-training
+    assert base_key(other, world) != base_key(cfg, world)
+    with RolloutEngine(other, world) as engine:
+        _, path2, info2 = get_base(other, world, engine)
+    assert not info2["cache_hit"] and info2["pretrain_cache_hit"] is True and path2 != path
+    assert (pre_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_pretraining_settings_enter_the_base_key_and_plain_keys_do_not_move(tiny_dict):
+    world = build_world(config_from_dict(tiny_dict))
+    plain = config_from_dict(tiny_dict)
+    with_defaults = config_from_dict(dict(tiny_dict, sft=dict(tiny_dict["sft"], pretrain_steps=7)))
+    assert base_key(plain, world) == base_key(with_defaults, world)  # no pre-training: its settings are inert
+    pre = config_from_dict(_pretraining(tiny_dict))
+    keys = {base_key(plain, world), base_key(pre, world),
+            base_key(config_from_dict(_pretraining(tiny_dict, pretrain_lr=5e-4)), world),
+            base_key(config_from_dict(_pretraining(tiny_dict, pretrain_demos_per_task=3)), world)}
+    assert len(keys) == 4
+
+
+def test_ml45_presets_are_metaworlds_split():
+    from metaworld.env_dict import ML45_V3
+
+    from ript_ablate.worlds.metaworld.tasks import PRESETS, episode_length
+
+    assert PRESETS["ml45_train"] == list(ML45_V3["train"]) and PRESETS["ml45_test"] == list(ML45_V3["test"])
+    assert all(episode_length(t) < 250 for t in ["box-close-v3", "hand-insert-v3", "door-lock-v3", "door-unlock-v3"])

@@ -128,11 +128,18 @@ def test_missing_and_malformed_files(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
 
 
-def test_shipped_configs_are_valid():
+def test_shipped_configs_and_studies_are_valid(tmp_path):
     import glob
 
-    for path in glob.glob("configs/*.yaml"):
-        load_config(path)
+    from ript_ablate.plugins import load_checked_config
+    from ript_ablate.study.spec import load_study
+
+    configs, studies = glob.glob("configs/*.yaml"), glob.glob("studies/*.yaml")
+    assert len(configs) >= 5 and len(studies) >= 7, "run from the repository root"
+    for path in configs:
+        load_checked_config(path)  # the world's own checks too (task names, presets)
+    for path in studies:
+        load_study(path, output_dir=tmp_path)
 
 
 def test_benchmark_scripts_report_a_bad_config_in_one_line(monkeypatch, capsys, tiny_yaml):

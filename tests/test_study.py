@@ -18,6 +18,7 @@ import yaml
 
 from ript_ablate.cli import main
 from ript_ablate.errors import ConfigError
+from ript_ablate.plugins import build_world
 from ript_ablate.study.objective import aggregate, iqm, metric_points, reduce_points
 from ript_ablate.study.resources import plan_slots
 from ript_ablate.study.spec import config_id_for, load_study
@@ -549,3 +550,38 @@ def test_median_pruner_waits_for_whole_configurations_and_early_iterations(study
     pruner = StudyStore(load_study(path), str(study_env / "j.journal"))._pruner()
     assert pruner._n_startup_trials == 3 * 3  # three whole configurations of 3 seeds before any comparison
     assert pruner._n_warmup_steps == 3  # not within the first third of a 9-iteration run
+
+
+def test_every_cell_of_a_study_shares_one_pretrained_model(study_env, monkeypatch):
+    """Cells differing in their fine-tuning get their own bases, all from one pre-training (trained once)."""
+    from ript_ablate import bc
+    from ript_ablate.study.runner import prepare_bases
+
+    config = yaml.safe_load((study_env / "tiny.yaml").read_text())
+    config["sft"].update(pretrain_tasks=["reach-mirror"], pretrain_demos_per_task=2, pretrain_steps=20)
+    (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
+    stages: list[bool] = []
+    train = bc.train_bc
+    monkeypatch.setattr(bc, "train_bc", lambda *a, pretraining=False, **k: stages.append(pretraining)
+                        or train(*a, pretraining=pretraining, **k))
+    spec = load_study(write_spec(study_env, factors={"sft.steps": [20, 25], "algo.ppo_clip_high": [0.2, 0.3]},
+                                 seeds=[0, 1]))
+    prepare_bases(spec)
+    assert stages == [True, False, False]  # one pre-training, then one fine-tuning per distinct base
+    infos = [json.loads(p.read_text()) for p in (study_env / "cache" / "sft").glob("*/info.json")]
+    bases = [i for i in infos if "pretrain" in i]
+    assert len(bases) == 2 and len({b["pretrain"]["key"] for b in bases}) == 1
+    for values in spec.grid_configs():  # and each cell, when it starts, finds its base in the cache
+        for seed in spec.seeds:
+            cfg = spec.cell_config(values, seed)
+            assert bc.ensure_base(cfg) == bc.cached_base(cfg, build_world(cfg))
+    assert stages == [True, False, False]
+
+
+def test_unknown_pretraining_task_is_named_before_any_compute(study_env, capsys):
+    config = yaml.safe_load((study_env / "tiny.yaml").read_text())
+    config["sft"]["pretrain_tasks"] = ["reach-mirorr"]
+    (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
+    assert main(["sft", str(study_env / "tiny.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "sft.pretrain_tasks: unknown point-mass task 'reach-mirorr'" in err

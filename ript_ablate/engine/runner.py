@@ -87,10 +87,11 @@ class EpisodeBatch:
         ]
 
 
-def run_expert(jobs: Sequence[EpisodeJob], envs: list[Any], limit: int) -> list[Episode]:
-    """Episodes of the world's scripted expert (environments with `expert_action`), one row per step."""
+def run_expert(jobs: Sequence[EpisodeJob], env: Any, limit: int) -> list[Episode]:
+    """Episodes of the world's scripted expert (environments with `expert_action`), one row per step. They run one
+    after another on one environment (a reset fixes the initial state), so 45 tasks need 45 environments a worker."""
     out = []
-    for env, job in zip(envs, jobs):
+    for job in jobs:
         if not hasattr(env, "expert_action"):
             raise TypeError(f"{type(env).__name__} has no expert_action(): the world cannot give demonstrations")
         obs = env.reset(job.state)
@@ -189,7 +190,7 @@ class EpisodeRunner:
         """Episodes of one task, stepped together with this runner's policy (or the expert)."""
         task = jobs[0].state.task
         if jobs[0].mode == "expert":
-            return run_expert(jobs, self.envs(task, len(jobs)), episode_limit(self.world, self.cfg, task))
+            return run_expert(jobs, self.envs(task, 1)[0], episode_limit(self.world, self.cfg, task))
         batch = self.open_batch(jobs, self.policy.chunk_size)
         rngs = [np.random.default_rng(j.seed) for j in jobs]
         stochastic = jobs[0].mode == "sample"

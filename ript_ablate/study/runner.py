@@ -102,7 +102,7 @@ def eta_seconds(records: list[CellRecord], counts: dict[str, int], workers: int)
 def prepare_bases(spec: StudySpec) -> None:
     """Build (or find in the cache) each behaviour-cloning base the cells need, once, before workers start:
     concurrent cells then only read the cache."""
-    from ript_ablate.bc import demo_key, ensure_base, sft_key
+    from ript_ablate.bc import base_key, ensure_base
     from ript_ablate.plugins import build_world
 
     if spec.command:
@@ -113,7 +113,7 @@ def prepare_bases(spec: StudySpec) -> None:
         if cfg.algo.checkpoint_path:
             continue  # the cells start from a given model, not from a cached base
         world = build_world(cfg)
-        key = (sft_key(cfg, demo_key(world)), cfg.sft.cache_dir)
+        key = (base_key(cfg, world), cfg.sft.cache_dir)
         if key in seen:
             continue
         seen.add(key)

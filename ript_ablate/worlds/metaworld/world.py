@@ -26,13 +26,25 @@ MAX_EPISODE_LENGTH = 500  # Meta-World's own step limit
 
 
 def resolve_tasks(names: list[str]) -> list[str]:
-    """Expand presets ('quick', 'mt10') into task names, keeping order and dropping repeats."""
+    """Expand presets ('quick', 'mt10', 'ml45_train', 'ml45_test') into task names, keeping order and dropping repeats."""
     out: list[str] = []
     for name in names:
         for task in mw.PRESETS.get(name, [name]):
             if task not in out:
                 out.append(task)
     return out
+
+
+def _unknown_tasks(names: list[str], key: str) -> list[str]:
+    known = mw.all_task_names()
+    problems = []
+    for name in names:
+        if name in mw.PRESETS or name in known:
+            continue
+        match = difflib.get_close_matches(name, list(known) + list(mw.PRESETS), n=1, cutoff=0.5)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        problems.append(f"{key}: unknown task {name!r}{hint}; presets are {', '.join(mw.PRESETS)}")
+    return problems
 
 
 class MetaWorldEnv:
@@ -76,14 +88,7 @@ class MetaWorld(World):
     @classmethod
     def config_problems(cls, cfg: Any) -> list[str]:
         """Unknown task names (with the closest known one), rollout tasks outside the suite, and lengths."""
-        known = mw.all_task_names()
-        problems = []
-        for name in cfg.suite.tasks:
-            if name in mw.PRESETS or name in known:
-                continue
-            match = difflib.get_close_matches(name, list(known) + list(mw.PRESETS), n=1, cutoff=0.5)
-            hint = f" (did you mean '{match[0]}'?)" if match else ""
-            problems.append(f"suite.tasks: unknown task {name!r}{hint}; presets are {', '.join(mw.PRESETS)}")
+        problems = _unknown_tasks(cfg.suite.tasks, "suite.tasks")
         rollout_tasks = cfg.algo.rollout_training_task_names
         if not problems and rollout_tasks:
             tasks = set(resolve_tasks(cfg.suite.tasks))
