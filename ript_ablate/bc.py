@@ -2,8 +2,9 @@
 action chunk (as OpenVLA-OFT), then the scale head alone by Laplace negative log-likelihood. With
 `sft.pretrain_tasks`, a multi-task pre-training stage comes first (the same L1 on many tasks' demonstrations; the
 paper's Meta-World protocol: ML45 pre-training, then few-shot fine-tuning on the held-out tasks). Each stage is
-cached under a hash of everything that produced it, so the bases of a study's cells share one pre-trained model. An explicit step (`ript-ablate sft`, or the study runner before its cells), never a
-side effect of training: `load_start_policy` only reads the cache.
+cached under a hash of everything that produced it, so the bases of a study's cells share one pre-trained model.
+An explicit step (`ript-ablate sft`, or the study runner before its cells), never a side effect of training:
+`load_start_policy` only reads the cache.
 """
 
 from __future__ import annotations

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("validate", cmd_validate, "Check a config (or a study spec) and print it resolved, or list every error.")
     p = add("sft", cmd_sft, "Train (or reuse from the cache) the behaviour-cloning base.")
-    p.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
+    p.add_argument("--retrain", action="store_true", help="ignore the cached base and train it again (a cached "
+                   "pre-trained model is reused: delete its pretrain-<hash> folder to rebuild it)")
     p.add_argument("--eval", action="store_true", help="evaluate the base afterwards")
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     p = add("eval", cmd_eval, "Evaluate a policy (default: the config's behaviour-cloning base).")

@@ -10,7 +10,8 @@ from ript_ablate.bench import ml45
 
 def test_gain_interval_is_exact_without_sampling_error_and_finds_a_planted_gain():
     before, after = np.zeros((3, 5)), np.ones((3, 5))
-    assert ml45.gain_interval(before, after, n_states=50) == (100.0, 100.0)  # rates 0 and 1 cannot vary
+    assert ml45.gain_interval(before, after, n_states=50) == (100.0, 100.0)
+    assert ml45.failures_removed(63.6, 76.0) == "34%" and ml45.failures_removed(80.0, 90.0) == "50%"  # rates 0 and 1 cannot vary
     before, after = np.full((3, 5), 0.5), np.full((3, 5), 0.7)
     low, high = ml45.gain_interval(before, after, n_states=50)
     # 5 tasks x 3 seeds x 50 states: sd of the mean gain = 100 * sqrt(2 * 0.25/50 ... ) ~ 2.3 points
@@ -33,9 +34,10 @@ def test_benchmark_runs_the_three_stages_and_ript_and_prints_the_gain(tmp_path, 
     }
     path = tmp_path / "tiny_ml45.yaml"
     path.write_text(yaml.safe_dump(config))
-    monkeypatch.setattr("sys.argv", ["ml45", str(path), "--seeds", "0", "1", "--iterations", "1"])
+    monkeypatch.setattr("sys.argv", ["ml45", str(path), "--seeds", "0", "1", "--iterations", "1",
+                                      "--output-dir", str(tmp_path / "runs")])
     ml45.main()
     out = capsys.readouterr().out
     assert "pre-training demos" in out and "few-shot demos" in out
     assert out.count("seed ") >= 2 and "over 2 seeds" in out and "95% bootstrap" in out
-    assert "QueST, ML45 5-shot (images)      63.6% -> 76.0% (+12.4)" in out
+    assert "QueST, ML45 5-shot (images)      63.6% -> 76.0% (+12.4; 34% of the base's failures removed)" in out
