@@ -141,10 +141,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch_train(args)
     cfg = _load(args)
     ranks = init_ranks(cfg.training.device, cfg.training.collective_timeout_s)
+    finished = False
     try:
-        return train_on_rank(cfg, args, ranks)
+        code = train_on_rank(cfg, args, ranks)
+        finished = True
+        return code
     finally:
-        ranks.close()
+        ranks.close(finished)  # meet the other ranks before tearing down, unless this rank is failing
 
 
 def train_on_rank(cfg: Config, args: argparse.Namespace, ranks) -> int:

@@ -88,7 +88,7 @@ class Ranks:
     def barrier(self) -> None:
         """Wait for every rank."""
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         """Nothing to tear down."""
 
 
@@ -171,7 +171,13 @@ class TorchRanks(Ranks):
         with self._talking("waiting for every rank"):
             self.dist.barrier()
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Tear the group down together: after a finished run every rank first meets the others, so none destroys
+        its gloo connections while a peer is still inside the last collective (a rank that exits then can die in
+        gloo's threads with SIGABRT, which torchrun reports as a failed run)."""
+        if finished:
+            with contextlib.suppress(Exception):
+                self.dist.barrier()
         with contextlib.suppress(Exception):
             self.dist.destroy_process_group()
 

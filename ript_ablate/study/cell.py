@@ -127,10 +127,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     data = job["config"]
     training = data.get("training", {})
     ranks = init_ranks(str(training.get("device", "auto")), float(training.get("collective_timeout_s", 1800.0)))
+    finished = False
     try:
-        return run_job_on(job, ranks)
+        result = run_job_on(job, ranks)
+        finished = True
+        return result
     finally:
-        ranks.close()
+        ranks.close(finished)  # meet the other ranks before tearing down, unless this rank is failing
 
 
 def run_job_on(job: dict[str, Any], ranks: Any) -> dict[str, Any]:
