@@ -345,31 +345,89 @@ def config_from_dict(data: Any, source: str = "<dict>", extra_checks: ExtraCheck
     return cfg
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently,
-    which turns a 3-value factor into a 1-value one)."""
+MAX_YAML_NODES = 100_000  # a config or study spec has hundreds; aliases can make a small file expand without bound
+MAX_YAML_BYTES = 4 * 1024 * 1024
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
+def expanded_nodes(root: yaml.Node, budget: int = MAX_YAML_NODES) -> int:
+    """How many nodes constructing `root` would create, aliases and `<<` merge keys expanded. Each distinct node's
+    size is computed once (an alias bomb is counted in time linear in the composed graph) and counting stops past
+    `budget`. Raises ValueError for a recursive anchor (a node that contains itself) and for a key given twice
+    in one mapping (plain YAML keeps the last one silently, which turns a 3-value factor into a 1-value one)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
 
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise ValueError(f"a recursive alias: the node on line {node.start_mark.line + 1} contains an alias to itself")
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                if total > budget:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:  # copies the merged mapping's pairs in, as often as it is listed
+                    total += size(value_node)
+                else:
+                    if isinstance(key_node, yaml.ScalarNode):
+                        first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark.line)
+                        if first != key_node.start_mark.line:
+                            raise ValueError(f"key {key_node.value!r} is given twice (first on line {first + 1}, "
+                                             f"again on line {key_node.start_mark.line + 1})")
+                    total += size(key_node) + size(value_node)
+                if total > budget:
+                    break
+        open_nodes.discard(id(node))
+        sizes[id(node)] = min(total, budget + 1)
+        return sizes[id(node)]
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    return size(root)
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Safe YAML with duplicate keys refused; a syntax error is a ConfigError naming the file and line."""
+    """Safe YAML, checked before anything is constructed: duplicate keys, recursive anchors and documents whose
+    aliases expand past `MAX_YAML_NODES` are refused (composing shares aliased nodes, so it is linear in the text;
+    constructing expands them). Every problem is a ConfigError naming the file."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError([f"the YAML document has {len(text)} characters, more than the {MAX_YAML_BYTES} a config "
+                           "or study spec may have"], source)
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        try:
+            nodes = expanded_nodes(root)
+        except ValueError as exc:
+            raise ConfigError([f"refused: {exc}"], source) from None
+        if nodes > MAX_YAML_NODES:
+            raise ConfigError([f"refused: its aliases (*name) and merge keys (<<) expand to more than "
+                               f"{MAX_YAML_NODES} YAML nodes; a config or study spec has a few hundred"], source)
+        return loader.construct_document(root)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {' '.join(str(exc).split())}"], source) from None
+    finally:
+        loader.dispose()
+
+
+def parse_value(text: str, source: str) -> Any:
+    """A command-line or tag value as YAML (`0.28`, `true`, `[a, b]`), or the text itself when it is not valid
+    YAML; an expanding or recursive value is refused (a ConfigError) as in a file."""
+    if not text.strip():
+        return None
+    try:
+        return parse_yaml(text, source)
+    except ConfigError as exc:
+        if any(p.startswith("refused") or "characters, more than" in p for p in exc.problems):
+            raise
+        return text
 
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
@@ -407,9 +465,10 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
             problems.append(f"--set {item!r}: expected section.key=value, e.g. algo.ppo_clip_high=0.28")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+            value = parse_value(raw, f"--set {key.strip()}")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
         nested.setdefault(parts[0], {})
         if not isinstance(nested[parts[0]], dict):
             problems.append(f"--set {item!r}: section {parts[0]} given twice in different forms")

@@ -3,7 +3,9 @@ expected, never a traceback."""
 
 from __future__ import annotations
 
+import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 import yaml
@@ -125,3 +127,69 @@ def test_unwritable_output_paths_are_one_line(tmp_path, tiny_yaml, capsys):
 def test_set_on_a_study_spec_is_refused(tmp_path, tiny_yaml, capsys):
     code, out = run_cli(["validate", spec_file(tmp_path, tiny_yaml), "--set", "algo.lr=1e-3"], capsys)
     assert code == 1 and "a study spec takes its overrides in its own `set:` list" in out
+
+
+# --- documents that expand: refused before anything is constructed ----------------------------------------------
+def alias_bomb(levels: int, merge: bool, indent: int) -> str:
+    """Each level refers ten times to the level below: 10**levels nodes once constructed."""
+    pad = " " * indent
+    lines = [f"{pad}l0: &l0 {{x: 1}}" if merge else f"{pad}l0: &l0 [x]"]
+    for i in range(1, levels + 1):
+        refs = ", ".join([f"*l{i - 1}"] * 10)
+        lines.append(f"{pad}l{i}: &l{i} {{<<: [{refs}], y{i}: 1}}" if merge else f"{pad}l{i}: &l{i} [{refs}]")
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def hang_guard(seconds: int):
+    """Fails the test instead of hanging CI: a refused bomb answers in milliseconds."""
+    def alarm(*_):
+        raise AssertionError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["aliases", "merge keys"])
+def test_alias_and_merge_key_bombs_are_refused_before_construction(tmp_path, tiny_yaml, capsys, monkeypatch, merge):
+    def constructed(*_args, **_kwargs):
+        raise AssertionError("a YAML object was constructed")
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("suite:\n  tasks: [reach-v3]\n  options:\n" + alias_bomb(9, merge, 4))
+    monkeypatch.setattr(yaml.constructor.BaseConstructor, "construct_object", constructed)
+    with hang_guard(30):
+        code, out = run_cli(["validate", str(bomb)], capsys)
+    assert code == 1 and str(bomb) in out and "expand to more than" in out and "Traceback" not in out
+    spec = tmp_path / "spec.yaml"  # the same in a study spec, and in a --set value
+    spec.write_text(f"name: s\nconfig: {tiny_yaml}\nmode: grid\nseeds: [0]\ndescription:\n" + alias_bomb(9, merge, 2))
+    with hang_guard(30):
+        code, out = run_cli(["validate", str(spec)], capsys)
+    assert code == 1 and "expand to more than" in out
+    monkeypatch.undo()  # the base config itself is constructed before its --set values are read
+    value = "{" + ", ".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 10)) + "}"
+    with hang_guard(30):
+        code, out = run_cli(["validate", str(tiny_yaml), "--set", f"suite.options=[&l0 [x], {value}]"], capsys)
+    assert code == 1 and "expand to more than" in out
+
+
+def test_recursive_anchor_is_refused_and_small_aliases_and_merges_load(tmp_path, capsys):
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("suite:\n  options: &me\n    again: *me\n")
+    with hang_guard(30):
+        code, out = run_cli(["validate", str(loop)], capsys)
+    assert code == 1 and "recursive alias" in out and "line 2" in out
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("algo: &a {lr: 1.0e-3, header_lr: 1.0e-3}\n"
+                  "training: {n_iterations: 3}\nsuite: {tasks: [reach-v3]}\n")
+    code, out = run_cli(["validate", str(ok)], capsys)
+    assert code == 0, out
+    from ript_ablate.config import parse_yaml
+
+    assert parse_yaml("base: &b {p: 1, q: 2}\nmine: {<<: *b, q: 3}\n", "m") == {
+        "base": {"p": 1, "q": 2}, "mine": {"p": 1, "q": 3}}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ript_ablate.config import SECTIONS, Config, all_keys, load_yaml, merge, parse_overrides
+from ript_ablate.config import SECTIONS, Config, all_keys, load_yaml, merge, parse_overrides, parse_value
 from ript_ablate.errors import ConfigError
 from ript_ablate.study.command import CommandSpec, check_keys, parse_command, with_dotted
 from ript_ablate.study.sequential import SeedPlan
@@ -442,8 +442,6 @@ def _parse_seed_plan(raw: dict[str, Any], mode: str, check: _Checker) -> SeedPla
 
 def _dotted_overrides(items: list[str], check: _Checker) -> dict[str, Any]:
     """`set:` entries for your own YAML: key.at.any.depth=value (values parsed as YAML scalars)."""
-    import yaml
-
     values: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -451,9 +449,9 @@ def _dotted_overrides(items: list[str], check: _Checker) -> dict[str, Any]:
             check.problems.append(f"set: {item!r}: expected dotted.key=value")
             continue
         try:
-            values[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            values[key.strip()] = text
+            values[key.strip()] = parse_value(text, f"set: {key.strip()}")
+        except ConfigError as exc:
+            check.problems.extend(exc.problems)
     return values
 
 
