@@ -1,0 +1,122 @@
+"""The quick suite's fingerprint: the exact hash of its demonstrations and a short fixed-thread behaviour-cloning
+run, next to the cache keys they were made under. The committed quickstart example and the README's figures come
+from these demonstrations and this base; `tests/test_fingerprint.py` fails when a change moves either, so a change
+that moves them also regenerates what was committed (or, if the cache key stayed, gives the cache a new key).
+
+    python -m ript_ablate.bench.fingerprint            # print it, and whether it equals the committed one
+    python -m ript_ablate.bench.fingerprint --write    # after regenerating the committed example: record it
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK_CONFIG = REPO / "configs" / "metaworld_quick.yaml"
+COMMITTED = REPO / "tests" / "data" / "quick_suite_fingerprint.json"
+BC_STEPS, SCALE_STEPS = 20, 10  # a few steps: enough for any change of data, model or BC code to show
+
+
+def demonstrations_sha256(demos: Any, tasks: list[str]) -> str:
+    """Every byte of every demonstration: observations, actions, lengths and initial states, in task order."""
+    digest = hashlib.sha256()
+    for task in tasks:
+        for state, episode in zip(demos.states[task], demos.episodes[task]):
+            digest.update(np.ascontiguousarray(np.asarray(state.data, dtype=np.float64)).tobytes())
+            for key in sorted(episode.obs):
+                digest.update(key.encode() + np.ascontiguousarray(episode.obs[key]).tobytes())
+            digest.update(np.ascontiguousarray(episode.actions).tobytes())
+    return digest.hexdigest()
+
+
+def bc_numbers(cfg: Any, world: Any, demos: Any) -> list[float]:
+    """Losses and per-tensor absolute sums after a short behaviour cloning on one thread (bitwise reproducible on
+    one machine; compared with a relative tolerance of 1e-6 elsewhere)."""
+    from ript_ablate.bc import _bc_data, fit_scale_head, train_bc
+    from ript_ablate.plugins import build_policy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(cfg.sft.seed)
+        policy = build_policy(cfg, world)
+        data = _bc_data(policy, world, demos)
+        policy.observe_demonstrations(data.obs)
+        l1 = train_bc(policy, data, cfg, torch.device("cpu"))
+        nll = fit_scale_head(policy, data, cfg, torch.device("cpu"))
+        sums = [float(t.double().abs().sum()) for t in policy.state_dict().values() if t.is_floating_point()]
+    finally:
+        torch.set_num_threads(threads)
+    return [float(f"{v:.9g}") for v in (l1, nll, *sums)]
+
+
+def quick_suite_fingerprint(config: Path = QUICK_CONFIG) -> dict[str, Any]:
+    from ript_ablate.bc import base_key, demo_key
+    from ript_ablate.engine import RolloutEngine
+    from ript_ablate.plugins import build_world, load_checked_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_checked_config(config, [f"sft.cache_dir={tmp}", "suite.num_workers=0",
+                                           f"sft.steps={BC_STEPS}", f"sft.scale_steps={SCALE_STEPS}"])
+        world = build_world(cfg)
+        with RolloutEngine(cfg, world) as engine:
+            demos = world.demonstrations(engine, None)
+        full = load_checked_config(config, [f"sft.cache_dir={tmp}"])
+        return {"config": str(config.relative_to(REPO)), "demo_key": demo_key(world),
+                "demo_sha256": demonstrations_sha256(demos, world.tasks), "base_key": base_key(full, build_world(full)),
+                "bc_steps": [BC_STEPS, SCALE_STEPS], "bc": bc_numbers(cfg, world, demos)}
+
+
+def differences(now: dict[str, Any], committed: dict[str, Any]) -> list[str]:
+    """What moved, each with what it means: content that changed under the same cache key, or content that changed
+    (under a new key) after the committed figures were made from the old one."""
+    problems = []
+    if now["demo_sha256"] != committed["demo_sha256"]:
+        if now["demo_key"] == committed["demo_key"]:
+            problems.append(f"the quick suite's demonstrations changed but their cache key did not "
+                            f"({now['demo_key']}): a user's cache would silently keep the old ones; make what "
+                            "changed part of the key (ript_ablate/cache_keys.py)")
+        else:
+            problems.append("the quick suite's demonstrations changed (new key "
+                            f"{now['demo_key']}, was {committed['demo_key']})")
+    if not np.allclose(now["bc"], committed["bc"], rtol=1e-6, atol=0.0):
+        if now["base_key"] == committed["base_key"]:
+            problems.append(f"the quick suite's behaviour cloning changed but the base's cache key did not "
+                            f"({now['base_key']}): a user's cache would silently keep the old base; make what "
+                            "changed part of the key (ript_ablate/cache_keys.py)")
+        else:
+            problems.append(f"the quick suite's behaviour cloning changed (new base key {now['base_key']}, "
+                            f"was {committed['base_key']})")
+    if problems:
+        problems.append("the committed quickstart example and the README's figures came from the old ones: "
+                        "regenerate them (`make quickstart`, then copy reports/quickstart to reports/examples), "
+                        "then record the new fingerprint with `python -m ript_ablate.bench.fingerprint --write`")
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help=f"record it in {COMMITTED.relative_to(REPO)}")
+    args = parser.parse_args()
+    now = quick_suite_fingerprint()
+    print(json.dumps(now, indent=1))
+    if args.write:
+        COMMITTED.write_text(json.dumps(now, indent=1) + "\n")
+        print(f"written to {COMMITTED}")
+    elif COMMITTED.is_file():
+        moved = differences(now, json.loads(COMMITTED.read_text()))
+        print("\n".join(moved) if moved else f"equal to the committed fingerprint ({COMMITTED.relative_to(REPO)})")
+
+
+if __name__ == "__main__":
+    from ript_ablate.bench import run_main
+
+    run_main(main)

@@ -1,0 +1,25 @@
+"""Committed numbers stay true: the quick suite's demonstrations (hashed exactly) and a short fixed-thread
+behaviour-cloning run equal the fingerprint recorded when the committed quickstart example was made."""
+
+from __future__ import annotations
+
+import json
+
+from ript_ablate.bench.fingerprint import COMMITTED, differences, quick_suite_fingerprint
+
+
+def test_quick_suite_demonstrations_and_base_match_the_committed_fingerprint():
+    committed = json.loads(COMMITTED.read_text())
+    now = quick_suite_fingerprint()
+    assert not differences(now, committed), "\n".join(differences(now, committed))
+
+
+def test_a_moved_fingerprint_is_told_apart_from_a_moved_key():
+    committed = json.loads(COMMITTED.read_text())
+    same_key = {**committed, "demo_sha256": "0" * 64}
+    assert "cache key did not" in differences(same_key, committed)[0]
+    new_key = {**committed, "demo_sha256": "0" * 64, "demo_key": "another"}
+    assert "changed (new key another" in differences(new_key, committed)[0]
+    moved_base = {**committed, "bc": [v * (1 + 1e-4) for v in committed["bc"]]}
+    assert "base's cache key did not" in differences(moved_base, committed)[0]
+    assert differences({**committed, "base_key": "renamed"}, committed) == []  # a new key over the same content
