@@ -10,7 +10,6 @@ An explicit step (`ript-ablate sft`, or the study runner before its cells), neve
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import shutil
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ript_ablate import checkpoints
+from ript_ablate import cache_keys, checkpoints
 from ript_ablate.config import Config, pretrain_config, to_yaml
 from ript_ablate.device import autocast, resolve_device
 from ript_ablate.errors import CheckpointError, ConfigError
@@ -32,7 +31,7 @@ from ript_ablate.interfaces.policy import Policy
 from ript_ablate.plugins import build_policy
 from ript_ablate.progress import console, progress
 
-SFT_FORMAT_VERSION = 1
+SFT_FORMAT_VERSION = 2  # 2: keys include the producing code (ript_ablate.cache_keys)
 
 
 @dataclass
@@ -73,29 +72,22 @@ def build_bc_data(demos: Any, tasks: list[str], encodings: dict[str, torch.Tenso
 PRETRAIN_KEYS = ("pretrain_tasks", "pretrain_demos_per_task", "pretrain_steps", "pretrain_lr")
 
 
-def _policy_spec(cfg: Config) -> dict[str, Any]:
-    policy = asdict(cfg.policy)
-    if policy["name"] == "reference" and not policy["options"]:  # keeps the keys of existing bases unchanged
-        del policy["name"], policy["options"]
-    return policy
+def _policy_identity(cfg: Config) -> dict[str, Any]:
+    from ript_ablate.plugins import resolve
 
-
-def _digest(spec: dict[str, Any], cfg: Config) -> str:
-    if cfg.training.precision != "auto":  # keeps the keys of existing bases (auto) unchanged
-        spec["precision"] = cfg.training.precision
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_keys.policy_identity(cfg, resolve("policy", cfg.policy.name))
 
 
 def sft_key(cfg: Config, demo_key: str, pretrain_key: str | None = None) -> str:
-    """Hash of everything that determines the base: demonstrations, policy architecture, BC settings, and the
-    pre-trained model it was fine-tuned from (`pretrain_key`), if any."""
+    """Hash of everything that determines the base: demonstrations, the policy's settings and code, the BC
+    settings and code, and the pre-trained model it was fine-tuned from (`pretrain_key`), if any."""
     sft = asdict(cfg.sft)
     for key in ("cache_dir", *PRETRAIN_KEYS):  # the pre-training stage enters through its own key
         sft.pop(key)
-    spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, "policy": _policy_spec(cfg), "sft": sft}
+    spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, **_policy_identity(cfg), "sft": sft}
     if pretrain_key is not None:
         spec["pretrain"] = pretrain_key
-    return _digest(spec, cfg)
+    return cache_keys.digest(spec)
 
 
 def pretrain_key(cfg: Config, demo_key: str) -> str:
@@ -103,8 +95,8 @@ def pretrain_key(cfg: Config, demo_key: str) -> str:
     sft = cfg.sft
     settings = {"steps": sft.pretrain_steps, "lr": sft.pretrain_lr, "batch_size": sft.batch_size,
                 "weight_decay": sft.weight_decay, "seed": sft.seed}
-    return _digest({"format": SFT_FORMAT_VERSION, "stage": "pretrain", "demos": demo_key,
-                    "policy": _policy_spec(cfg), "sft": settings}, cfg)
+    return cache_keys.digest({"format": SFT_FORMAT_VERSION, "stage": "pretrain", "demos": demo_key,
+                              **_policy_identity(cfg), "sft": settings})
 
 
 def base_key(cfg: Config, world: Any) -> str:
@@ -115,6 +107,16 @@ def base_key(cfg: Config, world: Any) -> str:
 
     pre = pretrain_key(cfg, demo_key(build_world(pretrain_config(cfg))))
     return sft_key(cfg, demo_key(world), pre)
+
+
+def key_summary(cfg: Config, world: Any) -> str:
+    """What a cache hit matched, in one line: the demonstrations' and the policy's inputs."""
+    demo = cache_keys.demo_identity(world, world.run_config)
+    policy = _policy_identity(cfg)
+    simulator = {k: v for k, v in demo["world"].items() if k in ("metaworld", "mujoco", "simulator")}
+    return (f"demonstrations {demo_key(world)} (world code {demo['world_code']}, demonstration code "
+            f"{demo['demo_code']}{''.join(f', {k} {v}' for k, v in simulator.items())}), policy code "
+            f"{policy['policy_code']}, behaviour-cloning code {policy['bc_code']}, torch {policy['torch']}")
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
@@ -202,15 +204,19 @@ def base_dir(cfg: Config, world: Any) -> Path:
 def load_base(path: str | Path, cfg: Config, world: Any) -> Policy:
     """A policy with the weights of `path` (a model.safetensors file); clear error if missing or corrupt."""
     policy = build_policy(cfg, world)
-    checkpoints.load_into(policy, checkpoints.load_tensors(path, "model checkpoint"), path, "model checkpoint")
+    try:
+        checkpoints.load_into(policy, checkpoints.load_tensors(path, "model checkpoint"), path, "model checkpoint")
+    except CheckpointError as exc:
+        if Path(cfg.sft.cache_dir) not in Path(path).parents:
+            raise
+        raise CheckpointError(f"{exc} The cached base no longer fits the policy: rebuild it with "
+                              "`ript-ablate sft CONFIG --retrain`.") from None
     return policy.eval()
 
 
 def demo_key(world: Any) -> str:
-    """The world's hash of its demonstrations (`demo_key()` when it has one, else of `describe()`)."""
-    if hasattr(world, "demo_key"):
-        return world.demo_key()
-    return hashlib.sha256(json.dumps(world.describe(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The key of the world's demonstrations: its description, settings and code (`ript_ablate.cache_keys`)."""
+    return cache_keys.demo_key(world, world.run_config)
 
 
 def cached_base(cfg: Config, world: Any) -> Path:
@@ -296,7 +302,7 @@ def pretrained_model(cfg: Config, world: Any) -> tuple[Policy, dict]:
     with cache_lock(out.with_name(out.name + ".lock")):
         weights = out / "model.safetensors"
         if weights.is_file():
-            console.print(f"pre-trained model: cache hit {out}")
+            console.print(f"pre-trained model: cache hit {out}: {key_summary(cfg, pre_world)}")
             return load_base(weights, cfg, world), {**_read_info(out), "cache_hit": True}
         with RolloutEngine(pre_cfg, pre_world) as engine:
             demos, demo_seconds = _collect_demonstrations(
@@ -322,7 +328,7 @@ def pretrained_model(cfg: Config, world: Any) -> tuple[Policy, dict]:
 def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: bool) -> tuple[Policy, Path, dict]:
     weights = out / "model.safetensors"
     if weights.is_file() and not retrain:
-        console.print(f"behaviour-cloning base: cache hit {out}")
+        console.print(f"behaviour-cloning base: cache hit {out}: {key_summary(cfg, world)}")
         return load_base(weights, cfg, world), weights, {**_read_info(out), "cache_hit": True}
 
     pretrained, pretrain_info = pretrained_model(cfg, world) if cfg.sft.pretrain_tasks else (None, None)
@@ -339,7 +345,9 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
     nll = fit_scale_head(policy, data, cfg, device)
     policy.cpu().eval()
     info = {
-        "key": out.name, "demo_key": demo_key(world), "bc_l1": bc_loss, "scale_nll": nll, "samples": len(data),
+        "key": out.name, "demo_key": demo_key(world),
+        "inputs": {"demonstrations": cache_keys.demo_identity(world, world.run_config), **_policy_identity(cfg)},
+        "bc_l1": bc_loss, "scale_nll": nll, "samples": len(data),
         "demo_steps": demos.n_steps(), "demo_seconds": round(demo_seconds, 2),
         "train_seconds": round(time.perf_counter() - t0, 2), "device": str(device),
         "log_b_bias": [float(v) for v in policy.checkpoint_tensors("header").get(

@@ -19,6 +19,16 @@ from ript_ablate.episodes import Demonstrations, Episode, EpisodeJob, InitialSta
 MAX_ROUNDS = 6  # candidates double each round
 
 
+def demo_cache_path(world: Any, cache_dir: str | Path | None) -> Path | None:
+    """Where `world`'s demonstrations are cached under `cache_dir` (None: no cache), named by their key: the
+    world's description, settings and code and the framework's demonstration code (`ript_ablate.cache_keys`)."""
+    if not cache_dir:
+        return None
+    from ript_ablate.cache_keys import demo_key
+
+    return Path(cache_dir) / "demos" / f"{demo_key(world, world.run_config)}.npz"
+
+
 def collect_demonstrations(tasks: list[str], engine: Any, want: int,
                            candidates: Callable[[str, int], list[InitialState]], cache_path: Path | None = None,
                            on_batch: Callable[[list[Episode]], None] | None = None) -> Demonstrations:

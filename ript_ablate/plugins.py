@@ -100,7 +100,10 @@ def resolve(kind: str, name: str) -> Callable[..., Any]:
 
 
 def build_world(cfg: Config) -> Any:
-    return resolve("world", cfg.suite.name)(cfg)
+    """The world of `cfg`, with the config it was built from as `world.run_config` (its cache keys read it)."""
+    world = resolve("world", cfg.suite.name)(cfg)
+    world.run_config = cfg
+    return world
 
 
 def build_policy(cfg: Config, world: Any) -> Any:

@@ -63,6 +63,8 @@ class World(ABC):
     tasks: list[str]  # the tasks of this run, presets expanded
     action_dim: int
     observation_shapes: dict[str, tuple[int, ...]]  # each observation key's shape, e.g. {"state": (39,)}
+    run_config: Config  # the config the world was built from, set by the framework (cache keys read it)
+    inert_options: frozenset[str] = frozenset()  # `suite.options` that change no demonstration: not in cache keys
 
     @abstractmethod
     def instruction(self, task: str) -> str:
@@ -98,5 +100,7 @@ class World(ABC):
         return []
 
     def describe(self) -> dict[str, Any]:
-        """What identifies this world's data (hashed into the behaviour-cloning cache key)."""
+        """What identifies this world's data beyond its settings and code, e.g. the simulator's version (hashed
+        into the demonstration key with `suite.name/tasks/demos_per_task/seed/options` and the world's package:
+        see `ript_ablate.cache_keys`)."""
         return {"world": type(self).__name__, "tasks": self.tasks}

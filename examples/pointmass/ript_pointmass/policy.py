@@ -16,7 +16,8 @@ from torch import nn
 
 from ript_ablate.interfaces import Policy
 
-OPTIONS = {"hidden": 64, "chunk_size": 4, "instruction_dim": 16, "scale_bias_init": -2.0, "seed": 0}
+OPTIONS = {"hidden": 64, "chunk_size": 4, "instruction_dim": 16, "scale_bias_init": -2.0, "seed": 0,
+           "replicable": True}
 
 
 def bag_of_words(text: str, dim: int) -> torch.Tensor:
@@ -31,6 +32,7 @@ class MLPPolicy(Policy):
         super().__init__()
         self.chunk_size, self.action_dim = int(options["chunk_size"]), action_dim
         self.instruction_dim, hidden = int(options["instruction_dim"]), int(options["hidden"])
+        self.replicable = bool(options["replicable"])  # false: rollouts use central inference
         out = self.chunk_size * action_dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(options["seed"]))
@@ -65,3 +67,5 @@ def _config_problems(cfg: Any) -> list[str]:
 
 
 make_mlp_policy.config_problems = _config_problems  # type: ignore[attr-defined]
+# how rollouts run the policy changes none of its weights: the behaviour-cloning base is shared across it
+make_mlp_policy.inert_options = frozenset({"replicable"})  # type: ignore[attr-defined]

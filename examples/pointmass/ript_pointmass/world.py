@@ -9,12 +9,11 @@ seeded streams per task (demonstration candidates, training contexts, evaluation
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ript_ablate.demos import collect_demonstrations
+from ript_ablate.demos import collect_demonstrations, demo_cache_path
 from ript_ablate.interfaces import Demonstrations, InitialState, World
 
 TASKS = {"reach": "move the point to the goal", "reach-mirror": "move the point to the mirror image of the goal"}
@@ -95,13 +94,7 @@ class PointMassWorld(World):
     def eval_states(self, task: str) -> list[InitialState]:
         return self._states(task, "eval", self.suite.eval_seed, self.suite.eval_states_per_task)
 
-    def describe(self) -> dict[str, Any]:
-        return {"world": "pointmass", "tasks": self.tasks, "options": self.options, "seed": self.suite.seed,
-                "demos_per_task": self.suite.demos_per_task}
-
     def demonstrations(self, engine: Any, cache_dir: str | None = None, on_batch: Any = None) -> Demonstrations:
-        from ript_ablate.bc import demo_key
-
-        path = Path(cache_dir) / "demos" / f"pointmass-{demo_key(self)}.npz" if cache_dir else None
-        return collect_demonstrations(self.tasks, engine, self.suite.demos_per_task, self.demo_candidates, path,
-                                      on_batch)
+        # cached under a key of this package's code and the suite's settings (tasks, demos_per_task, seed, options)
+        return collect_demonstrations(self.tasks, engine, self.suite.demos_per_task, self.demo_candidates,
+                                      demo_cache_path(self, cache_dir), on_batch)

@@ -8,15 +8,13 @@ fixed across runs). The three are checked to be disjoint.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ript_ablate.demos import collect_demonstrations
+from ript_ablate.demos import collect_demonstrations, demo_cache_path
 from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation
 from ript_ablate.interfaces.world import World
 from ript_ablate.worlds.metaworld import tasks as mw
@@ -141,22 +139,17 @@ class MetaWorld(World):
     # -- demonstrations --------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         import metaworld
+        import mujoco
 
         return {
             "format": DEMO_FORMAT_VERSION,
             "metaworld": getattr(metaworld, "__version__", "3.1.1"),
-            "tasks": self.tasks,
-            "demos_per_task": self.cfg.demos_per_task,
-            "seed": self.cfg.seed,
+            "mujoco": mujoco.__version__,
             "lengths": [self.episode_length(t) for t in self.tasks],
         }
-
-    def demo_key(self) -> str:
-        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
 
     def demonstrations(self, engine: Any, cache_dir: str | Path | None = None,
                        on_batch: Callable[[list[Episode]], None] | None = None) -> Demonstrations:
         """`demos_per_task` successful scripted-expert episodes per task; failed expert episodes are skipped."""
-        path = Path(cache_dir) / "demos" / f"{self.demo_key()}.npz" if cache_dir else None
-        return collect_demonstrations(self.tasks, engine, self.cfg.demos_per_task, self.demo_candidates, path,
-                                      on_batch)
+        return collect_demonstrations(self.tasks, engine, self.cfg.demos_per_task, self.demo_candidates,
+                                      demo_cache_path(self, cache_dir), on_batch)
