@@ -9,13 +9,10 @@ An explicit step (`ript-ablate sft`, or the study runner before its cells), neve
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import numpy as np
 import torch
 
 from ript_ablate import cache_keys, checkpoints
+from ript_ablate.cache_lock import cache_lock
 from ript_ablate.config import Config, pretrain_config, to_yaml
 from ript_ablate.device import autocast, resolve_device
 from ript_ablate.errors import CheckpointError, ConfigError
@@ -233,19 +231,8 @@ def get_base(cfg: Config, world: Any, engine: Any, retrain: bool = False) -> tup
     """The cached base for this config, trained (and cached) if absent. Returns (policy, weights file, info)."""
     out = base_dir(cfg, world)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with cache_lock(out.with_name(out.name + ".lock")):  # concurrent study cells build a base once
+    with cache_lock(out.with_name(out.name + ".lock"), f"the behaviour-cloning base {out.name}"):  # built once
         return _get_base_locked(cfg, world, engine, out, retrain)
-
-
-@contextmanager
-def cache_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes of this machine (released if the holder dies)."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _collect_demonstrations(cfg: Config, world: Any, engine: Any, label: str) -> tuple[Any, float]:
@@ -299,7 +286,7 @@ def pretrained_model(cfg: Config, world: Any) -> tuple[Policy, dict]:
     pre_world = build_world(pre_cfg)
     out = Path(cfg.sft.cache_dir) / "sft" / f"pretrain-{pretrain_key(cfg, demo_key(pre_world))}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with cache_lock(out.with_name(out.name + ".lock")):
+    with cache_lock(out.with_name(out.name + ".lock"), f"the pre-trained model {out.name}"):
         weights = out / "model.safetensors"
         if weights.is_file():
             console.print(f"pre-trained model: cache hit {out}: {key_summary(cfg, pre_world)}")

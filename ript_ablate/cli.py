@@ -157,10 +157,12 @@ def train_on_rank(cfg: Config, args: argparse.Namespace, ranks) -> int:
     from ript_ablate.tracking import MlflowTracker, Tracker
     from ript_ablate.tracking.tags import outcome_tags
 
+    track = cfg.tracking.enabled and not args.no_track and ranks.is_main
+    if track:
+        check_tracking(cfg)
     if ranks.is_main:
         ensure_base(cfg)  # the explicit behaviour-cloning step (a cache hit after the first run)
     ranks.barrier()
-    track = cfg.tracking.enabled and not args.no_track and ranks.is_main
     tracker = (MlflowTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name)
                if track else Tracker())
     try:
@@ -182,6 +184,13 @@ def train_on_rank(cfg: Config, args: argparse.Namespace, ranks) -> int:
     return EXIT_DIVERGED
 
 
+def check_tracking(cfg: Config) -> None:
+    """An unreachable tracking store is one line before any demonstration is collected or base built."""
+    from ript_ablate.tracking import check_tracking_store, resolve_tracking_uri
+
+    check_tracking_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
+
+
 def launch_train(args: argparse.Namespace) -> int:
     """`train --nproc N`: check the config, build the base once, then run torchrun with N processes on this
     machine (each with cores / N threads) and exit as one process would (0, 3 when diverged, 1 on an error)."""
@@ -193,6 +202,8 @@ def launch_train(args: argparse.Namespace) -> int:
     from ript_ablate.study.resources import available_cores
 
     cfg = _load(args)
+    if cfg.tracking.enabled and not args.no_track:
+        check_tracking(cfg)
     ensure_base(cfg)
     out = Path(args.output or Path(cfg.training.output_dir) / time.strftime("run-%Y%m%d-%H%M%S"))
     argv = ["train", args.config, *[f"--set={s}" for s in args.set], "--output", str(out)]
