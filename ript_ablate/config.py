@@ -25,6 +25,7 @@ LOG_PROB_MODES = ("sum_on_action_dim", "avg_on_action_dim", "ratio_on_action_dim
 LORA_INITS = ("gaussian", "kaiming_uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
 INFERENCE_MODES = ("auto", "replica", "central")
+RANK_SPLITS = ("tasks", "contexts")
 
 # Keys present in original RIPT configs that the original code never reads: accepted, with a warning.
 ORIGINAL_UNUSED_ALGO_KEYS = (
@@ -163,6 +164,10 @@ class TrainingConfig:
     max_nonfinite: int = _f(3, "Consecutive non-finite updates tolerated before the run ends 'diverged'.")
     collective_timeout_s: float = _f(1800.0, "Under torchrun: the longest one rank waits for the others (a rollout "
                                              "round or an evaluation of the slowest) before the run ends with an error.")
+    rank_split: str = _f("tasks", "Under torchrun: how the training contexts are dealt to the processes. tasks: "
+                                  "whole tasks round-robin, as the original does (3 tasks on 2 ranks: 2 + 1); "
+                                  "contexts: every task's contexts round-robin, so every rank carries a share of "
+                                  "every task.")
 
 
 @dataclass
@@ -645,6 +650,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, t.save_interval >= 1, "training.save_interval", t.save_interval, ">= 1")
     _check(p, t.max_nonfinite >= 0, "training.max_nonfinite", t.max_nonfinite, ">= 0")
     _check(p, t.collective_timeout_s > 0, "training.collective_timeout_s", t.collective_timeout_s, "> 0 seconds")
+    _check(p, t.rank_split in RANK_SPLITS, "training.rank_split", t.rank_split, " | ".join(RANK_SPLITS))
     _check(p, t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
            t.device, "auto, cpu, cuda or cuda:N")
     _check(p, t.precision in PRECISIONS, "training.precision", t.precision, "one of " + ", ".join(PRECISIONS))

@@ -226,3 +226,33 @@ def test_processes_per_cell_is_checked_with_the_study(tmp_path):
                                     "seeds": [0], "processes_per_cell": 0}))
     with pytest.raises(ConfigError, match=r"processes_per_cell: got 0, expected an integer in 1\.\.64"):
         load_study(path)
+
+
+@pytest.mark.parametrize("split", ["tasks", "contexts"])
+def test_rank_split_deals_tasks_or_every_tasks_contexts(tmp_path, split):
+    from ript_ablate.bc import ensure_base
+    from ript_ablate.config import config_from_dict
+    from ript_ablate.ript.trainer import Trainer
+
+    cfg = config_from_dict({
+        "suite": {"name": "pointmass", "tasks": ["all"], "demos_per_task": 1, "contexts_per_task": 5,
+                  "eval_states_per_task": 2, "num_workers": 0},  # each rank evaluates one state of each task
+        "policy": {"name": "mlp", "options": {"hidden": 8}},
+        "sft": {"steps": 5, "scale_steps": 2, "batch_size": 16, "cache_dir": str(tmp_path / "cache")},
+        "training": {"n_iterations": 1, "contexts_per_iteration": 2, "rank_split": split},
+    })
+    ensure_base(cfg)
+    dealt = []
+    for rank in range(2):
+        ranks = Ranks()
+        ranks.rank, ranks.size = rank, 2
+        with Trainer(cfg, ranks=ranks).set_up(tmp_path / f"run-{rank}") as run:
+            dealt.append((run.tasks, [s.state_id for s in run.contexts]))
+    every = {f"{t}/context/{i}" for t in ("reach", "reach-mirror") for i in range(5)}
+    assert set(dealt[0][1]) | set(dealt[1][1]) >= every and not set(dealt[0][1]) & set(dealt[1][1])
+    tasks_of = [{i.split("/")[0] for i in ids} for _, ids in dealt]
+    if split == "tasks":  # the original: whole tasks, round-robin
+        assert [t for t, _ in dealt] == [["reach"], ["reach-mirror"]] and tasks_of == [{"reach"}, {"reach-mirror"}]
+    else:  # every rank carries every task, each task's contexts dealt evenly
+        assert tasks_of == [{"reach", "reach-mirror"}] * 2
+        assert [sum(i.startswith("reach/") for i in ids) for _, ids in dealt] == [3, 3]  # 1 demo + 5 contexts

@@ -1,7 +1,8 @@
 """One trial on 1 and on N processes, side by side in one run: iteration time split into rollout, update and
 evaluation, env steps/s, the all-reduce's share of the update, GPU memory, and the scaling ratio.
 
-    python -m ript_ablate.bench.distributed [CONFIG] [--nproc 1 2] [--iterations 3] [--set KEY=VALUE ...]
+    python -m ript_ablate.bench.distributed [CONFIG] [--nproc 1 2] [--splits tasks contexts] [--iterations 3]
+                                            [--set KEY=VALUE ...]
 
 Each process count trains the same config for `--iterations` iterations (`train --nproc N`: torchrun, NCCL on
 CUDA with one GPU per process, gloo on CPU with cores / N threads each), untracked, after the behaviour-cloning
@@ -9,7 +10,9 @@ base is built once. Rollouts run in each training process (`suite.num_workers: 0
 every process gets the same torch threads (cores / the largest N), so N processes roll out on N cores and the ratio
 measures the trial's own scaling, not one process's use of idle cores. Per-iteration figures are
 medians over the iterations after the first (iteration 1 pays for warm-up); evaluation over the evaluations run.
-On a machine with GPUs run it there as is: the device is CUDA when one is visible.
+Each process count above 1 runs once per `training.rank_split` in `--splits` (the original's whole tasks per rank,
+and every task's contexts dealt over the ranks). On a machine with GPUs run it there as is: the device is CUDA when
+one is visible.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default="configs/metaworld_quick.yaml")
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="process counts to compare")
+    parser.add_argument("--splits", nargs="+", default=["tasks", "contexts"], choices=["tasks", "contexts"],
+                        help="training.rank_split values to compare for each process count above 1")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--rollout-workers", type=int, default=0, help="suite.num_workers of each process")
     parser.add_argument("--set", action="append", default=[])
@@ -74,13 +79,15 @@ def main() -> None:
     cfg = load_checked_config(args.config, overrides)
     ensure_base(cfg)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    rows: dict[int, dict[str, float | None]] = {}
+    rows: dict[tuple[int, str], dict[str, float | None]] = {}
     threads = max(1, available_cores() // max(args.nproc))
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.nproc:
-            history, wall = run(args.config, n, args.iterations, overrides, Path(tmp) / f"n{n}", threads)
-            rows[n] = {key: median_of(history, key) for key, _ in FIGURES}
-            rows[n]["wall"] = wall
+            for split in (args.splits if n > 1 else args.splits[:1]):
+                history, wall = run(args.config, n, args.iterations, [*overrides, f"training.rank_split={split}"],
+                                    Path(tmp) / f"n{n}-{split}", threads)
+                rows[n, split] = {key: median_of(history, key) for key, _ in FIGURES}
+                rows[n, split]["wall"] = wall
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
@@ -88,19 +95,22 @@ def main() -> None:
           f", K={cfg.algo.rloo_batch_size}, GA={cfg.algo.gradient_accumulation_steps} per process, "
           f"{args.rollout_workers} rollout worker(s) and {threads} thread(s) per process; {device}; medians over "
           "iterations 2..")
-    print(f"  {'processes':>9} " + " ".join(f"{label:>13}" for _, label in FIGURES) + f" {'wall s':>8}")
-    for n, row in rows.items():
+    print(f"  {'processes':>9} {'split':>8} " + " ".join(f"{label:>13}" for _, label in FIGURES) + f" {'wall s':>8}")
+    for (n, split), row in rows.items():
         cells = [f"{row[key]:13.3f}" if row[key] is not None else f"{'-':>13}" for key, _ in FIGURES]
-        print(f"  {n:>9} " + " ".join(cells) + f" {row['wall']:8.1f}")
-    first = args.nproc[0]
-    for n in args.nproc[1:]:
-        rate, base = rows[n]["perf/env_steps_per_s"], rows[first]["perf/env_steps_per_s"]
-        it, it0 = rows[n]["perf/iteration_s"], rows[first]["perf/iteration_s"]
-        update = max(rows[n]["perf/update_s"] or 1e-9, 1e-9)
-        share = (rows[n]["perf/allreduce_s"] or 0.0) / update
-        wait = (rows[n]["perf/rank_wait_s"] or 0.0) / update
-        print(f"  {n} vs {first}: env steps/s x{rate / base:.2f}, iteration time x{it / it0:.2f}; of the update: "
-              f"all-reduce {100 * share:.1f}%, waiting for the slowest rank {100 * wait:.1f}%")
+        print(f"  {n:>9} {split if n > 1 else '-':>8} " + " ".join(cells) + f" {row['wall']:8.1f}")
+    first = rows[args.nproc[0], args.splits[0]]
+    for (n, split), row in rows.items():
+        if n == args.nproc[0]:
+            continue
+        rate, base = row["perf/env_steps_per_s"], first["perf/env_steps_per_s"]
+        it, it0 = row["perf/iteration_s"], first["perf/iteration_s"]
+        update = max(row["perf/update_s"] or 1e-9, 1e-9)
+        share = (row["perf/allreduce_s"] or 0.0) / update
+        wait = (row["perf/rank_wait_s"] or 0.0) / update
+        print(f"  {n} ({split}) vs {args.nproc[0]}: env steps/s x{rate / base:.2f}, iteration time x{it / it0:.2f}; "
+              f"rollout max/min {row['perf/rank_rollout_imbalance'] or 1.0:.2f}; of the update: all-reduce "
+              f"{100 * share:.1f}%, waiting for the slowest rank {100 * wait:.1f}%")
 
 
 if __name__ == "__main__":

@@ -162,8 +162,10 @@ class Trainer:
         if cfg.training.contexts_per_iteration < ranks.size:
             raise ConfigError([(f"training.contexts_per_iteration: {cfg.training.contexts_per_iteration} groups "
                                 f"cannot be shared by {ranks.size} processes: give at least one per process")])
-        # the original deals tasks round-robin over the ranks; with fewer tasks than ranks, the contexts instead
-        tasks = ranks.split(all_tasks) if len(all_tasks) >= ranks.size else list(all_tasks)
+        # the original deals tasks round-robin over the ranks; `rank_split: contexts` (or fewer tasks than ranks)
+        # deals each task's contexts instead, so every rank carries a similar share of every task
+        by_context = cfg.training.rank_split == "contexts" or len(all_tasks) < ranks.size
+        tasks = list(all_tasks) if by_context else ranks.split(all_tasks)
         policy, base, meta = load_start_policy(cfg, world)
         policy.to(self.device)
         ranks.broadcast_parameters(policy)  # one start on every rank, whatever its random LoRA initialisation
@@ -183,12 +185,11 @@ class Trainer:
                 "base_checkpoint": base, "rollout_inference": inference, "processes": str(ranks.size),
             })
             if algo.use_val_init:
-                contexts = [s for t in tasks for s in world.eval_states(t)]
+                per_task = [world.eval_states(t) for t in tasks]
             else:
                 demos = world.demonstrations(engine, cfg.sft.cache_dir)
-                contexts = [s for t in tasks for s in world.training_contexts(t, demos)]
-            if len(all_tasks) < ranks.size:
-                contexts = ranks.split(contexts)
+                per_task = [world.training_contexts(t, demos) for t in tasks]
+            contexts = [s for states in per_task for s in (ranks.split(states) if by_context else states)]
             run = RunState(
                 out=out, world=world, engine=engine, policy=policy, updater=updater, base=base, tasks=tasks,
                 contexts=contexts, eval_states={t: world.eval_states(t) for t in tasks},
