@@ -353,3 +353,34 @@ def test_ript_gain_mean_episode_lengths_weigh_by_episodes():
     assert mean_episode_lengths(history) == {"a": 100, "b": 50}
     # raw stepping would need 400/200 + 50/100 = 2.5 s for what the rollouts did in 3 s
     assert rollout_efficiency(history, {"a": 200.0, "b": 100.0}) == pytest.approx(2.5 / 3.0)
+
+
+def test_the_start_evaluation_is_computed_once_per_start_policy(tmp_path, monkeypatch):
+    """Runs from one base share their iteration-0 evaluation whatever their seed or switches; a start policy that
+    computes something else (here: its preparation moves the action head) is evaluated afresh."""
+    cache = str(tmp_path / "cache")
+    data = train_dict(cache, str(tmp_path))
+    data["training"]["n_iterations"] = 0
+    ensure_base(config_from_dict(data))
+    first = Trainer(config_from_dict(data)).run(tmp_path / "a")
+    other = {**data, "algo": {**data["algo"], "model_seed": 7, "use_laplace_sampling": False}}
+    second = Trainer(config_from_dict(other)).run(tmp_path / "b")
+    (start1,), (start2,) = first.history, second.history
+    assert start1["perf/eval_cached"] == 0.0 and start2["perf/eval_cached"] == 1.0
+    assert without_timings([start1]) == without_timings([start2])
+    computed = Trainer(config_from_dict(other))  # the same start evaluated for real agrees with the cached one
+    monkeypatch.setattr("ript_ablate.eval_cache.load", lambda cfg, key: None)
+    assert without_timings(computed.run(tmp_path / "c").history) == without_timings([start1])
+    monkeypatch.undo()
+    from ript_ablate.policies.reference import model
+
+    prepare = model.ReferencePolicy.prepare_for_rl
+
+    def moved(self, cfg):
+        prepare(self, cfg)
+        with torch.no_grad():
+            self.action_head.bias.add_(0.5)
+
+    monkeypatch.setattr(model.ReferencePolicy, "prepare_for_rl", moved)
+    third = Trainer(config_from_dict(data)).run(tmp_path / "d")
+    assert third.history[0]["perf/eval_cached"] == 0.0

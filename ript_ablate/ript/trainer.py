@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ript_ablate import checkpoints
+from ript_ablate import checkpoints, eval_cache
 from ript_ablate.bc import cached_base, load_base
 from ript_ablate.config import Config, flatten, to_yaml
 from ript_ablate.device import resolve_device
@@ -184,10 +184,10 @@ class Trainer:
                 "git_commit": git_commit(), "device": str(self.device), "torch_version": torch.__version__,
                 "base_checkpoint": base, "rollout_inference": inference, "processes": str(ranks.size),
             })
+            demos = None if algo.use_val_init else world.demonstrations(engine, cfg.sft.cache_dir)
             if algo.use_val_init:
                 per_task = [world.eval_states(t) for t in tasks]
             else:
-                demos = world.demonstrations(engine, cfg.sft.cache_dir)
                 per_task = [world.training_contexts(t, demos) for t in tasks]
             contexts = [s for states in per_task for s in (ranks.split(states) if by_context else states)]
             run = RunState(
@@ -201,9 +201,20 @@ class Trainer:
             run.done = start_iteration
             self._replay_prior(start_iteration, run.result)
             evaluated = any(h["iteration"] == start_iteration and "eval/success_rate" in h for h in run.result.history)
-            if not ranks.broadcast(evaluated):
-                self._evaluate(run, start_iteration)  # one point per iteration, also on resume
+            if not ranks.broadcast(evaluated):  # one point per iteration, also on resume
+                probe = (eval_cache.probe_digest(policy, world, demos, self.device, cfg.training.precision)
+                         if start_iteration == 0 and ranks.size == 1 else None)
+                self._evaluate(run, start_iteration, cache_key=probe and eval_cache.eval_key(
+                    cfg, world, probe, inference, self.device))
             yield run
+
+    def warm_start(self) -> None:
+        """Set up (building nothing that is cached) and tear down again: the start policy's evaluation lands in
+        the cache, so that every run that starts from it skips it. Untracked; writes into a temporary folder."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp, self.set_up(Path(tmp) / "warm"):
+            pass
 
     def _act(self, run: RunState) -> None:
         """Point the engine at the current weights (replica: sent to the workers; central: used in place)."""
@@ -270,11 +281,21 @@ class Trainer:
             self._append_history(result.history[-1])
         self.tracker.flush()
 
-    def _evaluate(self, run: RunState, iteration: int, metrics: dict[str, float] | None = None) -> None:
+    def _evaluate(self, run: RunState, iteration: int, metrics: dict[str, float] | None = None,
+                  cache_key: str | None = None) -> None:
+        """Evaluate and log (into `metrics` when given). With `cache_key` (the start policy's evaluation, see
+        `ript_ablate.eval_cache`), a cached result is used, and a computed one cached."""
         t0 = time.perf_counter()
-        self._act(run)
-        res = evaluate(run.world, run.engine, ranks=self.ranks)
+        res = eval_cache.load(self.cfg, cache_key) if cache_key else None
+        cached = res is not None
+        if res is None:
+            self._act(run)
+            res = evaluate(run.world, run.engine, ranks=self.ranks)
+            if cache_key:
+                eval_cache.save(self.cfg, cache_key, res)
         values = {**res.metrics(), "perf/eval_s": time.perf_counter() - t0}
+        if cache_key:
+            values["perf/eval_cached"] = float(cached)
         if metrics is None:
             self._log(iteration, values, run.result)
         else:

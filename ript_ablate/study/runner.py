@@ -23,7 +23,7 @@ from rich.table import Table
 from ript_ablate.errors import is_infrastructure_error, readable_error
 from ript_ablate.progress import console
 from ript_ablate.study.resources import Slot, plan_slots
-from ript_ablate.study.spec import StudySpec, describe
+from ript_ablate.study.spec import StudySpec, describe, with_values
 from ript_ablate.study.store import CellRecord, StudyStore, redact
 from ript_ablate.study.worker import Worker
 from ript_ablate.tracking import tags as tag
@@ -99,25 +99,42 @@ def eta_seconds(records: list[CellRecord], counts: dict[str, int], workers: int)
     return sum(walls) / len(walls) * remaining / max(1, workers)
 
 
-def prepare_bases(spec: StudySpec) -> None:
+def prepare_bases(spec: StudySpec, slot: Slot | None = None) -> None:
     """Build (or find in the cache) each behaviour-cloning base the cells need, once, before workers start:
-    concurrent cells then only read the cache."""
+    concurrent cells then only read the cache. With `slot` (where the cells will run), each distinct start is
+    also evaluated once (`Trainer.warm_start`), so that no cell repeats its iteration-0 evaluation."""
+    import torch
+
     from ript_ablate.bc import base_key, ensure_base
-    from ript_ablate.plugins import build_world
+    from ript_ablate.config import to_dict
+    from ript_ablate.plugins import build_world, checked_config_from_dict
+    from ript_ablate.ript.trainer import Trainer
 
     if spec.command:
         return  # your own trainer builds what it needs
     configs = [spec.cell_config(v, spec.seeds[0]) for v in (spec.grid_configs() if spec.mode == "grid" else [{}])]
-    seen = set()
+    bases, starts = set(), set()
     for cfg in configs:
-        if cfg.algo.checkpoint_path:
-            continue  # the cells start from a given model, not from a cached base
         world = build_world(cfg)
-        key = (base_key(cfg, world), cfg.sft.cache_dir)
-        if key in seen:
+        key = base_key(cfg, world) if not cfg.algo.checkpoint_path else cfg.algo.checkpoint_path
+        if not cfg.algo.checkpoint_path and (key, cfg.sft.cache_dir) not in bases:
+            bases.add((key, cfg.sft.cache_dir))
+            ensure_base(cfg, world)
+        if slot is None or spec.processes_per_cell > 1:
             continue
-        seen.add(key)
-        ensure_base(cfg, world)
+        placed = checked_config_from_dict(with_values(to_dict(cfg), slot.overrides(cfg.suite.num_workers)))
+        start = json.dumps([key, to_dict(placed.suite), placed.algo.header_checkpoint, placed.algo.lora_adaptor_ckpt,
+                            placed.algo.max_episode_length, placed.training.precision, placed.training.device,
+                            cfg.sft.cache_dir], sort_keys=True, default=str)
+        if start in starts:
+            continue
+        starts.add(start)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(slot.threads)  # as the cells will run: the evaluation is then theirs to the bit
+        try:
+            Trainer(placed).warm_start()
+        finally:
+            torch.set_num_threads(threads)
 
 
 def worker_command(spec_path: Path, url: str, slot: Slot, output_dir: Path) -> list[str]:
@@ -179,7 +196,7 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
     previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen] = []
     try:
-        prepare_bases(spec)
+        prepare_bases(spec, slots[0])
         logs = spec.study_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for slot in slots:
@@ -330,7 +347,7 @@ def run_worker(spec: StudySpec, storage: str | None, devices: str, slot_json: st
     store = open_store(spec, storage, create=independent and url.startswith(RDB_PREFIXES))
     if independent:
         parent, added = set_up(spec, store, tracking_uri)
-        prepare_bases(spec)
+        prepare_bases(spec, slot)
         console.print(f"joined study {spec.name} at {redact(store.url)} on {slot.device} "
                       f"({slot.threads} threads, {slot.rollout_workers} rollout processes); parent run {parent}"
                       + (f"; enqueued {added} cell(s)" if added else ""))
