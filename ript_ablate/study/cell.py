@@ -64,12 +64,12 @@ def fault_planned(cell_id: str, attempt: int, spec: str | None = None) -> str | 
 
 
 def exit_with_parent(parent_pid: int) -> None:
-    """A watchdog: when the worker that started this cell dies, stop (its lease will be recovered). A rank of a
-    multi-process cell is torchrun's child, not the worker's: it watches the worker's pid instead."""
-    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    """A watchdog: when the worker that started this cell dies, stop (its lease will be recovered)."""
+    # a rank is torchrun's child and a forked cell the zygote's (study/zygote.py): those watch the worker's pid
+    not_the_workers_child = any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RIPT_ABLATE_ZYGOTE"))
 
     def worker_alive() -> bool:
-        if not under_torchrun:
+        if not not_the_workers_child:
             return os.getppid() == parent_pid
         try:
             os.kill(parent_pid, 0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def metric_points(history: Iterable[dict], metric: str) -> list[tuple[int, float]]:
@@ -40,6 +39,8 @@ def reduce_points(points: Sequence[tuple[int, float]], reduction: str, direction
 def iqm(values: Sequence[float]) -> float:
     """Interquartile mean (rliable): the mean of the middle 50% of all values (a runs x tasks matrix counts every
     score), robust to one outlying seed."""
+    from scipy import stats  # here, not at import: every cell imports this module and scipy costs a second
+
     return float(stats.trim_mean(np.asarray(values, dtype=float).ravel(), 0.25))
 
 

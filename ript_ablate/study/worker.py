@@ -31,6 +31,7 @@ from ript_ablate.study.command_cell import cuda_visible_devices
 from ript_ablate.study.resources import Slot
 from ript_ablate.study.spec import StudySpec, describe
 from ript_ablate.study.store import Claim, StudyStore
+from ript_ablate.study.zygote import COLD_CELLS_ENV, Zygote
 from ript_ablate.tracking import tags as tag
 from ript_ablate.tracking.runs import mark_lost, mark_run
 
@@ -93,6 +94,7 @@ class Worker:
         self.signal_name = ""
         self.stop_after_cell = False  # a signal came as the cell finished: its result is recorded, then we stop
         self.infra_streak = 0  # consecutive infrastructure failures: sets the back-off
+        self.zygote: Zygote | None = None  # forks this worker's cells (study/zygote.py)
 
     def run(self) -> int:
         """Work until the study has nothing left or a signal stops it; returns the number of cells this worker
@@ -122,6 +124,8 @@ class Worker:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if self.zygote is not None:
+                self.zygote.close()
         return ran
 
     def _next_claim(self) -> Claim | None:
@@ -275,7 +279,8 @@ class Worker:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.slot.threads), "MKL_NUM_THREADS": str(self.slot.threads)}
         job_file = str(attempt_dir / "job.json")
         cell = [sys.executable, "-m", "ript_ablate.study.cell", job_file]
-        if self.slot.processes > 1 and not self.spec.command:  # one torchrun trial (a command launches its own)
+        torchrun = self.slot.processes > 1 and not self.spec.command  # one torchrun trial (a command launches its own)
+        if torchrun:
             from ript_ablate.distributed import torchrun_args  # imports torch: only where a cell needs it
 
             cell = torchrun_args(self.slot.processes, [job_file], module="ript_ablate.study.cell")
@@ -283,8 +288,11 @@ class Worker:
                 env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(self.slot.device)
         with (attempt_dir / "output.log").open("w") as log:
             # its own process group, so that stopping it stops its rollout processes (and its ranks) too
-            proc = subprocess.Popen(cell, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
+            if torchrun or os.environ.get(COLD_CELLS_ENV) == "1":
+                proc = subprocess.Popen(cell, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+            else:  # forked by this worker's zygote: the same fresh process, without the imports (study/zygote.py)
+                proc = self._zygote(env).spawn(job_file, env, attempt_dir / "output.log", os.getcwd())
             self._persist(lambda: self.store.set_attrs(claim.trial_id, {"cell_pid": proc.pid,
                                                                         "log": str(attempt_dir / "output.log")}))
             try:
@@ -328,6 +336,14 @@ class Worker:
         if result["status"] == "infra":
             self._mark_run(attrs["mlflow_run_id"], "FAILED", tag.outcome_tags("infrastructure", result.get("reason")))
         return CellOutcome(TrialState.FAIL, None, {**attrs, "reason": result.get("reason", "unknown error")[:2000]})
+
+    def _zygote(self, env: dict[str, str]) -> Zygote:
+        """This worker's zygote, started at its first cell (with the cells' thread settings) and again if it died."""
+        if self.zygote is None:
+            base = self.spec.base if not self.spec.command else {}
+            self.zygote = Zygote(base.get("suite", {}).get("name", "metaworld") if base else None,
+                                 base.get("policy", {}).get("name", "reference") if base else None, env, None)
+        return self.zygote
 
     @staticmethod
     def _run_id(attempt_dir: Path) -> str | None:
