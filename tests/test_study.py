@@ -432,28 +432,30 @@ def test_signal_just_after_the_cell_wrote_its_result_keeps_the_result(study_env,
     """The cell finished (result written, MLflow run FINISHED) and then the signal reached the worker: the cell is
     recorded complete, not killed and run again, and the worker still stops."""
     from ript_ablate.study import worker as worker_module
+    from ript_ablate.study import zygote
     from ript_ablate.study.resources import plan_slots
     from ript_ablate.study.runner import open_store, set_up
     from ript_ablate.tracking import resolve_tracking_uri
 
-    class SignalAfterExit(subprocess.Popen):
-        signalled = False
+    signalled = []
+    wait = zygote.ZygoteCell.wait
 
-        def wait(self, timeout=None):
-            code = super().wait()
-            if not self.signalled:  # the worker's wait for its cell: the signal lands right after the exit
-                self.signalled = True
-                raise KeyboardInterrupt
-            return code
+    def signal_after_exit(self, timeout=None):
+        code = wait(self)
+        if not signalled:  # the worker's wait for its cell: the signal lands right after the exit
+            signalled.append(True)
+            raise KeyboardInterrupt
+        return code
 
     spec = load_study(write_spec(study_env, factors={"algo.ppo_clip_high": [0.2]}))
     uri = resolve_tracking_uri(spec.tracking_uri)
     store = open_store(spec, None, create=True)
     set_up(spec, store, uri)
     worker = worker_module.Worker(spec, store, plan_slots(1, "cpu")[0], uri)
-    monkeypatch.setattr(worker_module.subprocess, "Popen", SignalAfterExit)
+    monkeypatch.setattr(zygote.ZygoteCell, "wait", signal_after_exit)
     with pytest.raises(KeyboardInterrupt):
         worker.run_cell(store.claim())
+    worker.zygote.close()
     (trial,) = trials(spec.path)
     assert trial.state.name == "COMPLETE" and trial.user_attrs["status"] == "finished"
     _, children = child_runs(spec.path)

@@ -101,26 +101,22 @@ def serve(requests: IO[str], replies: IO[str]) -> None:
         replies.flush()
 
     fd = requests.fileno()
-    open_requests = True
-    while open_requests or children:
-        if open_requests and select.select([fd], [], [], REAP_S)[0]:
+    while True:
+        if select.select([fd], [], [], REAP_S)[0]:
             line = requests.readline()
             if not line:
-                open_requests = False  # the worker is gone: its cells see that themselves and stop
-            else:
-                request = json.loads(line)
-                sys.stdout.flush()
-                sys.stderr.flush()
-                pid = os.fork()
-                if pid == 0:
-                    code = _child(request, replies)
-                    with contextlib.suppress(BaseException):
-                        atexit._run_exitfuncs()  # what a cell's interpreter would run on its way out
-                    os._exit(code)
-                children.add(pid)
-                reply({"pid": pid})
-        elif not open_requests:
-            time.sleep(REAP_S)
+                return  # the worker is gone: its cells see that themselves and stop
+            request = json.loads(line)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                code = _child(request, replies)
+                with contextlib.suppress(BaseException):
+                    atexit._run_exitfuncs()  # what a cell's interpreter would run on its way out
+                os._exit(code)
+            children.add(pid)
+            reply({"pid": pid})
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -128,8 +124,6 @@ def serve(requests: IO[str], replies: IO[str]) -> None:
             children.discard(pid)
             with contextlib.suppress(OSError):  # the worker may be gone
                 reply({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
-        if not open_requests:
-            return
 
 
 def main(argv: list[str] | None = None) -> int:
