@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny one-task config so the suite runs in seconds on 2 cores."""
+"""Shared fixtures: a tiny one-task config so the suite runs in seconds on 2 cores, and an MLflow store per test
+that is a copy of one created once (creating an MLflow sqlite store takes about 2 s)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -37,3 +39,21 @@ def tiny_yaml(tmp_path, tiny_dict):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_dict))
     return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory):
+    """An empty MLflow sqlite store with its tables created, once per test session."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_mlflow_store(tmp_path, mlflow_template):
+    """Every test's tmp_path/mlflow.db starts as a copy of the template: the tests that track into
+    sqlite:///<tmp_path>/mlflow.db skip MLflow's table creation, and each still gets a store of its own."""
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+

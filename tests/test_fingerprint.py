@@ -1,5 +1,6 @@
-"""Committed numbers stay true: the quick suite's demonstrations (hashed exactly) and a short fixed-thread
-behaviour-cloning run equal the fingerprint recorded when the committed quickstart example was made."""
+"""Committed numbers stay true: the quick suite's demonstrations (hashed exactly), a short fixed-thread
+behaviour-cloning run and a fixed-seed 2-iteration Laplace run equal the fingerprint recorded when the committed
+quickstart example was made."""
 
 from __future__ import annotations
 
@@ -23,3 +24,6 @@ def test_a_moved_fingerprint_is_told_apart_from_a_moved_key():
     moved_base = {**committed, "bc": [v * (1 + 1e-4) for v in committed["bc"]]}
     assert "base's cache key did not" in differences(moved_base, committed)[0]
     assert differences({**committed, "base_key": "renamed"}, committed) == []  # a new key over the same content
+    moved_run = json.loads(json.dumps(committed))
+    moved_run["laplace_run"][-1]["eval/success_rate"] += 0.25
+    assert "Laplace run moved" in differences(moved_run, committed)[0]

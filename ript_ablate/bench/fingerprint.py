@@ -1,5 +1,5 @@
 """The quick suite's fingerprint: the exact hash of its demonstrations and a short fixed-thread behaviour-cloning
-run, next to the cache keys they were made under. The committed quickstart example and the README's figures come
+run, next to the cache keys they were made under, and a fixed-seed 2-iteration Laplace run's metrics. The committed quickstart example and the README's figures come
 from these demonstrations and this base; `tests/test_fingerprint.py` fails when a change moves either, so a change
 that moves them also regenerates what was committed (or, if the cache key stayed, gives the cache a new key).
 
@@ -58,6 +58,40 @@ def bc_numbers(cfg: Any, world: Any, demos: Any) -> list[float]:
     return [float(f"{v:.9g}") for v in (l1, nll, *sums)]
 
 
+# A short fixed-seed Laplace run (RIPT's default family): what a change to the policy interface, the rollout engine,
+# the distributions or the update must leave unchanged. Small enough for CI, with mixed-reward groups so that the
+# update runs (the quick suite's 20-step fingerprint base would solve nothing).
+RUN_CONFIG: dict[str, Any] = {
+    "suite": {"tasks": ["reach-v3"], "demos_per_task": 2, "contexts_per_task": 4, "eval_states_per_task": 4,
+              "num_workers": 0, "envs_per_worker": 8},
+    "policy": {"d_model": 32, "n_layers": 1, "n_heads": 2, "chunk_size": 4},
+    "sft": {"steps": 300, "scale_steps": 50, "batch_size": 64},
+    "algo": {"max_episode_length": 60, "rloo_batch_size": 4, "scale_factor": 5.0, "lr": 1e-3, "header_lr": 1e-3,
+             "max_step_batch_size": 64, "gradient_accumulation_steps": 3, "lora_rank": 4},
+    "training": {"n_iterations": 2, "contexts_per_iteration": 2, "eval_interval": 1, "save_interval": 10},
+    "tracking": {"enabled": False},
+}
+
+
+def laplace_run_numbers() -> list[dict[str, float]]:
+    """Every logged metric but timings of a 2-iteration Laplace run from its own base, on one thread."""
+    from ript_ablate.bc import ensure_base
+    from ript_ablate.plugins import checked_config_from_dict
+    from ript_ablate.ript.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = {**RUN_CONFIG, "sft": {**RUN_CONFIG["sft"], "cache_dir": f"{tmp}/cache"}}
+            cfg = checked_config_from_dict(data, "fingerprint run")
+            ensure_base(cfg)
+            history = Trainer(cfg).run(Path(tmp) / "run").history
+    finally:
+        torch.set_num_threads(threads)
+    return [{k: float(f"{v:.9g}") for k, v in h.items() if not k.startswith("perf/")} for h in history]
+
+
 def quick_suite_fingerprint(config: Path = QUICK_CONFIG) -> dict[str, Any]:
     from ript_ablate.bc import base_key, demo_key
     from ript_ablate.engine import RolloutEngine
@@ -72,7 +106,8 @@ def quick_suite_fingerprint(config: Path = QUICK_CONFIG) -> dict[str, Any]:
         full = load_checked_config(config, [f"sft.cache_dir={tmp}"])
         return {"config": str(config.relative_to(REPO)), "demo_key": demo_key(world),
                 "demo_sha256": demonstrations_sha256(demos, world.tasks), "base_key": base_key(full, build_world(full)),
-                "bc_steps": [BC_STEPS, SCALE_STEPS], "bc": bc_numbers(cfg, world, demos)}
+                "bc_steps": [BC_STEPS, SCALE_STEPS], "bc": bc_numbers(cfg, world, demos),
+                "laplace_run": laplace_run_numbers()}
 
 
 def differences(now: dict[str, Any], committed: dict[str, Any]) -> list[str]:
@@ -95,11 +130,21 @@ def differences(now: dict[str, Any], committed: dict[str, Any]) -> list[str]:
         else:
             problems.append(f"the quick suite's behaviour cloning changed (new base key {now['base_key']}, "
                             f"was {committed['base_key']})")
+    if not _same_history(now.get("laplace_run", []), committed.get("laplace_run", [])):
+        problems.append("the fixed-seed 2-iteration Laplace run moved (RUN_CONFIG in ript_ablate/bench/fingerprint.py):"
+                        " a change to the policy interface, the engine, the distributions or the update changed what "
+                        "RIPT computes for the default family")
     if problems:
         problems.append("the committed quickstart example and the README's figures came from the old ones: "
                         "regenerate them (`make quickstart`, then copy reports/quickstart to reports/examples), "
                         "then record the new fingerprint with `python -m ript_ablate.bench.fingerprint --write`")
     return problems
+
+
+def _same_history(now: list[dict[str, float]], committed: list[dict[str, float]]) -> bool:
+    if len(now) != len(committed) or any(a.keys() != b.keys() for a, b in zip(now, committed)):
+        return False
+    return all(np.isclose(a[k], b[k], rtol=1e-6, atol=1e-9, equal_nan=True) for a, b in zip(now, committed) for k in a)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from ript_ablate.progress import console
 from ript_ablate.study.resources import Slot, plan_slots
 from ript_ablate.study.spec import StudySpec, describe, with_values
 from ript_ablate.study.store import CellRecord, StudyStore, redact
-from ript_ablate.study.worker import Worker
+from ript_ablate.study.worker import Worker, plugin_names
+from ript_ablate.study.zygote import COLD_CELLS_ENV, Zygote
 from ript_ablate.tracking import tags as tag
 from ript_ablate.tracking.runs import ensure_parent_run, finish_parent, sweep_orphans
 
@@ -194,15 +196,29 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
     # SIGINT explicitly too: a runner started from a background job inherits SIGINT ignored, and would miss Ctrl-C
     # or a `kill -INT` to its process group while its workers (which set their own handlers) stop
     previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
-    procs: list[subprocess.Popen] = []
+    procs: list = []
+    # workers are forked by a zygote that imports what workers and cells need once, while the bases are prepared;
+    # each worker then forks its own cell zygote from itself (study/zygote.py)
+    zygote = None
+    if os.environ.get(COLD_CELLS_ENV) != "1" and spec.processes_per_cell == 1:
+        zygote = Zygote(*plugin_names(spec), {**os.environ, "OMP_NUM_THREADS": str(slots[0].threads),
+                                              "MKL_NUM_THREADS": str(slots[0].threads)}, None)
+        zygote.ensure()
     try:
         prepare_bases(spec, slots[0])
         logs = spec.study_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for slot in slots:
-            log = (logs / f"worker-{slot.index}.log").open("a")
-            procs.append(subprocess.Popen(worker_command(spec.path, store.url, slot, spec.output_dir), stdout=log,
-                                          stderr=subprocess.STDOUT))
+            command = worker_command(spec.path, store.url, slot, spec.output_dir)
+            log_path = logs / f"worker-{slot.index}.log"
+            proc = None
+            if zygote is not None:
+                try:
+                    proc = zygote.spawn_worker(command[3:], dict(os.environ), log_path, os.getcwd(),
+                                               *plugin_names(spec))
+                except (OSError, RuntimeError):
+                    zygote = None  # it could not fork (see the worker log): workers start as new interpreters
+            procs.append(proc or subprocess.Popen(command, stdout=log_path.open("a"), stderr=subprocess.STDOUT))
         console.print(f"{len(slots)} worker(s): " + ", ".join(f"{s.device} x{s.threads} threads, "
                                                               f"{s.rollout_workers} rollout proc" for s in slots)
                       + f"; logs in {logs}")
@@ -226,6 +242,8 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
         for signum, handler in previous.items():
             if signal.getsignal(signum) is _raise_interrupt:
                 signal.signal(signum, handler)
+        if zygote is not None:
+            zygote.close()
     return finalize(spec, store, tracking_uri)
 
 

@@ -31,7 +31,7 @@ from ript_ablate.study.command_cell import cuda_visible_devices
 from ript_ablate.study.resources import Slot
 from ript_ablate.study.spec import StudySpec, describe
 from ript_ablate.study.store import Claim, StudyStore
-from ript_ablate.study.zygote import COLD_CELLS_ENV, Zygote
+from ript_ablate.study.zygote import COLD_CELLS_ENV, Zygote, attached
 from ript_ablate.tracking import tags as tag
 from ript_ablate.tracking.runs import mark_lost, mark_run
 
@@ -75,6 +75,13 @@ class Heartbeat:
         self.thread.join(timeout=5)
 
 
+def plugin_names(spec: StudySpec) -> tuple[str | None, str | None]:
+    """The world and policy a spec's cells build (for a zygote to import beforehand); none for your own trainer."""
+    if spec.command:
+        return None, None
+    return spec.base.get("suite", {}).get("name", "metaworld"), spec.base.get("policy", {}).get("name", "reference")
+
+
 def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> int:
     """SIGTERM to the cell's whole process group, SIGKILL after `grace` seconds; its exit code."""
     return stop_process(proc, grace, group=True)
@@ -95,6 +102,7 @@ class Worker:
         self.stop_after_cell = False  # a signal came as the cell finished: its result is recorded, then we stop
         self.infra_streak = 0  # consecutive infrastructure failures: sets the back-off
         self.zygote: Zygote | None = None  # forks this worker's cells (study/zygote.py)
+        self.cold = False  # the zygote could not fork cells: start each as a new interpreter
 
     def run(self) -> int:
         """Work until the study has nothing left or a signal stops it; returns the number of cells this worker
@@ -288,11 +296,16 @@ class Worker:
                 env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(self.slot.device)
         with (attempt_dir / "output.log").open("w") as log:
             # its own process group, so that stopping it stops its rollout processes (and its ranks) too
-            if torchrun or os.environ.get(COLD_CELLS_ENV) == "1":
+            proc = None
+            if not (torchrun or self.cold or os.environ.get(COLD_CELLS_ENV) == "1"):
+                try:  # forked by this worker's zygote: the same fresh process, without the imports (study/zygote.py)
+                    proc = self._zygote(env).spawn(job_file, env, attempt_dir / "output.log", os.getcwd())
+                except (OSError, RuntimeError) as exc:
+                    self.cold = True
+                    self.log(f"[yellow]cells start as new interpreters from now on[/]: {escape(str(exc))}")
+            if proc is None:
                 proc = subprocess.Popen(cell, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
-            else:  # forked by this worker's zygote: the same fresh process, without the imports (study/zygote.py)
-                proc = self._zygote(env).spawn(job_file, env, attempt_dir / "output.log", os.getcwd())
             self._persist(lambda: self.store.set_attrs(claim.trial_id, {"cell_pid": proc.pid,
                                                                         "log": str(attempt_dir / "output.log")}))
             try:
@@ -338,11 +351,10 @@ class Worker:
         return CellOutcome(TrialState.FAIL, None, {**attrs, "reason": result.get("reason", "unknown error")[:2000]})
 
     def _zygote(self, env: dict[str, str]) -> Zygote:
-        """This worker's zygote, started at its first cell (with the cells' thread settings) and again if it died."""
+        """This worker's zygote: the one it forked at its start when the runner's zygote forked it, else one
+        started at its first cell (with the cells' thread settings); started again if it died."""
         if self.zygote is None:
-            base = self.spec.base if not self.spec.command else {}
-            self.zygote = Zygote(base.get("suite", {}).get("name", "metaworld") if base else None,
-                                 base.get("policy", {}).get("name", "reference") if base else None, env, None)
+            self.zygote = attached() or Zygote(*plugin_names(self.spec), env, None)
         return self.zygote
 
     @staticmethod

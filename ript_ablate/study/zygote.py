@@ -17,7 +17,13 @@ The zygote ends when the worker does: its requests come on its standard input, a
 exits or is SIGKILLed) ends it. A cell watches the worker's pid and takes its process group along when the worker
 is gone (`cell.exit_with_parent`). A worker finds a dead zygote before the next cell and starts another.
 
-Protocol (one JSON object per line): request {"job": path, "env": {...}, "cwd": dir, "log": path}; replies
+`study run` goes one step further: its workers are forked by a zygote too, started while the bases are prepared;
+each worker, still clean, first forks its own cell zygote from itself (`Zygote.fork_here`), so neither a worker nor
+its cells import anything. A worker started on its own (`study worker` on another machine) starts its cell zygote
+as a new interpreter at its first cell.
+
+Protocol (one JSON object per line): request {"job": path, "env": {...}, "cwd": dir, "log": path} for a cell, or
+{"kind": "worker", "argv": [...], ...} for a worker (which stays in its starter's process group); replies
 {"pid": n} once forked, then {"exit": n, "code": c} when that child ends (c negative: killed by signal -c).
 """
 
@@ -28,6 +34,7 @@ import contextlib
 import importlib
 import json
 import os
+import runpy
 import select
 import signal
 import subprocess
@@ -38,17 +45,20 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
-PRELOAD = ("numpy", "torch", "torch._dynamo", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
-           "optuna", "ript_ablate.study.cell", "ript_ablate.study.command_cell", "ript_ablate.study.objective",
-           "ript_ablate.ript.trainer", "ript_ablate.bc", "ript_ablate.tracking.tracker", "ript_ablate.engine")
+# what a cell of your own trainer needs (its command runs in its own interpreter), then what a built-in cell adds
+PRELOAD_LIGHT = ("numpy", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "optuna",
+                 "ript_ablate.study.cell", "ript_ablate.study.command_cell", "ript_ablate.study.objective",
+                 "ript_ablate.tracking.tracker", "ript_ablate.study.runner", "ript_ablate.cli")
+PRELOAD = (*PRELOAD_LIGHT, "torch", "torch._dynamo", "ript_ablate.ript.trainer", "ript_ablate.bc", "ript_ablate.engine")
 ZYGOTE_ENV = "RIPT_ABLATE_ZYGOTE"  # set in a cell forked by a zygote: its parent is not its worker
 COLD_CELLS_ENV = "RIPT_ABLATE_COLD_CELLS"  # "1": every cell a new interpreter, as before (for comparison)
 REAP_S = 0.05
 
 
 def preload(world: str | None, policy: str | None) -> None:
-    """Import what cells need, without running any of it (no torch op, no client, no thread)."""
-    for module in PRELOAD:
+    """Import what cells need, without running any of it (no torch op, no client, no thread). Without a world and
+    a policy (a study of your own trainer) the light set: the cell only watches your command."""
+    for module in PRELOAD if world or policy else PRELOAD_LIGHT:
         importlib.import_module(module)
     from ript_ablate.plugins import resolve
 
@@ -58,11 +68,12 @@ def preload(world: str | None, policy: str | None) -> None:
                 resolve(kind, name)
 
 
-def _child(request: dict[str, Any], replies: IO[str]) -> int:
-    """In the forked child: become a fresh process for one cell, run it, return its exit code."""
+def _become(request: dict[str, Any], replies: IO[str], new_session: bool) -> None:
+    """In a forked child: a fresh process with the request's environment, working directory and log."""
     with contextlib.suppress(OSError):
-        os.close(replies.fileno())  # only the zygote answers the worker (and the worker sees EOF when it dies)
-    os.setsid()  # its own session and process group, as `start_new_session` gave a spawned cell
+        os.close(replies.fileno())  # only the zygote answers (and its reader sees EOF when the zygote dies)
+    if new_session:
+        os.setsid()  # its own session and process group, as `start_new_session` gave a spawned cell
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -74,22 +85,38 @@ def _child(request: dict[str, Any], replies: IO[str]) -> int:
     os.close(null)
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ[ZYGOTE_ENV] = "1"
     os.chdir(request["cwd"])
-    sys.argv = ["ript_ablate.study.cell", request["job"]]
-    from ript_ablate.study import cell
 
+
+def _exit_code(run: Any) -> int:
     try:
-        return int(cell.main([request["job"]]) or 0)
+        return int(run() or 0)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - a crashed cell is an exit code and a traceback in its log
+    except BaseException:  # noqa: BLE001 - a crash is an exit code and a traceback in the log
         traceback.print_exc()
         return 1
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
+
+
+def _run_cell(request: dict[str, Any]) -> int:
+    os.environ[ZYGOTE_ENV] = "1"
+    sys.argv = ["ript_ablate.study.cell", request["job"]]
+    from ript_ablate.study import cell
+
+    return _exit_code(lambda: cell.main([request["job"]]))
+
+
+def _run_worker(request: dict[str, Any]) -> int:
+    """A study worker forked by the runner's zygote: it first forks its own cell zygote (still clean: nothing has
+    run here yet), then works as `ript-ablate study worker` would."""
+    global _attached
+    _attached = Zygote.fork_here(request.get("world"), request.get("policy"))
+    sys.argv = ["ript-ablate", *request["argv"]]  # then exactly `python -m ript_ablate.cli ARGV`
+    return _exit_code(lambda: runpy.run_module("ript_ablate.cli", run_name="__main__", alter_sys=True))
 
 
 def serve(requests: IO[str], replies: IO[str]) -> None:
@@ -111,9 +138,11 @@ def serve(requests: IO[str], replies: IO[str]) -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                code = _child(request, replies)
+                worker = request.get("kind") == "worker"
+                _become(request, replies, new_session=not worker)  # a worker stays in the runner's group
+                code = _run_worker(request) if worker else _run_cell(request)
                 with contextlib.suppress(BaseException):
-                    atexit._run_exitfuncs()  # what a cell's interpreter would run on its way out
+                    atexit._run_exitfuncs()  # what an interpreter would run on its way out
                 os._exit(code)
             children.add(pid)
             reply({"pid": pid})
@@ -130,11 +159,49 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the worker's group is the worker's to handle
     preload(*(args + [None, None])[:2])
-    assert threading.active_count() == 1, "the zygote must not fork with Python threads running"
+    if threading.active_count() > 1:  # forking with threads running is not safe: the starter falls back to cold
+        print(f"the cell zygote does not fork: importing the plug-ins started threads "
+              f"({', '.join(t.name for t in threading.enumerate()[1:])}); cells start as new interpreters",
+              file=sys.stderr, flush=True)
+        return 3
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints of imported code go to the log, not into the replies
     serve(sys.stdin, replies)
     return 0
+
+
+_attached: Zygote | None = None  # the cell zygote this worker forked at its start (a worker forked by a zygote)
+
+
+def attached() -> Zygote | None:
+    return _attached
+
+
+class _Forked:
+    """A zygote forked from this process, with the parts of `subprocess.Popen` that `Zygote` uses."""
+
+    def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes]):
+        self.pid, self.stdin, self.stdout, self.returncode = pid, stdin, stdout, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"zygote {self.pid}", timeout or 0.0)
+            time.sleep(REAP_S)
+        return self.returncode  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def _running(pid: int) -> bool:
@@ -153,7 +220,8 @@ def _running(pid: int) -> bool:
 
 
 class ZygoteCell:
-    """A cell forked by the zygote, with the parts of `subprocess.Popen` the worker uses (pid, poll, wait)."""
+    """A process forked by a zygote, with the parts of `subprocess.Popen` its starter uses (pid, poll, wait,
+    send_signal, kill)."""
 
     def __init__(self, zygote: Zygote, pid: int):
         self.zygote, self.pid, self.returncode = zygote, pid, None
@@ -167,9 +235,17 @@ class ZygoteCell:
         if self.returncode is None:
             code = self.zygote.exit_code(self.pid, timeout)
             if code is None:
-                raise subprocess.TimeoutExpired(f"cell {self.pid}", timeout or 0.0)
+                raise subprocess.TimeoutExpired(f"process {self.pid}", timeout or 0.0)
             self.returncode = code
         return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class Zygote:
@@ -178,7 +254,7 @@ class Zygote:
     def __init__(self, world: str | None, policy: str | None, env: dict[str, str], log: IO[str]):
         self.args = [a for a in (world, policy) if a]
         self.env, self.log = env, log
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | _Forked | None = None
         self.exits: dict[int, int] = {}
         self.pending = b""
         self.starts = 0
@@ -201,16 +277,51 @@ class Zygote:
         self.starts += 1
 
     def spawn(self, job: str | Path, env: dict[str, str], log: str | Path, cwd: str | Path) -> ZygoteCell:
+        """Fork a cell (`python -m ript_ablate.study.cell JOB` as a fresh process in its own session)."""
+        return self._fork({"job": str(job), "env": env, "log": str(log), "cwd": str(cwd)})
+
+    def spawn_worker(self, argv: list[str], env: dict[str, str], log: str | Path, cwd: str | Path,
+                     world: str | None, policy: str | None) -> ZygoteCell:
+        """Fork a study worker (`ript-ablate ARGV`, in the caller's process group), which forks its own cell
+        zygote from itself before it does anything else: its cells then start without importing either."""
+        return self._fork({"kind": "worker", "argv": argv, "env": env, "log": str(log), "cwd": str(cwd),
+                           "world": world, "policy": policy})
+
+    def _fork(self, request: dict[str, Any]) -> ZygoteCell:
         self.ensure()
         assert self.proc is not None and self.proc.stdin is not None
-        request = {"job": str(job), "env": env, "log": str(log), "cwd": str(cwd)}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         message = self._read(None)
         while message is not None and "pid" not in message:
             message = self._read(None)
         if message is None:
-            raise RuntimeError("the cell zygote ended before it forked the cell; see the worker log")
+            raise RuntimeError("the zygote ended before it forked; see the worker log")
         return ZygoteCell(self, int(message["pid"]))
+
+    @classmethod
+    def fork_here(cls, world: str | None, policy: str | None) -> Zygote:
+        """A zygote forked from this process, which must be clean (see the module docstring): a worker just
+        forked by the runner's zygote. If it dies, `ensure` starts a new interpreter as usual."""
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(requests_w)
+            os.close(replies_r)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            code = 0
+            try:
+                serve(os.fdopen(requests_r, "r"), os.fdopen(replies_w, "w"))
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        os.close(requests_r)
+        os.close(replies_w)
+        zygote = cls(world, policy, dict(os.environ), None)
+        zygote.proc = _Forked(pid, os.fdopen(requests_w, "wb", buffering=0), os.fdopen(replies_r, "rb",
+                                                                                       buffering=0))
+        return zygote
 
     def exit_code(self, pid: int, timeout: float | None) -> int | None:
         """The exit code of child `pid` once it has ended, within `timeout` seconds (None: wait), else None."""
