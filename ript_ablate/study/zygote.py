@@ -34,7 +34,6 @@ import contextlib
 import importlib
 import json
 import os
-import runpy
 import select
 import signal
 import subprocess
@@ -115,8 +114,9 @@ def _run_worker(request: dict[str, Any]) -> int:
     run here yet), then works as `ript-ablate study worker` would."""
     global _attached
     _attached = Zygote.fork_here(request.get("world"), request.get("policy"))
-    sys.argv = ["ript-ablate", *request["argv"]]  # then exactly `python -m ript_ablate.cli ARGV`
-    return _exit_code(lambda: runpy.run_module("ript_ablate.cli", run_name="__main__", alter_sys=True))
+    sys.argv = ["ript-ablate", *request["argv"]]
+    cli = importlib.import_module("ript_ablate.cli")  # by name: the command line sits above the study package
+    return _exit_code(lambda: cli.main(request["argv"]))
 
 
 def serve(requests: IO[str], replies: IO[str]) -> None:
@@ -374,5 +374,5 @@ class Zygote:
         self.proc = None
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the importable module's main: the worker's `attached()` reads its global
+    sys.exit(importlib.import_module("ript_ablate.study.zygote").main())
