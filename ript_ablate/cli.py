@@ -135,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ript_ablate.distributed import init_ranks, launched_by_torchrun
+    from ript_ablate.distributed import init_ranks, launched_by_torchrun, leave
 
     if args.nproc > 1 and not launched_by_torchrun():
         return launch_train(args)
@@ -145,9 +145,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         code = train_on_rank(cfg, args, ranks)
         finished = True
-        return code
     finally:
         ranks.close(finished)  # meet the other ranks before tearing down, unless this rank is failing
+    if ranks.size > 1:
+        leave(code)
+    return code
 
 
 def train_on_rank(cfg: Config, args: argparse.Namespace, ranks) -> int:

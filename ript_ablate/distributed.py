@@ -182,6 +182,20 @@ class TorchRanks(Ranks):
             self.dist.destroy_process_group()
 
 
+def leave(code: int) -> None:
+    """End a finished rank's process now, output flushed, without the interpreter's teardown: there, gloo's
+    background threads can still be destroyed while joinable ("terminate called without an active exception"),
+    and the SIGABRT makes torchrun report a finished run as failed."""
+    import logging
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def torchrun_args(nproc: int, argv: Sequence[str], module: str = "ript_ablate") -> list[str]:
     """The torchrun command running `python -m MODULE ARGV` on `nproc` processes of this machine (a free port of
     its own, so several such runs share a machine)."""

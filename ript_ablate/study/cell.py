@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         result = failure(exc)
     if main_rank:  # a rank > 0 of a multi-process cell returns None: rank 0 writes the result
         write_json(job_path.parent / RESULT_FILE, result)
+    if int(job.get("processes", 1)) > 1 and "command" not in job:
+        from ript_ablate.distributed import leave
+
+        leave(0)  # a finished rank skips the interpreter's teardown (see `leave`)
     return 0
 
 
