@@ -160,7 +160,7 @@ def test_mlflow_has_one_home():
 
 
 def test_the_example_uses_only_the_public_interfaces():
-    allowed = {"ript_ablate.interfaces", "ript_ablate.demos", "ript_ablate.bc"}
+    allowed = {"ript_ablate.interfaces"}
     for path in (EXAMPLE / "ript_pointmass").glob("*.py"):
         assert package_imports(path) <= allowed, path
 

@@ -90,8 +90,9 @@ class World(ABC):
     def demonstrations(self, engine: Any, cache_dir: str | None = None,
                        on_batch: Callable[[list[Episode]], None] | None = None) -> Demonstrations | None:
         """Expert demonstrations for behaviour cloning (`sft.*`), or None when the world has none (then a run
-        must start from `algo.checkpoint_path`). Worlds whose environments have `expert_action` get them by
-        implementing `demonstration_candidates` (see `ript_ablate.demos`)."""
+        must start from `algo.checkpoint_path`). Worlds whose environments have `expert_action` return
+        `collect_demonstrations(self.tasks, engine, want, candidates, demo_cache_path(self, cache_dir), on_batch)`
+        (both from `ript_ablate.interfaces`), where `candidates(task, n)` gives n initial states to try in order."""
         return None
 
     @classmethod

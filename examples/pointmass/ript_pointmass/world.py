@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ript_ablate.demos import collect_demonstrations, demo_cache_path
-from ript_ablate.interfaces import Demonstrations, InitialState, World
+from ript_ablate.interfaces import Demonstrations, InitialState, World, collect_demonstrations, demo_cache_path
 
 TASKS = {"reach": "move the point to the goal", "reach-mirror": "move the point to the mirror image of the goal"}
 OPTIONS = {"success_radius": 0.1, "episode_length": 60, "damping": 0.5, "max_speed": 0.05}
