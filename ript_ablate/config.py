@@ -456,8 +456,27 @@ def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
     return data
 
 
+OPTION_SECTIONS = ("suite", "policy")  # whose `options` hold a plug-in's own settings, checked by the plug-in
+
+
+def is_option_key(key: str) -> bool:
+    """A dotted key into a plug-in's own settings, e.g. 'policy.options.hidden' (or deeper)."""
+    parts = key.split(".")
+    return len(parts) >= 3 and parts[0] in OPTION_SECTIONS and parts[1] == "options" and all(parts)
+
+
+def set_dotted(nested: dict[str, Any], key: str, value: Any) -> None:
+    """nested['a']['b']['c'] = value for key 'a.b.c', creating the mappings on the way."""
+    *path, last = key.split(".")
+    for part in path:
+        nested = nested.setdefault(part, {})
+        if not isinstance(nested, dict):
+            raise ValueError(f"{key}: {part} is given as a value and as a mapping")
+    nested[last] = value
+
+
 def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Turn ['algo.lr=1e-3', ...] into a nested dict; values are parsed as YAML scalars."""
+    """Turn ['algo.lr=1e-3', 'policy.options.hidden=128', ...] into a nested dict; values are parsed as YAML."""
     nested: dict[str, Any] = {}
     problems = []
     for item in overrides:
@@ -465,20 +484,19 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
             problems.append(f"--set {item!r}: expected dotted.key=value")
             continue
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
-            problems.append(f"--set {item!r}: expected section.key=value, e.g. algo.ppo_clip_high=0.28")
+        key = key.strip()
+        parts = key.split(".")
+        if not (len(parts) == 2 and all(parts)) and not is_option_key(key):
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. algo.ppo_clip_high=0.28, or a "
+                            "plug-in's own setting, e.g. policy.options.hidden=128")
             continue
         try:
-            value = parse_value(raw, f"--set {key.strip()}")
+            value = parse_value(raw, f"--set {key}")
+            set_dotted(nested, key, value)
         except ConfigError as exc:
             problems.extend(exc.problems)
-            continue
-        nested.setdefault(parts[0], {})
-        if not isinstance(nested[parts[0]], dict):
-            problems.append(f"--set {item!r}: section {parts[0]} given twice in different forms")
-            continue
-        nested[parts[0]][parts[1]] = value
+        except ValueError as exc:
+            problems.append(f"--set {item!r}: {exc}")
     return nested, problems
 
 

@@ -88,6 +88,21 @@ def test_a_plug_in_checks_its_own_options(tmp_path):
     assert sorted(p.split(":")[0] for p in info.value.problems) == ["policy.options.hiddn", "suite.options.radius"]
 
 
+def test_dotted_keys_reach_a_plug_ins_own_options(tmp_path, capsys):
+    path = tmp_path / "pm.yaml"
+    path.write_text(yaml.safe_dump(example_dict(tmp_path)))
+    cfg = plugins.load_checked_config(path, ["policy.options.hidden=128", "suite.options.damping=0.3"])
+    assert cfg.policy.options["hidden"] == 128 and cfg.suite.options["damping"] == 0.3
+    kept = {k: v for k, v in example_dict(tmp_path)["policy"]["options"].items() if k != "hidden"}
+    assert {k: cfg.policy.options[k] for k in kept} == kept  # merged into the file's options, not replacing them
+    with pytest.raises(ConfigError) as info:  # the plug-in checks its own keys, with the closest one
+        plugins.load_checked_config(path, ["policy.options.hiden=128"])
+    assert info.value.problems == ["policy.options.hiden: unknown option (did you mean 'hidden'?); options are "
+                                   "hidden, chunk_size, instruction_dim, scale_bias_init, seed, replicable"]
+    assert main(["validate", str(path), "--set", "algo.options.x=1"]) == 1  # only suite and policy have options
+    assert "plug-in's own setting, e.g. policy.options.hidden=128" in capsys.readouterr().err
+
+
 # --- layering ---------------------------------------------------------------------------------------------------
 def package_imports(path: Path) -> set[str]:
     """Every ript_ablate module a file imports, at any depth (lazy imports inside functions included)."""
@@ -187,13 +202,14 @@ def test_example_plug_in_trains_with_the_unchanged_cli(tmp_path, monkeypatch):
     assert set(load_file(final / "header.safetensors")) == {"scale_head.weight", "scale_head.bias"}
 
 
-def test_example_plug_in_runs_a_four_cell_study_and_is_reported(tmp_path, monkeypatch):
+def test_example_plug_in_runs_a_four_cell_study_over_its_own_option_and_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pointmass.yaml").write_text(yaml.safe_dump(example_dict(tmp_path)))
     shipped = yaml.safe_load((EXAMPLE / "study.yaml").read_text())
-    spec = {**shipped, "name": "pm" + uuid.uuid4().hex[:6], "config": "pointmass.yaml", "seeds": [0, 1],
-            "factors": {"algo.use_laplace_sampling": [True, False]}, "output_dir": str(tmp_path / "studies")}
+    spec = {**shipped, "name": "pm" + uuid.uuid4().hex[:6], "config": "pointmass.yaml", "seeds": [0],
+            "factors": {"algo.use_laplace_sampling": [True, False], "policy.options.hidden": [16, 24]},
+            "output_dir": str(tmp_path / "studies")}
     spec.pop("set", None)
     spec_path = tmp_path / "study.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -201,6 +217,7 @@ def test_example_plug_in_runs_a_four_cell_study_and_is_reported(tmp_path, monkey
     assert main(["report", str(spec_path), "--reports", str(tmp_path / "reports"), "--no-upload"]) == 0
     report = (tmp_path / "reports" / spec["name"] / "report.md").read_text()
     assert "use_laplace_sampling" in report and "Partial study" not in report
+    assert "policy.options.hidden=24" in report  # a plug-in's own setting, as a factor, named whole
     frame = collect(load_study(spec_path)).frame
     assert frame["cell_id"].nunique() == 4
     assert "eval/success_rate/reach-mirror" in set(frame["metric"])  # the world's own task names, tracked

@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ript_ablate.config import SECTIONS, Config, all_keys, load_yaml, merge, parse_overrides, parse_value
+from ript_ablate.config import (
+    SECTIONS,
+    Config,
+    all_keys,
+    is_option_key,
+    load_yaml,
+    merge,
+    parse_overrides,
+    parse_value,
+    set_dotted,
+)
 from ript_ablate.errors import ConfigError
 from ript_ablate.study.command import CommandSpec, check_keys, parse_command, with_dotted
 from ript_ablate.study.sequential import SeedPlan
@@ -156,11 +166,10 @@ class StudySpec:
 
 
 def with_values(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """The config dict with dotted keys set, e.g. {'algo.lr': 1e-4}."""
+    """The config dict with dotted keys set, e.g. {'algo.lr': 1e-4, 'policy.options.hidden': 128}."""
     nested: dict[str, Any] = {}
     for key, value in values.items():
-        section, name = key.split(".", 1)
-        nested.setdefault(section, {})[name] = value
+        set_dotted(nested, key, value)
     return merge(data, nested)
 
 
@@ -183,7 +192,9 @@ def format_value(value: Any) -> str:
 
 
 def describe(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k.split('.', 1)[1]}={format_value(v)}" for k, v in values.items()) or "base"
+    """'ppo_clip_high=0.28, policy.options.hidden=128': a config key without its section, a plug-in's option whole."""
+    return ", ".join(f"{k if is_option_key(k) else k.split('.', 1)[1]}={format_value(v)}"
+                     for k, v in values.items()) or "base"
 
 
 class _Checker:
@@ -321,8 +332,9 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
             for key, values in raw_factors.items():
                 if key == seed_key:
                     check.problems.append(f"factors.{key}: seeds are an axis of their own; list them under seeds")
-                elif known is not None and key not in known:
-                    check.problems.append(f"factors.{key}: not a config key")
+                elif known is not None and key not in known and not is_option_key(key):
+                    check.problems.append(f"factors.{key}: not a config key (a plug-in's own settings are "
+                                          "suite.options.NAME or policy.options.NAME)")
                 elif check.need(isinstance(values, list) and len(values) >= 1, f"factors.{key}", values,
                                 "a list of values"):
                     check.need(len(values) == len(set(map(repr, values))), f"factors.{key}", values,
@@ -338,7 +350,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         if check.need(isinstance(raw_space, dict) and raw_space, "search_space", raw_space,
                       "a mapping of dotted config keys to parameter ranges"):
             for key, value in raw_space.items():
-                if key == seed_key or (known is not None and key not in known):
+                if key == seed_key or (known is not None and key not in known and not is_option_key(key)):
                     check.problems.append(f"search_space.{key}: not a config key that can be searched")
                     continue
                 param = _parse_param(key, value, check)

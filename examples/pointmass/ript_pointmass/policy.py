@@ -7,6 +7,7 @@ and that vector; the heads give the chunk's mean and log-scale. No adapter: RL f
 
 from __future__ import annotations
 
+import difflib
 import re
 import zlib
 from typing import Any
@@ -62,8 +63,13 @@ def make_mlp_policy(cfg: Any, world: Any) -> MLPPolicy:
 
 
 def _config_problems(cfg: Any) -> list[str]:
-    return [f"policy.options.{k}: unknown option; options are {', '.join(OPTIONS)}"
+    return [f"policy.options.{k}: unknown option{closest(k, OPTIONS)}; options are {', '.join(OPTIONS)}"
             for k in cfg.policy.options if k not in OPTIONS]
+
+
+def closest(name: str, known: dict) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 make_mlp_policy.config_problems = _config_problems  # type: ignore[attr-defined]

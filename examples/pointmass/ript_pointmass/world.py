@@ -8,6 +8,7 @@ seeded streams per task (demonstration candidates, training contexts, evaluation
 
 from __future__ import annotations
 
+import difflib
 import zlib
 from typing import Any
 
@@ -17,6 +18,11 @@ from ript_ablate.interfaces import Demonstrations, InitialState, World, collect_
 
 TASKS = {"reach": "move the point to the goal", "reach-mirror": "move the point to the mirror image of the goal"}
 OPTIONS = {"success_radius": 0.1, "episode_length": 60, "damping": 0.5, "max_speed": 0.05}
+
+
+def closest(name: str, known: dict) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 class PointMassEnv:
@@ -64,7 +70,7 @@ class PointMassWorld(World):
     def config_problems(cls, cfg: Any) -> list[str]:
         problems = [f"suite.tasks: unknown point-mass task {t!r}; tasks are {', '.join(TASKS)} (or 'all')"
                     for t in cfg.suite.tasks if t not in TASKS and t != "all"]
-        problems += [f"suite.options.{k}: unknown option; options are {', '.join(OPTIONS)}"
+        problems += [f"suite.options.{k}: unknown option{closest(k, OPTIONS)}; options are {', '.join(OPTIONS)}"
                      for k in cfg.suite.options if k not in OPTIONS]
         return problems
 
