@@ -26,6 +26,7 @@ from ript_ablate.config import Config, pretrain_config, to_yaml
 from ript_ablate.device import autocast, resolve_device
 from ript_ablate.errors import CheckpointError, ConfigError
 from ript_ablate.interfaces.policy import Policy
+from ript_ablate.plugin_check import check_plugins
 from ript_ablate.plugins import build_policy
 from ript_ablate.progress import console, progress
 
@@ -227,9 +228,13 @@ def cached_base(cfg: Config, world: Any) -> Path:
     return weights
 
 
-def get_base(cfg: Config, world: Any, engine: Any, retrain: bool = False) -> tuple[Policy, Path, dict]:
-    """The cached base for this config, trained (and cached) if absent. Returns (policy, weights file, info)."""
+def get_base(cfg: Config, world: Any, engine: Any, retrain: bool = False,
+             checked: bool = False) -> tuple[Policy, Path, dict]:
+    """The cached base for this config, trained (and cached) if absent, after the plug-ins pass their contract
+    check (`checked`: done already). Returns (policy, weights file, info)."""
     out = base_dir(cfg, world)
+    if not checked and (retrain or not (out / "model.safetensors").is_file()):
+        check_plugins(cfg, world)
     out.parent.mkdir(parents=True, exist_ok=True)
     with cache_lock(out.with_name(out.name + ".lock"), f"the behaviour-cloning base {out.name}"):  # built once
         return _get_base_locked(cfg, world, engine, out, retrain)
@@ -350,16 +355,18 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
 
 
 def ensure_base(cfg: Config, world: Any = None) -> Path:
-    """The explicit behaviour-cloning step: this config's base, built with its own rollout engine when absent
-    (nothing to do when the run starts from `algo.checkpoint_path`). Returns the weights file."""
-    if cfg.algo.checkpoint_path:
-        return Path(cfg.algo.checkpoint_path)
+    """The explicit behaviour-cloning step: the plug-ins' contract check, then this config's base, built with its
+    own rollout engine when absent (nothing to build when the run starts from `algo.checkpoint_path`). Returns the
+    weights file."""
     from ript_ablate.engine import RolloutEngine
     from ript_ablate.plugins import build_world
 
     world = world or build_world(cfg)
+    check_plugins(cfg, world)  # a policy or world off its contract is named now, not after a base is cached
+    if cfg.algo.checkpoint_path:
+        return Path(cfg.algo.checkpoint_path)
     weights = base_dir(cfg, world) / "model.safetensors"
     if weights.is_file():
         return weights
     with RolloutEngine(cfg, world) as engine:
-        return get_base(cfg, world, engine)[1]
+        return get_base(cfg, world, engine, checked=True)[1]

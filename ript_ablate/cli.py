@@ -80,8 +80,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         console.print(f"[green]{args.config}: valid study[/] ({size})")
         return 0
     cfg = _load(args)
+    if not args.no_env:
+        from ript_ablate.plugin_check import check_plugins
+
+        check_plugins(cfg)
     sys.stdout.write(to_yaml(cfg))
-    console.print(f"[green]{args.config}: valid[/]")
+    console.print(f"[green]{args.config}: valid[/]" + ("" if args.no_env else
+                  " (world and policy checked: one environment reset, one forward)"))
     return 0
 
 
@@ -314,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("validate", cmd_validate, "Check a config (or a study spec) and print it resolved, or list every error.")
+    p = add("validate", cmd_validate, "Check a config (or a study spec) and print it resolved, or list every error.")
+    p.add_argument("--no-env", action="store_true", help="skip the world and policy check (it builds one "
+                   "environment, resets it once and runs the policy once on that observation)")
     p = add("sft", cmd_sft, "Train (or reuse from the cache) the behaviour-cloning base.")
     p.add_argument("--retrain", action="store_true", help="ignore the cached base and train it again (a cached "
                    "pre-trained model is reused: delete its pretrain-<hash> folder to rebuild it)")

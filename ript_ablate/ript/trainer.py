@@ -185,10 +185,8 @@ class Trainer:
                 "base_checkpoint": base, "rollout_inference": inference, "processes": str(ranks.size),
             })
             demos = None if algo.use_val_init else world.demonstrations(engine, cfg.sft.cache_dir)
-            if algo.use_val_init:
-                per_task = [world.eval_states(t) for t in tasks]
-            else:
-                per_task = [world.training_contexts(t, demos) for t in tasks]
+            per_task = [world.eval_states(t) if algo.use_val_init else world.training_contexts(t, demos)
+                        for t in tasks]
             contexts = [s for states in per_task for s in (ranks.split(states) if by_context else states)]
             run = RunState(
                 out=out, world=world, engine=engine, policy=policy, updater=updater, base=base, tasks=tasks,
