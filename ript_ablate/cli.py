@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # `python -m` imports from here; the script must too,
+        sys.path.insert(0, os.getcwd())  # so a plug-in package in the working directory loads either way
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -15,6 +15,7 @@ compute (rollout worker processes resolve the same names again, so they must be 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from ript_ablate.config import Config, config_from_dict, load_config, pretrain_config
+from ript_ablate.config import Config, PolicyConfig, config_from_dict, load_config, pretrain_config
 from ript_ablate.errors import ConfigError
 
 KINDS = {"world": ("suite.name", "ript_ablate.worlds"), "policy": ("policy.name", "ript_ablate.policies")}
@@ -70,7 +71,10 @@ def _import_path(path: str, key: str) -> Any:
     try:
         return getattr(module, attribute)
     except AttributeError:
-        raise PluginError([f"{key}: module {module_name!r} has no attribute {attribute!r}"]) from None
+        match = difflib.get_close_matches(attribute, [n for n in dir(module) if not n.startswith("_")], n=1,
+                                          cutoff=0.6)
+        hint = f" (did you mean '{module_name}:{match[0]}'?)" if match else ""
+        raise PluginError([f"{key}: module {module_name!r} has no attribute {attribute!r}{hint}"]) from None
 
 
 def resolve(kind: str, name: str) -> Callable[..., Any]:
@@ -110,6 +114,18 @@ def build_policy(cfg: Config, world: Any) -> Any:
     return resolve("policy", cfg.policy.name)(cfg, world)
 
 
+def reference_only_problems(cfg: Config) -> list[str]:
+    """`policy.d_model` ... `policy.seed` configure the built-in policy only: set for a plug-in they would be
+    ignored silently, so they are refused, pointing at `policy.options`."""
+    if cfg.policy.name == "reference":
+        return []
+    default = PolicyConfig()
+    return [f"policy.{f.name}: got {getattr(cfg.policy, f.name)!r}, but it configures the built-in 'reference' "
+            f"policy only; settings of the policy {cfg.policy.name!r} go in policy.options"
+            for f in dataclasses.fields(PolicyConfig) if f.name not in ("name", "options")
+            and getattr(cfg.policy, f.name) != getattr(default, f.name)]
+
+
 def config_problems(cfg: Config) -> list[str]:
     """Problems only the chosen world and policy can see: the names resolve, then each one's own checks."""
     problems: list[str] = []
@@ -119,6 +135,8 @@ def config_problems(cfg: Config) -> list[str]:
         except PluginError as exc:
             problems.extend(exc.problems)
             continue
+        if kind == "policy":
+            problems.extend(reference_only_problems(cfg))
         check = getattr(factory, "config_problems", None)
         if callable(check):
             problems.extend(check(cfg))

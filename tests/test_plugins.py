@@ -6,6 +6,9 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -48,6 +51,7 @@ def test_unknown_names_and_broken_import_paths_are_config_errors_naming_the_key(
         ("suite", "metawrld"): ["suite.name: unknown world 'metawrld' (did you mean 'metaworld'?)"],
         ("policy", "no_such_pkg.mod:make"): ["policy.name: cannot import module 'no_such_pkg.mod'"],
         ("policy", "ript_ablate.plugins:no_such_factory"): ["has no attribute 'no_such_factory'"],
+        ("policy", "ript_ablate.plugins:build_polcy"): ["(did you mean 'ript_ablate.plugins:build_policy'?)"],
         ("suite", "ript_ablate.plugins:KINDS"): ["suite.name", "is not callable"],
     }
     for (section, name), expected in cases.items():
@@ -101,6 +105,26 @@ def test_dotted_keys_reach_a_plug_ins_own_options(tmp_path, capsys):
                                    "hidden, chunk_size, instruction_dim, scale_bias_init, seed, replicable"]
     assert main(["validate", str(path), "--set", "algo.options.x=1"]) == 1  # only suite and policy have options
     assert "plug-in's own setting, e.g. policy.options.hidden=128" in capsys.readouterr().err
+
+
+def test_built_in_policy_settings_are_refused_for_a_plug_in_policy(tmp_path):
+    data = example_dict(tmp_path)
+    data["policy"]["chunk_size"] = 8  # the built-in policy's key: the plug-in reads policy.options.chunk_size
+    with pytest.raises(ConfigError) as info:
+        plugins.checked_config_from_dict(data)
+    assert info.value.problems == ["policy.chunk_size: got 8, but it configures the built-in 'reference' policy "
+                                   "only; settings of the policy 'mlp' go in policy.options"]
+
+
+def test_the_console_script_imports_a_plug_in_from_the_working_directory(tmp_path):
+    (tmp_path / "localworld.py").write_text("from ript_pointmass.world import PointMassWorld as World\n")
+    data = example_dict(tmp_path)
+    data["suite"]["name"] = "localworld:World"
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(data))
+    script = Path(sys.executable).with_name("ript-ablate")
+    done = subprocess.run([str(script), "validate", "local.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""}, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 # --- layering ---------------------------------------------------------------------------------------------------
