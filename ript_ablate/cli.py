@@ -11,9 +11,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from rich.text import Text
 
-from ript_ablate.config import Config, to_yaml
+from ript_ablate.config import Config, to_dict
 from ript_ablate.errors import ConfigError, RiptAblateError
 from ript_ablate.progress import console
 
@@ -84,7 +85,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from ript_ablate.plugin_check import check_plugins
 
         check_plugins(cfg)
-    sys.stdout.write(to_yaml(cfg))
+    resolved = to_dict(cfg)
+    if cfg.policy.name != "reference":  # the built-in policy's keys mean nothing to a plug-in policy
+        resolved["policy"] = {"name": cfg.policy.name, "options": cfg.policy.options}
+    sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
     console.print(f"[green]{args.config}: valid[/]" + ("" if args.no_env else
                   " (world and policy checked: one environment reset, one forward)"))
     return 0

@@ -103,6 +103,11 @@ def test_dotted_keys_reach_a_plug_ins_own_options(tmp_path, capsys):
         plugins.load_checked_config(path, ["policy.options.hiden=128"])
     assert info.value.problems == ["policy.options.hiden: unknown option (did you mean 'hidden'?); options are "
                                    "hidden, chunk_size, instruction_dim, scale_bias_init, seed, replicable"]
+    capsys.readouterr()
+    assert main(["validate", str(path), "--no-env", "--set", "policy.options.hidden=128"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["policy"] == {"name": "mlp", "options": {**example_dict(tmp_path)["policy"]["options"],
+                                                            "hidden": 128}}  # not the built-in policy's keys
     assert main(["validate", str(path), "--set", "algo.options.x=1"]) == 1  # only suite and policy have options
     assert "plug-in's own setting, e.g. policy.options.hidden=128" in capsys.readouterr().err
 

@@ -259,11 +259,15 @@ def test_retry_then_success_and_permanent_failure_with_reason(study_env, monkeyp
         by_cell.setdefault(t.user_attrs["cell_id"], []).append(t)
     assert [t.state.name for t in by_cell[flaky]] == ["FAIL", "COMPLETE"]
     assert [t.state.name for t in by_cell[broken]] == ["FAIL", "FAIL"]
-    assert "InjectedFault" in by_cell[broken][-1].user_attrs["reason"]
+    reason = by_cell[broken][-1].user_attrs["reason"]
+    assert "InjectedFault" in reason and "(traceback in " in reason
+    log = Path(reason.rsplit("(traceback in ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in log.read_text() and "InjectedFault" in log.read_text()
     capsys.readouterr()
     assert main(["study", "status", str(path)]) == 0
     out = capsys.readouterr().out
     assert "failed" in out and "InjectedFault" in out
+    assert str(log) in out.replace("\n", ""), "the whole reason, log path included, below the table"
     parent, children = child_runs(path)
     assert parent.info.status == "FAILED" and parent.data.tags["ript.status"] == "complete-with-failures"
     assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FAILED", "FINISHED"]

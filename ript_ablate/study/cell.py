@@ -255,8 +255,10 @@ def failure(exc: BaseException) -> dict[str, str]:
     "error" otherwise, with a one-line reason and the traceback."""
     from ript_ablate.errors import is_infrastructure_error, readable_error
 
+    trace = traceback.format_exc()
+    print(trace, file=sys.stderr, flush=True)  # into the attempt's output.log, where the worker's reason points
     return {"status": "infra" if is_infrastructure_error(exc) else "error", "reason": readable_error(exc),
-            "traceback": traceback.format_exc()}
+            "traceback": trace}
 
 
 def _end_lease_lost(tracker: Any, exc: LeaseLost) -> None:

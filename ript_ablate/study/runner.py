@@ -52,7 +52,7 @@ def summary_counts(records: list[CellRecord], spec: StudySpec) -> dict[str, int]
 
 def status_table(records: list[CellRecord], spec: StudySpec, width: int | None = None):
     """Every cell, one row each, readable at `width` columns (80 included): ids never break, one factor value per
-    line; failure reasons fill the width that is left, or follow the table as lines when none is left."""
+    line; failure reasons fill the width that is left, and any reason cut there follows the table whole."""
     from rich.console import Group
     from rich.text import Text
 
@@ -61,7 +61,7 @@ def status_table(records: list[CellRecord], spec: StudySpec, width: int | None =
     for rec in records:
         value = f"{rec.value:.3f}" if rec.value is not None else "-"
         config = "\n".join(describe({k: v}) for k, v in rec.values.items()) or "base"
-        rows.append((rec.cell_id, config, str(rec.seed), rec.state, value, str(rec.attempts), rec.reason[:160]))
+        rows.append((rec.cell_id, config, str(rec.seed), rec.state, value, str(rec.attempts), rec.reason))
     natural = [max([len(h), *(max(len(part) for part in row[i].split("\n")) for row in rows)])
                for i, h in enumerate(("cell", "configuration", "seed", "state", "objective", "tries"))]
     room = (width or 10_000) - sum(natural) - 2 * len(natural) - 2
@@ -76,10 +76,12 @@ def status_table(records: list[CellRecord], spec: StudySpec, width: int | None =
     for cell, config, seed, state, value, tries, reason in rows:
         cells = [cell, config, seed, f"[{style.get(state, 'white')}]{state}[/]", value, tries]
         table.add_row(*cells, *([reason] if inline else []))
-    notes = [Text(f"{row[0]}: {row[6]}", overflow="fold") for row in rows if row[6]]
-    if inline or not notes:
+    # a reason the table had to cut is given whole below it
+    notes = [Text(f"{row[0]}: {row[6]}", overflow="fold") for row in rows
+             if row[6] and (not inline or len(row[6]) > max(room, 16))]
+    if not notes:
         return table
-    return Group(table, Text("reasons:"), *notes)
+    return Group(table, Text("reasons in full:" if inline else "reasons:"), *notes)
 
 
 def progress_line(counts: dict[str, int], eta_s: float | None, started: float) -> str:

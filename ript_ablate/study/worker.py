@@ -348,7 +348,10 @@ class Worker:
             return CellOutcome(TrialState.PRUNED, None, {**attrs, "reason": result.get("reason", "")})
         if result["status"] == "infra":
             self._mark_run(attrs["mlflow_run_id"], "FAILED", tag.outcome_tags("infrastructure", result.get("reason")))
-        return CellOutcome(TrialState.FAIL, None, {**attrs, "reason": result.get("reason", "unknown error")[:2000]})
+        reason = result.get("reason", "unknown error")[:2000]
+        if result.get("traceback"):
+            reason += f" (traceback in {attempt_dir / 'output.log'})"
+        return CellOutcome(TrialState.FAIL, None, {**attrs, "reason": reason})
 
     def _zygote(self, env: dict[str, str]) -> Zygote:
         """This worker's zygote: the one it forked at its start when the runner's zygote forked it, else one
