@@ -22,7 +22,7 @@ import yaml
 from ript_ablate.study.command import CONFIG_FILE, flatten_dotted, format_args
 from ript_ablate.tracking import tags as tag
 
-POLL_S = 0.5  # how often the metrics file and the process are looked at
+POLL_S = 0.1  # how often the metrics file and the process are looked at (the cell ends when your command does)
 MLFLOW_POLL_S = 2.0  # how often the objective is read back from MLflow for the pruner (mlflow route)
 TAIL_LINES = 15  # lines of the command's output kept as a failure's reason
 

@@ -146,6 +146,8 @@ def worker_command(spec_path: Path, url: str, slot: Slot, output_dir: Path) -> l
             "--output-dir", str(output_dir), "--slot", json.dumps(asdict(slot))]
 
 
+STATUS_REFRESH_S = 2.0  # how often `study run` reads the store for its status line
+END_POLL_S = 0.1  # how often it looks whether its workers have ended
 EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM: what was running is marked killed and resumes next time
 WORKER_STOP_S = 60.0  # how long stopped workers get to stop their cells and record them
 
@@ -176,6 +178,22 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
     slots = plan_slots(workers, devices, processes=spec.processes_per_cell)
     tracking_uri = resolve_tracking_uri(spec.tracking_uri)
     check_tracking_store(tracking_uri)  # one line now, not minutes of retries in every cell
+    # workers are forked by a zygote that imports what workers and cells need once, while the study is set up and
+    # its bases are prepared; each worker then forks its own cell zygote from itself (study/zygote.py)
+    zygote = None
+    if os.environ.get(COLD_CELLS_ENV) != "1" and spec.processes_per_cell == 1:
+        zygote = Zygote(*plugin_names(spec), {**os.environ, "OMP_NUM_THREADS": str(slots[0].threads),
+                                              "MKL_NUM_THREADS": str(slots[0].threads)}, None)
+        zygote.ensure()
+    try:
+        return _run_study(spec, slots, tracking_uri, storage, retry_failed, zygote)
+    finally:
+        if zygote is not None:
+            zygote.close()
+
+
+def _run_study(spec: StudySpec, slots: list[Slot], tracking_uri: str | None, storage: str | None,
+               retry_failed: bool, zygote: Zygote | None) -> int:
     store = open_store(spec, storage, create=True)
     parent, added = set_up(spec, store, tracking_uri)
     if spec.mode == "grid":
@@ -199,13 +217,6 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
     # or a `kill -INT` to its process group while its workers (which set their own handlers) stop
     previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     procs: list = []
-    # workers are forked by a zygote that imports what workers and cells need once, while the bases are prepared;
-    # each worker then forks its own cell zygote from itself (study/zygote.py)
-    zygote = None
-    if os.environ.get(COLD_CELLS_ENV) != "1" and spec.processes_per_cell == 1:
-        zygote = Zygote(*plugin_names(spec), {**os.environ, "OMP_NUM_THREADS": str(slots[0].threads),
-                                              "MKL_NUM_THREADS": str(slots[0].threads)}, None)
-        zygote.ensure()
     try:
         prepare_bases(spec, slots[0])
         logs = spec.study_dir / "logs"
@@ -230,7 +241,9 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
                 records = store.records()
                 counts = summary_counts(records, spec)
                 live.update(progress_line(counts, eta_seconds(records, counts, len(slots)), started))
-                time.sleep(2.0)
+                refresh = time.monotonic() + STATUS_REFRESH_S  # the status every 2 s; the end as soon as it comes
+                while time.monotonic() < refresh and any(p.poll() is None for p in procs):
+                    time.sleep(END_POLL_S)
             records = store.records()
             counts = summary_counts(records, spec)
             live.update(progress_line(counts, 0.0, started))
@@ -244,8 +257,6 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
         for signum, handler in previous.items():
             if signal.getsignal(signum) is _raise_interrupt:
                 signal.signal(signum, handler)
-        if zygote is not None:
-            zygote.close()
     return finalize(spec, store, tracking_uri)
 
 

@@ -35,7 +35,7 @@ from ript_ablate.study.zygote import COLD_CELLS_ENV, Zygote, attached
 from ript_ablate.tracking import tags as tag
 from ript_ablate.tracking.runs import mark_lost, mark_run
 
-POLL_S = 2.0  # how often an idle worker looks for work (a failed cell's retry, a dead worker's cell)
+POLL_S = 0.5  # how often an idle worker looks for work (a failed cell's retry, a dead worker's cell, a new seed)
 INFRA_FIRST_WAIT_S = 5.0  # back-off after a store or server failure: 5 s, doubling, at most INFRA_MAX_WAIT_S
 INFRA_MAX_WAIT_S = 120.0
 MAX_INFRA_FAILURES = 20  # a cell whose attempts failed this often on the infrastructure fails for real
