@@ -257,7 +257,6 @@ class Zygote:
         self.proc: subprocess.Popen | _Forked | None = None
         self.exits: dict[int, int] = {}
         self.pending = b""
-        self.starts = 0
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -274,7 +273,6 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-m", "ript_ablate.study.zygote", *self.args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=self.env,
                                      bufsize=0)
-        self.starts += 1
 
     def spawn(self, job: str | Path, env: dict[str, str], log: str | Path, cwd: str | Path) -> ZygoteCell:
         """Fork a cell (`python -m ript_ablate.study.cell JOB` as a fresh process in its own session)."""
