@@ -488,12 +488,17 @@ class StudyStore:
         return self.search.get_trials(deepcopy=False) if self.search else []
 
     def ask_config(self) -> bool:
-        """Sample one more configuration and enqueue its seeds; False when n_configs are already out."""
+        """Sample one more configuration and enqueue its seeds; False when n_configs are already out. One worker
+        asks at a time (under the set-up lock): two asking at once would sample a configuration too many."""
+        with self.setup_lock():
+            return self._ask_config()
+
+    def _ask_config(self) -> bool:
         assert self.search is not None
         if len(self.search_trials()) >= self.spec.n_configs:
             return False
         trial = self.search.ask()
-        if trial.number >= self.spec.n_configs:  # another worker asked concurrently and took the last slot
+        if trial.number >= self.spec.n_configs:  # a worker without the lock (another RDB) took the last slot
             trial.set_user_attr("reason", "n_configs already reached by a concurrent worker")
             self.search.tell(trial, state=TrialState.FAIL)
             return False
