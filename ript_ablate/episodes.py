@@ -61,8 +61,17 @@ class Episode:
     obs: Observation  # each (C, ...) observation at each chunk start (expert: each step)
     actions: np.ndarray  # (C, H, D) executed/sampled actions (expert: (T, D))
     valid: np.ndarray  # (C, H) bool, action steps actually executed (steps after success are not)
-    mu: np.ndarray | None = None  # (C, H, D) behaviour-time mean
-    log_b: np.ndarray | None = None  # (C, H, D) behaviour-time log-scale (unclamped)
+    #: what the policy family recorded per chunk to re-score it, each (C, ...): the Laplace family's behaviour-time
+    #: mu and log_b (unclamped), a token policy's sampled tokens, a flow policy's chain and stochastic step
+    record: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def mu(self) -> np.ndarray | None:
+        return self.record.get("mu")
+
+    @property
+    def log_b(self) -> np.ndarray | None:
+        return self.record.get("log_b")
 
     def recorded_chunks(self) -> np.ndarray:
         """(C,) bool: the chunks the original records. It appends a chunk after stepping its first action, unless

@@ -136,7 +136,8 @@ def episode(valid_rows: list[int], success: bool, h: int = 8) -> Episode:
     for i, n in enumerate(valid_rows):
         valid[i, :n] = True
     z = np.zeros((c, h, 4), np.float32)
-    return Episode("reach-v3", "s", success, int(valid.sum()), {"state": np.zeros((c, 39), np.float32)}, z, valid, z, z)
+    return Episode("reach-v3", "s", success, int(valid.sum()), {"state": np.zeros((c, 39), np.float32)}, z, valid,
+                   {"mu": z, "log_b": z})
 
 
 @pytest.mark.parametrize(("rows", "success", "original", "executed"), [
@@ -191,7 +192,7 @@ class MixedPool:
     def run(self, jobs, sampling=None, on_batch=None):
         z = np.zeros((1, 2, 4), np.float32)
         return [Episode(j.state.task, j.state.state_id, j.seed % 2 == 0, 2, {"state": np.zeros((1, 39), np.float32)}, z,
-                        np.ones((1, 2), bool), z, z) for j in jobs]
+                        np.ones((1, 2), bool), {"mu": z, "log_b": z}) for j in jobs]
 
 
 def contexts(n: int) -> list[InitialState]:

@@ -262,7 +262,7 @@ class FakePool:
             ok = self.success(job)
             out.append(Episode(job.state.task, job.state.state_id, ok, 5, {"state": np.zeros((2, 39), np.float32)},
                                np.zeros((2, 2, 4), np.float32), np.ones((2, 2), bool),
-                               np.zeros((2, 2, 4), np.float32), np.zeros((2, 2, 4), np.float32)))
+                               {"mu": np.zeros((2, 2, 4), np.float32), "log_b": np.zeros((2, 2, 4), np.float32)}))
         return out
 
 

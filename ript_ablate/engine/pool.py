@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ript_ablate.engine.runner import EpisodeRunner, choose_actions, expand_rows, policy_act
+from ript_ablate.engine.runner import EpisodeRunner, expand_rows, family_act, slice_record
 from ript_ablate.episodes import Episode, EpisodeJob, concat_observations
-from ript_ablate.ript.distributions import ActionDistribution
+from ript_ablate.families import ChunkFamily, build_family
 
 BATCHES_IN_FLIGHT = 2  # per worker in central mode: one stepping while the policy computes the other
 
@@ -84,6 +84,7 @@ class RolloutEngine:
         self.mode = "replica"
         self.batches_in_flight = BATCHES_IN_FLIGHT
         self.policy: Any = None
+        self.family: ChunkFamily | None = None
         self.device = torch.device("cpu")
         self.precision = "fp32"
         self._instructions: dict[str, torch.Tensor] = {}
@@ -136,12 +137,14 @@ class RolloutEngine:
 
     # -- policy ----------------------------------------------------------------------------------------------
     def set_policy(self, policy: Any, mode: str = "replica", device: torch.device | None = None,
-                   precision: str = "fp32") -> None:
+                   precision: str = "fp32", family: ChunkFamily | None = None) -> None:
         """Make `policy` act in the next `run`s: `replica` sends its current weights to every worker (call again
-        after each update); `central` keeps it here, on `device`, under `precision`."""
+        after each update); `central` keeps it here, on `device`, under `precision`. `family` samples its chunks
+        (default: the policy's family with the config's switches)."""
         if mode not in ("replica", "central"):
             raise ValueError(f"inference mode {mode!r}: expected replica or central")
         self.mode = mode
+        self.family = family or build_family(self.cfg.algo, policy)
         self.policy, self.device, self.precision = policy, device or torch.device("cpu"), precision
         self._instructions = {}
         if mode == "central":
@@ -157,9 +160,12 @@ class RolloutEngine:
         return self._instructions[task]
 
     # -- running ---------------------------------------------------------------------------------------------
-    def run(self, jobs: Sequence[EpisodeJob], distribution: ActionDistribution = ActionDistribution(),
+    def run(self, jobs: Sequence[EpisodeJob], family: ChunkFamily | None = None,
             on_batch: Callable[[list[Episode]], None] | None = None) -> list[Episode]:
-        """All jobs' episodes, in job order."""
+        """All jobs' episodes, in job order, sampled by `family` (default: the one `set_policy` chose)."""
+        from ript_ablate.families import ActionDistribution
+
+        distribution = family or self.family or ActionDistribution()
         batches = make_batches(jobs, self.envs_per_worker)
         results: list[Episode | None] = [None] * len(jobs)
 
@@ -178,7 +184,7 @@ class RolloutEngine:
             self._run_replica(jobs, batches, distribution, store)
         return results  # type: ignore[return-value]
 
-    def _run_replica(self, jobs: Sequence[EpisodeJob], batches: list[list[int]], distribution: ActionDistribution,
+    def _run_replica(self, jobs: Sequence[EpisodeJob], batches: list[list[int]], distribution: ChunkFamily,
                      store: Callable[[list[int], list[Episode]], None]) -> None:
         """Whole batches to whichever worker is free next."""
         pending = list(reversed(batches))
@@ -197,7 +203,7 @@ class RolloutEngine:
                     conn.send(("run_batch", ([jobs[i] for i in nxt], distribution)))  # type: ignore[union-attr]
                     busy[conn] = nxt
 
-    def _run_central(self, jobs: Sequence[EpisodeJob], batches: list[list[int]], distribution: ActionDistribution,
+    def _run_central(self, jobs: Sequence[EpisodeJob], batches: list[list[int]], distribution: ChunkFamily,
                      store: Callable[[list[int], list[Episode]], None]) -> None:
         """Lock-step chunks: one batched forward for every batch waiting for actions, workers step the rest."""
         horizon = self.policy.chunk_size
@@ -232,22 +238,22 @@ class RolloutEngine:
 
     def _act_central(self, jobs: Sequence[EpisodeJob], batches: list[list[int]],
                      waiting: list[tuple[int, np.ndarray, dict[str, np.ndarray]]], rngs: dict[int, np.random.Generator],
-                     distribution: ActionDistribution, owner: dict[int, Connection],
+                     distribution: ChunkFamily, owner: dict[int, Connection],
                      in_flight: dict[Connection, int]) -> None:
         """One forward over the waiting batches' live rows; each batch gets its chunk of actions back."""
         obs = concat_observations([o for _, _, o in waiting])
         instructions = torch.cat([expand_rows(self._instruction(jobs[batches[b][0]].state.task), len(rows))
                                   for b, rows, _ in waiting])
-        mu, log_b = policy_act(self.policy, obs, instructions, self.device, self.precision)
+        row_rngs = [rngs[batches[b][r]] for b, rows, _ in waiting for r in rows]
+        stochastic = [jobs[batches[b][0]].mode == "sample" for b, rows, _ in waiting for _r in rows]
+        draw = family_act(distribution, self.policy, obs, instructions, row_rngs, stochastic, self.device,
+                          self.precision)
         start = 0
         for batch_id, rows, _ in waiting:
-            idx = batches[batch_id]
             stop = start + len(rows)
-            stochastic = jobs[idx[0]].mode == "sample"
-            actions = choose_actions(mu[start:stop], log_b[start:stop],
-                                     [rngs[idx[r]] for r in rows] if stochastic else None, distribution)
             conn = owner[batch_id]
-            conn.send(("central_step", (batch_id, rows, actions, mu[start:stop], log_b[start:stop])))
+            conn.send(("central_step", (batch_id, rows, draw.actions[start:stop],
+                                        slice_record(draw.record, start, stop))))
             in_flight[conn] += 1
             start = stop
 

@@ -2,9 +2,10 @@
 
 An `EpisodeBatch` holds the environments of one batch of jobs (one task, one mode) and records every chunk;
 it never sees the policy. Whoever holds the policy (a replica in this process, or the trainer in `central`
-mode) computes mu/log_b for the live rows, draws actions with `choose_actions`, and hands them to `step_chunk`,
-which executes each chunk open-loop. Both inference modes therefore share every line that touches an
-environment or a random generator: the same seed gives the same episodes.
+mode) asks the policy's family for the live rows' chunks (`family_act`: forward passes, then each row's draws from
+its own generator) and hands them to `step_chunk`, which executes each chunk open-loop and keeps the family's
+record. Both inference modes therefore share every line that touches an environment or a random generator: the
+same seed gives the same episodes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from ript_ablate.episodes import Episode, EpisodeJob, Observation, stack_observations
-from ript_ablate.ript.distributions import ActionDistribution
+from ript_ablate.families import ActionDistribution, ChunkDraw, ChunkFamily
 
 
 def episode_limit(world: Any, cfg: Any, task: str) -> int:
@@ -26,12 +27,17 @@ def episode_limit(world: Any, cfg: Any, task: str) -> int:
     return cfg.algo.max_episode_length or world.episode_length(task)
 
 
-def choose_actions(mu: np.ndarray, log_b: np.ndarray, rngs: Sequence[np.random.Generator] | None,
-                   distribution: ActionDistribution) -> list[np.ndarray]:
-    """One chunk per row: a sample from each row's own generator, or the mean when `rngs` is None."""
-    if rngs is None:
-        return [mu[i] for i in range(mu.shape[0])]
-    return [distribution.sample(mu[i], log_b[i], rng) for i, rng in enumerate(rngs)]
+def family_act(family: ChunkFamily, policy: Any, obs: Observation, instruction: torch.Tensor,
+               rngs: Sequence[np.random.Generator], stochastic: Sequence[bool], device: torch.device | None = None,
+               precision: str = "fp32") -> ChunkDraw:
+    """Numpy observations in, one chunk per row out (and the family's record), computed on `device`."""
+    device = device or torch.device("cpu")
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in obs.items()}
+    return family.act(policy, batch, instruction.to(device), rngs, stochastic, precision)
+
+
+def slice_record(record: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: v[start:stop] for k, v in record.items()}
 
 
 class EpisodeBatch:
@@ -46,7 +52,7 @@ class EpisodeBatch:
         self.success = np.zeros(n, dtype=bool)
         self.steps = np.zeros(n, dtype=np.int64)
         self.records: list[dict[str, list[Any]]] = [
-            {"obs": [], "actions": [], "valid": [], "mu": [], "log_b": []} for _ in range(n)]
+            {"obs": [], "actions": [], "valid": [], "record": []} for _ in range(n)]
 
     def live(self) -> np.ndarray:
         return np.flatnonzero(~self.done)
@@ -54,14 +60,15 @@ class EpisodeBatch:
     def observations(self, rows: Sequence[int]) -> Observation:
         return stack_observations([self.obs[i] for i in rows])
 
-    def step_chunk(self, rows: Sequence[int], actions: Sequence[np.ndarray], mu: np.ndarray,
-                   log_b: np.ndarray) -> None:
-        """Execute each live row's chunk open-loop, up to success (sticky) or the step limit."""
+    def step_chunk(self, rows: Sequence[int], actions: Sequence[np.ndarray], record: dict[str, np.ndarray]) -> None:
+        """Execute each live row's chunk open-loop, up to success (sticky) or the step limit; keep the family's
+        record of it (`record`: each (len(rows), ...))."""
         for j, i in enumerate(rows):
             action = actions[j]
+            chunk_record = record
             valid = np.zeros(self.horizon, dtype=bool)
-            record = self.records[i]
-            record["obs"].append(self.obs[i])
+            kept = self.records[i]
+            kept["obs"].append(self.obs[i])
             for h in range(self.horizon):
                 if self.done[i]:
                     break
@@ -73,16 +80,16 @@ class EpisodeBatch:
                     self.success[i] = self.done[i] = True
                 elif self.steps[i] >= self.limit:
                     self.done[i] = True
-            record["actions"].append(np.asarray(action, dtype=np.float32))
-            record["valid"].append(valid)
-            record["mu"].append(mu[j])
-            record["log_b"].append(log_b[j])
+            kept["actions"].append(np.asarray(action, dtype=np.float32))
+            kept["valid"].append(valid)
+            kept["record"].append({k: v[j] for k, v in chunk_record.items()})
 
     def episodes(self) -> list[Episode]:
         return [
             Episode(task=self.task, state_id=job.state.state_id, success=bool(self.success[i]),
                     length=int(self.steps[i]), obs=stack_observations(r["obs"]), actions=np.stack(r["actions"]),
-                    valid=np.stack(r["valid"]), mu=np.stack(r["mu"]), log_b=np.stack(r["log_b"]))
+                    valid=np.stack(r["valid"]),
+                    record={k: np.stack([c[k] for c in r["record"]]) for k in (r["record"][0] if r["record"] else {})})
             for i, (job, r) in enumerate(zip(self.jobs, self.records))
         ]
 
@@ -112,18 +119,6 @@ def run_expert(jobs: Sequence[EpisodeJob], env: Any, limit: int) -> list[Episode
 def expand_rows(encoding: torch.Tensor, n: int) -> torch.Tensor:
     """One task's instruction encoding repeated for n observation rows: (n, *encoding.shape)."""
     return encoding.unsqueeze(0).expand(n, *encoding.shape)
-
-
-def policy_act(policy: Any, obs: Observation, instruction: torch.Tensor, device: torch.device | None = None,
-               precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """One batched forward: numpy observations in, float32 numpy (mu, log_b) out."""
-    from ript_ablate.device import autocast
-
-    device = device or torch.device("cpu")
-    batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in obs.items()}
-    with torch.inference_mode(), autocast(device, precision):
-        mu, log_b = policy(batch, instruction.to(device))
-    return mu.float().cpu().numpy(), log_b.float().cpu().numpy()
 
 
 class EpisodeRunner:
@@ -186,7 +181,7 @@ class EpisodeRunner:
         return EpisodeBatch(jobs, self.envs(task, len(jobs), slot), episode_limit(self.world, self.cfg, task),
                             horizon)
 
-    def run_batch(self, jobs: Sequence[EpisodeJob], distribution: ActionDistribution) -> list[Episode]:
+    def run_batch(self, jobs: Sequence[EpisodeJob], family: ChunkFamily = ActionDistribution()) -> list[Episode]:
         """Episodes of one task, stepped together with this runner's policy (or the expert)."""
         task = jobs[0].state.task
         if jobs[0].mode == "expert":
@@ -198,10 +193,9 @@ class EpisodeRunner:
         while not batch.done.all():
             rows = batch.live()
             obs = batch.observations(rows)
-            mu, log_b = policy_act(self.policy, obs, expand_rows(instruction, len(rows)), self.device,
-                                   self.precision)
-            actions = choose_actions(mu, log_b, [rngs[i] for i in rows] if stochastic else None, distribution)
-            batch.step_chunk(rows, actions, mu, log_b)
+            draw = family_act(family, self.policy, obs, expand_rows(instruction, len(rows)),
+                              [rngs[i] for i in rows], [stochastic] * len(rows), self.device, self.precision)
+            batch.step_chunk(rows, draw.actions, draw.record)
         return batch.episodes()
 
     # -- central mode: the trainer computes actions, this runner steps ---------------------------------------
@@ -213,11 +207,11 @@ class EpisodeRunner:
         rows = batch.live()
         return "obs", batch_id, rows, batch.observations(rows)
 
-    def central_step(self, batch_id: int, rows: np.ndarray, actions: list[np.ndarray], mu: np.ndarray,
-                     log_b: np.ndarray) -> tuple[Any, ...]:
+    def central_step(self, batch_id: int, rows: np.ndarray, actions: list[np.ndarray],
+                     record: dict[str, np.ndarray]) -> tuple[Any, ...]:
         """Step the chunk: ('obs', batch_id, next live rows, observations), or ('done', batch_id, episodes)."""
         batch = self.batches[batch_id]
-        batch.step_chunk(rows, actions, mu, log_b)
+        batch.step_chunk(rows, actions, record)
         if batch.done.all():
             del self.slots[batch_id]
             return "done", batch_id, self.batches.pop(batch_id).episodes()

@@ -37,6 +37,11 @@ Checkpoint layout (what the `algo` keys read, all safetensors):
     adapter  the backbone's trainable weights + both heads: `algo.lora_adaptor_ckpt`
     header   the scale head alone: `algo.header_checkpoint`
 
+Families: this class is the Laplace family (`family = "laplace"`). `TokenPolicy` (action tokens: `forward` returns
+logits (B, H, D, n_bins)) and `FlowPolicy` (flow matching: `forward` returns a prefix, `velocity` integrates) are
+the others; `ript_ablate.families` samples and scores each, with the switches of docs/families.md. A family without
+a scale head returns None for the `scale_head` role.
+
 Rollouts: a policy with `replicable = True` (small, CPU-friendly) may be copied into rollout worker processes;
 set it False for a large model, which then stays on the trainer's device and the workers only step environments.
 """
@@ -62,6 +67,7 @@ class Policy(nn.Module, ABC):
     chunk_size: int  # H, actions per call, executed open-loop
     action_dim: int  # D
     replicable: bool = True  # small enough to copy into each rollout worker
+    family: str = "laplace"  # laplace | tokens | flow (ript_ablate.families)
 
     @abstractmethod
     def encode_instruction(self, text: str) -> torch.Tensor:
@@ -73,8 +79,9 @@ class Policy(nn.Module, ABC):
         """(mu, log_b), both (B, H, D), for observations (each (B, ...)) and stacked instruction encodings."""
 
     @abstractmethod
-    def modules_by_role(self) -> dict[str, nn.Module]:
-        """The submodules playing each role in `ROLES`: backbone, action_head, scale_head."""
+    def modules_by_role(self) -> dict[str, nn.Module | None]:
+        """The submodules playing each role in `ROLES`: backbone, action_head, scale_head (None: the family has
+        none, as a token policy)."""
 
     # -- optional hooks ----------------------------------------------------------------------------------------
     def observe_demonstrations(self, obs: dict[str, torch.Tensor]) -> None:
@@ -96,7 +103,7 @@ class Policy(nn.Module, ABC):
         if missing:
             raise TypeError(f"{type(self).__name__}.modules_by_role() lacks {missing}; it must name {list(ROLES)}")
         names = {id(module): name for name, module in self.named_modules()}
-        return {role: names[id(module)] + "." for role, module in roles.items()}
+        return {role: names[id(module)] + "." for role, module in roles.items() if module is not None}
 
     def backbone_trainable(self) -> list[nn.Parameter]:
         return [p for p in self.modules_by_role()["backbone"].parameters() if p.requires_grad]
@@ -108,16 +115,63 @@ class Policy(nn.Module, ABC):
         prefixes = self.role_prefixes()
         state = self.state_dict()
         if part == "header":
+            if "scale_head" not in prefixes:
+                return {}
             return {k: v for k, v in state.items() if k.startswith(prefixes["scale_head"])}
         if part == "adapter":
             backbone = prefixes["backbone"]
             trainable = {backbone + n for n, p in self.modules_by_role()["backbone"].named_parameters()
                          if p.requires_grad}
-            heads = (prefixes["action_head"], prefixes["scale_head"])
+            heads = tuple(prefixes[r] for r in ("action_head", "scale_head") if r in prefixes)
             return {k: v for k, v in state.items() if k in trainable or k.startswith(heads)}
         raise ValueError(f"unknown checkpoint part {part!r}; parts are {CHECKPOINT_PARTS}")
 
 
+class TokenPolicy(Policy):
+    """The action-token family: `forward(obs, instruction)` returns logits (B, H, D, n_bins), one token per chunk
+    step and action dim; token j stands for the centre of the j-th of n_bins equal bins over [action_low,
+    action_high]. The `action_head` role is the logits head; there is no scale head (return None for it)."""
+
+    family = "tokens"
+    n_bins: int
+    action_low: float = -1.0
+    action_high: float = 1.0
+
+    @abstractmethod
+    def forward(self, obs: dict[str, torch.Tensor], instruction: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Logits (B, chunk_size, action_dim, n_bins)."""
+
+
+class FlowPolicy(Policy):
+    """The flow-matching family (pi0-style): `forward(obs, instruction)` computes the prefix once per chunk (what the
+    action expert attends to: a KV cache, hidden states), `velocity(prefix, x_t, t)` is the expert, called once per
+    denoising step. `noise_std_raw` (an unbounded noise-head output, for flow_noise) and `log_scale` (a Laplace
+    scale head, for laplace_ode) are needed only by the log-prob that uses them. Roles: `action_head` the expert,
+    `scale_head` the module holding those heads."""
+
+    family = "flow"
+    denoise_steps: int = 4
+
+    @abstractmethod
+    def forward(self, obs: dict[str, torch.Tensor], instruction: torch.Tensor) -> Any:  # type: ignore[override]
+        """The prefix the expert reads (any tensor or tuple of tensors with B rows)."""
+
+    @abstractmethod
+    def velocity(self, prefix: Any, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v (B, H, D) at noisy chunks x_t (B, H, D) and times t (B,), 1 = noise, 0 = action."""
+
+    def noise_std_raw(self, prefix: Any, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """flow_noise: the noise head's unbounded output (B, H, D), mapped into algo.flow_noise_std by a sigmoid."""
+        raise NotImplementedError(f"{type(self).__name__} has no noise head: algo.flow_logprob flow_noise needs "
+                                  "noise_std_raw(prefix, x_t, t)")
+
+    def log_scale(self, prefix: Any) -> torch.Tensor:
+        """laplace_ode: log_b (B, H, D) of the Laplace distribution around the ODE's output."""
+        raise NotImplementedError(f"{type(self).__name__} has no Laplace scale head: algo.flow_logprob laplace_ode "
+                                  "needs log_scale(prefix)")
+
+
 def describe_policy(policy: Any) -> str:
     n = sum(p.numel() for p in policy.parameters())
-    return f"{type(policy).__name__} ({n / 1e6:.2f}M parameters, H={policy.chunk_size}, D={policy.action_dim})"
+    return (f"{type(policy).__name__} ({getattr(policy, 'family', 'laplace')} family, {n / 1e6:.2f}M parameters, "
+            f"H={policy.chunk_size}, D={policy.action_dim})")

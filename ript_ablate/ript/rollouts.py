@@ -25,7 +25,7 @@ import numpy as np
 from ript_ablate.config import AlgoConfig
 from ript_ablate.distributed import Ranks
 from ript_ablate.episodes import Episode, EpisodeJob, InitialState
-from ript_ablate.ript.distributions import ActionDistribution
+from ript_ablate.families import ActionDistribution, ChunkFamily
 from ript_ablate.seeding import stream_seed
 
 
@@ -126,7 +126,7 @@ def group_jobs(context: InitialState, k: int, seeds: list[int], mix_states: list
 
 def collect(engine: Any, contexts: list[InitialState], algo: AlgoConfig, quota: int, iteration: int,
             eval_states: dict[str, list[InitialState]] | None = None,
-            distribution: ActionDistribution | None = None, ranks: Ranks | None = None) -> IterationRollouts:
+            distribution: ChunkFamily | None = None, ranks: Ranks | None = None) -> IterationRollouts:
     """Roll out contexts (reshuffled each iteration) in rounds until the quota is met or the cap is reached.
 
     `contexts` are the training contexts, or the evaluation states when `use_val_init`; `eval_states` (per task)

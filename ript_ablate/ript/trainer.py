@@ -33,11 +33,11 @@ from ript_ablate.engine import RolloutEngine, resolve_inference
 from ript_ablate.episodes import InitialState
 from ript_ablate.errors import CheckpointError, ConfigError
 from ript_ablate.evaluation import evaluate
+from ript_ablate.families import ChunkFamily, build_family
 from ript_ablate.interfaces.policy import Policy
 from ript_ablate.plugins import build_world
 from ript_ablate.progress import console
 from ript_ablate.ript.advantages import advantages as rloo_advantages
-from ript_ablate.ript.distributions import ActionDistribution
 from ript_ablate.ript.rollouts import collect, rollout_metrics
 from ript_ablate.ript.update import PPOUpdater, build_trajectories
 from ript_ablate.seeding import stream_seed
@@ -91,7 +91,7 @@ class RunState:
     contexts: list[InitialState]
     eval_states: dict[str, list[InitialState]]
     instructions: dict[str, torch.Tensor]
-    distribution: ActionDistribution
+    distribution: ChunkFamily  # the policy's family with the run's switches: rollouts sample it, the update scores it
     inference: str
     start_iteration: int
     result: TrainResult
@@ -172,8 +172,9 @@ class Trainer:
         if ranks.size > 1:
             torch.manual_seed(algo.model_seed + ranks.rank)  # model_seed + rank seeds each rank, as the original does
         inference = resolve_inference(cfg.suite.inference, policy, self.device)
+        family = build_family(algo, policy)
         with RolloutEngine(cfg, world) as engine:
-            updater = PPOUpdater(policy, algo, self.device, cfg.training.precision, ranks)
+            updater = PPOUpdater(policy, algo, self.device, cfg.training.precision, ranks, family)
             start_iteration = int(meta.get("iteration", 0))
             if algo.lora_adaptor_ckpt:
                 opt_file = Path(algo.lora_adaptor_ckpt) / checkpoints.OPTIMIZER_FILE
@@ -192,7 +193,7 @@ class Trainer:
                 out=out, world=world, engine=engine, policy=policy, updater=updater, base=base, tasks=tasks,
                 contexts=contexts, eval_states={t: world.eval_states(t) for t in tasks},
                 instructions={t: policy.encode_instruction(world.instruction(t)) for t in world.tasks},
-                distribution=ActionDistribution.from_algo(algo), inference=inference, start_iteration=start_iteration,
+                distribution=family, inference=inference, start_iteration=start_iteration,
                 result=TrainResult("finished", output_dir=out, run_id=getattr(self.tracker, "run_id", None)),
                 all_tasks=list(all_tasks),
             )
@@ -216,7 +217,7 @@ class Trainer:
 
     def _act(self, run: RunState) -> None:
         """Point the engine at the current weights (replica: sent to the workers; central: used in place)."""
-        run.engine.set_policy(run.policy, run.inference, self.device, self.cfg.training.precision)
+        run.engine.set_policy(run.policy, run.inference, self.device, self.cfg.training.precision, run.distribution)
 
     def iteration(self, run: RunState, iteration: int) -> bool:
         """One RIPT iteration: rollouts, RLOO, PPO passes, evaluation when due, log, checkpoint when due.
@@ -239,7 +240,7 @@ class Trainer:
             metrics["rloo/nonzero_adv_fraction"] = float((np.abs(pooled[1]) > 1e-12).mean())
             metrics["rloo/reward_mean"] = float(pooled[0].mean())
             trajectories = build_trajectories(rollouts.accepted, adv, run.instructions, algo, self.device,
-                                              run.distribution)
+                                              run.distribution, run.policy, cfg.training.precision)
             rank_part = ("rank", ranks.rank) if ranks.size > 1 else ()
             rng = np.random.default_rng(stream_seed(algo.model_seed, "shuffle", iteration, *rank_part))
             comm_before, wait_before = ranks.comm_seconds, ranks.wait_seconds

@@ -20,17 +20,16 @@ mean over micro-batches when every micro-batch has the same size (`max_step_batc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from ript_ablate.config import AlgoConfig
-from ript_ablate.device import autocast
 from ript_ablate.distributed import Ranks
+from ript_ablate.families import ActionDistribution, ChunkFamily, build_family
 from ript_ablate.interfaces.policy import Policy
-from ript_ablate.ript.distributions import ActionDistribution
 
 
 @dataclass
@@ -42,6 +41,7 @@ class Trajectory:
     old_logp: torch.Tensor  # same shape as mask
     advantage: float
     counted_chunks: int | None = None  # chunks with any counted position (None: read from the mask)
+    record: dict[str, torch.Tensor] = field(default_factory=dict)  # what the family re-scores, each (C, ...)
 
     def __post_init__(self) -> None:
         if self.counted_chunks is None:
@@ -65,17 +65,10 @@ def active_clips(ratio: torch.Tensor, advantage: torch.Tensor | float, clip_low:
 def policy_log_prob(policy: Policy, obs: dict[str, torch.Tensor], instr: torch.Tensor, actions: torch.Tensor,
                     distribution: ActionDistribution, device: torch.device,
                     precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp per `log_prob_mode`, log_b) of `actions` under the current policy; the forward pass under the run's
-    precision, the log-prob and the loss always in fp32."""
-    with autocast(device, precision):
-        mu, log_b = policy(obs, instr)
-    return distribution.log_prob(actions, mu.float(), log_b.float()), log_b.float()
-
-
-def old_log_prob(mu: np.ndarray, log_b: np.ndarray, actions: np.ndarray,
-                 distribution: ActionDistribution) -> torch.Tensor:
-    """Behaviour-time log-prob from the mu/log_b stored at rollout (no recompute before the update)."""
-    return distribution.log_prob(torch.from_numpy(actions), torch.from_numpy(mu), torch.from_numpy(log_b))
+    """(logp per `log_prob_mode`, log_b) of `actions` under a Laplace-family policy; the forward pass under the
+    run's precision, the log-prob and the loss always in fp32."""
+    logp, scales = distribution.score(policy, obs, instr.to(device), actions, {}, precision)
+    return logp, scales["log_b"]
 
 
 def parameter_groups(policy: Policy, algo: AlgoConfig) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -84,10 +77,12 @@ def parameter_groups(policy: Policy, algo: AlgoConfig) -> tuple[list[nn.Paramete
     roles = policy.modules_by_role()
     backbone = policy.backbone_trainable()
     heads = list(roles["action_head"].parameters())
-    for p in roles["scale_head"].parameters():
-        p.requires_grad = not algo.fix_scale_head
-    if not algo.fix_scale_head:
-        heads += list(roles["scale_head"].parameters())
+    scale_head = roles.get("scale_head")
+    if scale_head is not None:
+        for p in scale_head.parameters():
+            p.requires_grad = not algo.fix_scale_head
+        if not algo.fix_scale_head:
+            heads += list(scale_head.parameters())
     return backbone, heads
 
 
@@ -97,10 +92,10 @@ class PPOUpdater:
     gradients are summed over the ranks before both groups are clipped (see `ript_ablate.distributed`)."""
 
     def __init__(self, policy: Policy, algo: AlgoConfig, device: torch.device, precision: str = "auto",
-                 ranks: Ranks | None = None):
+                 ranks: Ranks | None = None, family: ChunkFamily | None = None):
         self.policy, self.algo, self.device, self.precision = policy, algo, device, precision
         self.ranks = ranks or Ranks()
-        self.distribution = ActionDistribution.from_algo(algo)
+        self.family = family or build_family(algo, policy)
         self.backbone_params, self.head_params = parameter_groups(policy, algo)
         groups = [{"params": self.backbone_params, "lr": algo.lr, "name": "backbone"},
                   {"params": self.head_params, "lr": algo.header_lr, "name": "header"}]
@@ -120,6 +115,7 @@ class PPOUpdater:
         obs = {k: torch.cat([t.obs[k] for t in trajs]) for k in trajs[0].obs}
         instr = torch.cat([t.instr.unsqueeze(0).expand(t.mask.shape[0], *t.instr.shape) for t in trajs])
         actions = torch.cat([t.actions for t in trajs])
+        record = {k: torch.cat([t.record[k] for t in trajs]) for k in trajs[0].record}
         mask = torch.cat([t.mask for t in trajs])
         old_logp = torch.cat([t.old_logp for t in trajs])
         row_adv = torch.cat([torch.full((t.mask.shape[0],), t.advantage, device=mask.device) for t in trajs])
@@ -131,8 +127,9 @@ class PPOUpdater:
         stats["micro_batches"] += sum(math.ceil(t.counted_chunks / size) for t in trajs)
         for s in range(0, mask.shape[0], size):
             m = mask[s:s + size]
-            logp, log_b = policy_log_prob(self.policy, {k: v[s:s + size] for k, v in obs.items()}, instr[s:s + size],
-                                          actions[s:s + size], self.distribution, self.device, self.precision)
+            logp, scales = self.family.score(self.policy, {k: v[s:s + size] for k, v in obs.items()},
+                                             instr[s:s + size], actions[s:s + size],
+                                             {k: v[s:s + size] for k, v in record.items()}, self.precision)
             log_ratio = logp - old_logp[s:s + size]
             ratio = torch.exp(log_ratio)
             adv = row_adv[s:s + size].view(-1, *tail)
@@ -141,16 +138,18 @@ class PPOUpdater:
             loss.backward()
             with torch.no_grad():
                 low, high = active_clips(ratio, adv, algo.ppo_clip_range, algo.ppo_clip_high)
-                step_valid = m if m.dim() == log_b.dim() else m.unsqueeze(-1).expand_as(log_b)
                 stats["loss"] += loss.detach()
                 stats["ratio"] += (ratio * m).sum()
                 stats["clipped_low"] += (low * m).sum()
                 stats["clipped_high"] += (high * m).sum()
                 stats["approx_kl"] += (((ratio - 1) - log_ratio) * m).sum()
                 stats["count"] += m.sum()
-                stats["log_b"] += (log_b * step_valid).sum()
-                stats["log_b_clipped"] += (((log_b < lo) | (log_b > hi)) * step_valid).sum()
-                stats["log_b_count"] += step_valid.sum()
+                scale = scales.get(self.family.scale_name or "")
+                if scale is not None:  # the family's scale (log_b, a noise std) over the counted positions
+                    step_valid = m if m.dim() == scale.dim() else m.unsqueeze(-1).expand_as(scale)
+                    stats["log_b"] += (scale * step_valid).sum()
+                    stats["log_b_clipped"] += (((scale < lo) | (scale > hi)) * step_valid).sum()
+                    stats["log_b_count"] += step_valid.sum()
 
     def _optimizer_step(self, stats: dict[str, torch.Tensor]) -> bool:
         """Sum the gradients over the ranks, clip each group apart and step; skip (and count) a non-finite update
@@ -177,6 +176,18 @@ class PPOUpdater:
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
+    def _step_positions(self, trajectories: list[Trajectory], orders: list[np.ndarray],
+                        steps_per_pass: int) -> list[list[float]] | None:
+        """With the family's `token` loss average: the counted positions of every optimizer step over all ranks
+        (one collective per update), so that every position of a step weighs the same; None otherwise."""
+        if self.family.loss_average != "token":
+            return None
+        ga = self.algo.gradient_accumulation_steps
+        local = [float(sum(float(trajectories[int(i)].mask.sum()) for i in order[s * ga:(s + 1) * ga]))
+                 for order in orders for s in range(steps_per_pass)]
+        total = [sum(v) for v in zip(*self.ranks.gather(local))] if self.ranks.size > 1 else local
+        return [[max(total[e * steps_per_pass + s], 1.0) for s in range(steps_per_pass)] for e in range(len(orders))]
+
     def update(self, trajectories: list[Trajectory], rng: np.random.Generator, max_nonfinite: int) -> dict:
         """`num_ppo_epochs` reshuffled passes. Returns metrics and whether the run diverged."""
         keys = ("loss", "ratio", "clipped_low", "clipped_high", "approx_kl", "count", "log_b", "log_b_clipped",
@@ -187,16 +198,20 @@ class PPOUpdater:
         counts = [int(n) for n in self.ranks.gather(len(trajectories))]
         steps_per_pass = max(math.ceil(n / ga) for n in counts)
         diverged = False
+        orders = [rng.permutation(len(trajectories)) for _ in range(self.algo.num_ppo_epochs)]
+        positions = self._step_positions(trajectories, orders, steps_per_pass)
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
-        for _epoch in range(self.algo.num_ppo_epochs):
-            order = rng.permutation(len(trajectories))
+        for epoch, order in enumerate(orders):
             for step in range(steps_per_pass):
                 group = order[step * ga:(step + 1) * ga]  # the last group may be smaller: it still steps
                 in_step = sum(min(max(n - step * ga, 0), ga) for n in counts)  # this step's trajectories, all ranks
                 before = stats["loss"].clone()
                 if len(group):
-                    self._micro_batch([trajectories[int(i)] for i in group], [1.0 / in_step] * len(group), stats)
+                    members = [trajectories[int(i)] for i in group]
+                    weights = ([float(t.mask.sum()) / positions[epoch][step] for t in members] if positions
+                               else [1.0 / in_step] * len(group))
+                    self._micro_batch(members, weights, stats)
                 stats["step_loss"] = stats["loss"] - before
                 if not self._optimizer_step(stats) and self.consecutive_nonfinite > max_nonfinite:
                     diverged = True
@@ -204,6 +219,7 @@ class PPOUpdater:
             if diverged:
                 break
         self.policy.eval()
+        scale_name = self.family.scale_name
         per_rank = ("loss", "ratio", "clipped_low", "clipped_high", "approx_kl", "count", "log_b", "log_b_clipped",
                     "log_b_count", "micro_batches")  # the rest are the same on every rank (read after the reduction)
         if self.ranks.size > 1:
@@ -211,6 +227,12 @@ class PPOUpdater:
             stats.update({k: torch.tensor(v) for k, v in zip(per_rank, summed)})
         values = {k: float(v) for k, v in stats.items()}  # the one read of the iteration
         count, steps = max(values["count"], 1.0), max(values["steps"], 1.0)
+        scale_metrics = {}
+        if scale_name == "log_b":
+            scale_metrics = {"scale/log_b_mean": values["log_b"] / max(values["log_b_count"], 1.0),
+                             "scale/log_b_clipped_fraction": values["log_b_clipped"] / max(values["log_b_count"], 1.0)}
+        elif scale_name is not None:
+            scale_metrics = {f"scale/{scale_name}_mean": values["log_b"] / max(values["log_b_count"], 1.0)}
         return {
             "metrics": {
                 "ppo/loss": values["loss"] / max(values["micro_batches"], 1.0),
@@ -222,27 +244,51 @@ class PPOUpdater:
                 "ppo/optimizer_steps": values["steps"],
                 "grad_norm/backbone": values["grad_norm_backbone"] / steps,
                 "grad_norm/header": values["grad_norm_header"] / steps,
-                "scale/log_b_mean": values["log_b"] / max(values["log_b_count"], 1.0),
-                "scale/log_b_clipped_fraction": values["log_b_clipped"] / max(values["log_b_count"], 1.0),
+                **scale_metrics,
                 "health/nonfinite_events": values["nonfinite"],
             },
             "diverged": diverged,
         }
 
 
+def rescore(policy: Policy, family: ChunkFamily, traj: Trajectory, rows: int, precision: str) -> torch.Tensor:
+    """The behaviour log-prob recomputed by the trainer's model before the first epoch (no gradient), `rows` chunks
+    a forward: what a family without a closed-form record needs (tokens, flow_sde, flow_noise)."""
+    parts = []
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        for s in range(0, traj.actions.shape[0], rows):
+            obs = {k: v[s:s + rows] for k, v in traj.obs.items()}
+            instr = traj.instr.unsqueeze(0).expand(obs[next(iter(obs))].shape[0], *traj.instr.shape)
+            parts.append(family.score(policy, obs, instr, traj.actions[s:s + rows],
+                                      {k: v[s:s + rows] for k, v in traj.record.items()}, precision)[0])
+    policy.train(was_training)
+    return torch.cat(parts)
+
+
 def build_trajectories(groups: list, advantages: np.ndarray, instr_of: dict[str, torch.Tensor], algo: AlgoConfig,
-                       device: torch.device, distribution: ActionDistribution | None = None) -> list[Trajectory]:
-    """Tensors for every accepted rollout, on the training device once per iteration."""
-    distribution = distribution or ActionDistribution.from_algo(algo)
+                       device: torch.device, distribution: ChunkFamily | None = None, policy: Policy | None = None,
+                       precision: str = "auto") -> list[Trajectory]:
+    """Tensors for every accepted rollout, on the training device once per iteration, with their behaviour
+    log-probs: from the record (Laplace family), or re-scored by `policy` (the others)."""
+    family = distribution or ActionDistribution.from_algo(algo)
     out = []
     for g, group in enumerate(groups):
         for k, ep in enumerate(group.episodes):
             d = ep.actions.shape[-1]
             counted = ep.loss_mask(executed_only=algo.loss_on_executed_steps_only)
-            mask = distribution.mask(torch.from_numpy(counted).float(), d)
-            old = old_log_prob(ep.mu, ep.log_b, ep.actions, distribution)
-            out.append(Trajectory({k: torch.from_numpy(v).to(device) for k, v in ep.obs.items()},
-                                  instr_of[ep.task].to(device),
-                                  torch.from_numpy(ep.actions).to(device), mask.to(device), old.to(device),
-                                  float(advantages[g, k]), int(counted.any(-1).sum())))
+            mask = family.mask(torch.from_numpy(counted).float(), d)
+            actions = torch.from_numpy(ep.actions)
+            old = family.old_log_prob(actions, {key: torch.from_numpy(v) for key, v in ep.record.items()})
+            traj = Trajectory({key: torch.from_numpy(v).to(device) for key, v in ep.obs.items()},
+                              instr_of[ep.task].to(device), actions.to(device), mask.to(device),
+                              old.to(device) if old is not None else torch.zeros(0), float(advantages[g, k]),
+                              int(counted.any(-1).sum()),
+                              {key: torch.from_numpy(ep.record[key]).to(device) for key in family.scored_record_keys})
+            if old is None:
+                if policy is None:
+                    raise ValueError(f"the {family.variant} family re-scores its chunks: pass the policy")
+                traj.old_logp = rescore(policy, family, traj, algo.max_step_batch_size, precision)
+            out.append(traj)
     return out
