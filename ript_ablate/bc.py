@@ -1,5 +1,8 @@
-"""Behaviour-cloning base for any policy and any world with demonstrations: backbone + action head by L1 on the
-action chunk (as OpenVLA-OFT), then the scale head alone by Laplace negative log-likelihood. With
+"""Behaviour-cloning base for any policy and any world with demonstrations, the way its family is trained
+(`ript_ablate.families.bc_loss`): backbone + action head by L1 on the action chunk (Laplace, as OpenVLA-OFT),
+cross-entropy over action bins (tokens) or the flow-matching loss (flow); then the scale head alone by Laplace
+negative log-likelihood (a flow policy's around its ODE mean, what laplace_ode samples from; a token policy has
+none). With
 `sft.pretrain_tasks`, a multi-task pre-training stage comes first (the same L1 on many tasks' demonstrations; the
 paper's Meta-World protocol: ML45 pre-training, then few-shot fine-tuning on the held-out tasks). Each stage is
 cached under a hash of everything that produced it, so the bases of a study's cells share one pre-trained model.
@@ -25,6 +28,7 @@ from ript_ablate.cache_lock import cache_lock
 from ript_ablate.config import Config, pretrain_config, to_yaml
 from ript_ablate.device import autocast, resolve_device
 from ript_ablate.errors import CheckpointError, ConfigError
+from ript_ablate.families import bc_loss, scale_outputs
 from ript_ablate.interfaces.policy import Policy
 from ript_ablate.plugin_check import check_plugins
 from ript_ablate.plugins import build_policy
@@ -128,17 +132,18 @@ def _batch_obs(data: BCData, b: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device, pretraining: bool = False) -> float:
-    """L1 on valid chunk entries; AdamW with cosine decay (the pre-training stage's steps and lr when
-    `pretraining`, else the fine-tuning's). Returns the final smoothed loss."""
+    """The family's loss on valid chunk entries (L1 for a Laplace head); AdamW with cosine decay (the pre-training
+    stage's steps and lr when `pretraining`, else the fine-tuning's). Returns the final smoothed loss."""
     sft = cfg.sft
     steps, lr = (sft.pretrain_steps, sft.pretrain_lr) if pretraining else (sft.steps, sft.lr)
-    scale_prefix = policy.role_prefixes()["scale_head"]
-    params = [p for n, p in policy.named_parameters() if not n.startswith(scale_prefix)]
+    scale_prefix = policy.role_prefixes().get("scale_head")
+    params = [p for n, p in policy.named_parameters() if scale_prefix is None or not n.startswith(scale_prefix)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=sft.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     data = data.to(device)
     index = _batches(len(data), sft.batch_size, steps, sft.seed)
+    noise = torch.Generator().manual_seed(sft.seed + 2)  # a flow policy's times and noises
     smoothed = float("nan")
     policy.train()
     with progress() as bar:
@@ -146,10 +151,8 @@ def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device, pr
                             status="")
         for step in range(steps):
             b = index[step].to(device)
-            with autocast(device, cfg.training.precision):
-                mu, _ = policy(_batch_obs(data, b), data.instr[b])
-            err = (mu.float() - data.target[b]).abs().mean(-1)
-            loss = (err * data.mask[b]).sum() / data.mask[b].sum()
+            loss = bc_loss(policy, _batch_obs(data, b), data.instr[b], data.target[b], data.mask[b],
+                           cfg.training.precision, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -158,15 +161,18 @@ def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device, pr
             if step % 50 == 0 or step == steps - 1:
                 value = float(loss.detach())
                 smoothed = value if math.isnan(smoothed) else 0.8 * smoothed + 0.2 * value
-                bar.update(task, completed=step + 1, status=f"L1 {smoothed:.4f}")
+                bar.update(task, completed=step + 1, status=f"loss {smoothed:.4f}")
     policy.eval()
     return smoothed
 
 
 def fit_scale_head(policy: Policy, data: BCData, cfg: Config, device: torch.device) -> float:
-    """Laplace NLL of the expert chunk under (mu fixed, log_b learned): only the scale head moves."""
+    """Laplace NLL of the expert chunk under (mu fixed, log_b learned): only the scale head moves. NaN for a policy
+    without one (a token policy)."""
     sft = cfg.sft
-    scale_head = policy.modules_by_role()["scale_head"]
+    scale_head = policy.modules_by_role().get("scale_head")
+    if scale_head is None:
+        return float("nan")
     trainable = {p: p.requires_grad for p in policy.parameters()}
     for p in policy.parameters():
         p.requires_grad = False
@@ -181,7 +187,7 @@ def fit_scale_head(policy: Policy, data: BCData, cfg: Config, device: torch.devi
         for step in range(sft.scale_steps):
             b = index[step].to(device)
             with autocast(device, cfg.training.precision):
-                mu, log_b = policy(_batch_obs(data, b), data.instr[b])
+                mu, log_b = scale_outputs(policy, _batch_obs(data, b), data.instr[b])
             mu, log_b = mu.detach().float(), log_b.float()
             nll = log_b + (data.target[b] - mu).abs() / log_b.exp() + math.log(2.0)
             loss = (nll.mean(-1) * data.mask[b]).sum() / data.mask[b].sum()
@@ -333,23 +339,24 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
         policy.observe_demonstrations(data.obs)
     policy.to(device)
     t0 = time.perf_counter()
-    bc_loss = train_bc(policy, data, cfg, device)
+    bc_final = train_bc(policy, data, cfg, device)
     nll = fit_scale_head(policy, data, cfg, device)
     policy.cpu().eval()
     info = {
         "key": out.name, "demo_key": demo_key(world),
         "inputs": {"demonstrations": cache_keys.demo_identity(world, world.run_config), **_policy_identity(cfg)},
-        "bc_l1": bc_loss, "scale_nll": nll, "samples": len(data),
+        "bc_l1": bc_final, "scale_nll": nll, "samples": len(data),
         "demo_steps": demos.n_steps(), "demo_seconds": round(demo_seconds, 2),
         "train_seconds": round(time.perf_counter() - t0, 2), "device": str(device),
+        "family": getattr(policy, "family", "laplace"),
         "log_b_bias": [float(v) for v in policy.checkpoint_tensors("header").get(
-            policy.role_prefixes()["scale_head"] + "bias", torch.zeros(0)).tolist()],
+            policy.role_prefixes().get("scale_head", "") + "bias", torch.zeros(0)).tolist()],
     }
     if pretrain_info is not None:
         info["pretrain"] = {k: v for k, v in pretrain_info.items() if k != "cache_hit"}
     _save(policy, cfg, out, info)
     stage = "fine-tuned base" if pretrained is not None else "behaviour-cloning base"
-    console.print(f"{stage} saved to {out} (L1 {bc_loss:.4f}, scale NLL {nll:.3f}, "
+    console.print(f"{stage} saved to {out} (loss {bc_final:.4f}, scale NLL {nll:.3f}, "
                   f"{info['train_seconds']:.0f}s training)")
     return policy, weights, {**info, "cache_hit": False, "pretrain_cache_hit": (pretrain_info or {}).get("cache_hit")}
 

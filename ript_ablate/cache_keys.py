@@ -25,7 +25,7 @@ from typing import Any
 
 KEY_FORMAT = 3  # 3: keys include the producing code
 FRAMEWORK_DEMO_CODE = ("ript_ablate.demos", "ript_ablate.episodes")
-FRAMEWORK_BC_CODE = ("ript_ablate.bc", "ript_ablate.device", "ript_ablate.interfaces.policy")
+FRAMEWORK_BC_CODE = ("ript_ablate.bc", "ript_ablate.device", "ript_ablate.interfaces.policy", "ript_ablate.families")
 DEMO_SUITE_KEYS = ("name", "tasks", "demos_per_task", "seed", "options")  # what of `suite` shapes demonstrations
 SKIPPED_DIRS = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 

@@ -22,6 +22,11 @@ import yaml
 from ript_ablate.errors import ConfigError
 
 LOG_PROB_MODES = ("sum_on_action_dim", "avg_on_action_dim", "ratio_on_action_dim")
+FAMILIES = ("laplace", "tokens", "flow")  # ript_ablate.families
+TOKEN_LOGPROBS = ("original", "exact")
+FLOW_LOGPROBS = ("flow_sde", "flow_noise", "laplace_ode")
+FLOW_CHAIN_LOGPROBS = ("sum", "mean")
+FLOW_EVAL_NOISE = ("seeded", "zeros")
 LORA_INITS = ("gaussian", "kaiming_uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
 INFERENCE_MODES = ("auto", "replica", "central")
@@ -65,7 +70,7 @@ class SuiteConfig:
 @dataclass
 class PolicyConfig:
     name: str = _f("reference", "Policy: a registered name (built in: reference) or an import path "
-                                "'package.module:factory'. The keys below up to `seed` configure 'reference'.")
+                                "'package.module:factory'. The keys below configure 'reference'.")
     options: dict[str, Any] = _f({}, "Settings of a plug-in policy, passed to it as they are.")
     d_model: int = _f(64, "Transformer width.")
     n_layers: int = _f(2, "Transformer blocks.")
@@ -83,6 +88,10 @@ class PolicyConfig:
                                     "(peft's default).")
     lora_targets: list[str] = _f(["q", "k", "v", "o", "fc1", "fc2"], "Backbone linear layers carrying LoRA.")
     seed: int = _f(0, "Seed of the policy's initial weights.")
+    head: str = _f("laplace", "The reference policy's family: laplace (mu and log_b heads), tokens (per-dimension "
+                              "action bins) or flow (a flow-matching action expert). docs/families.md.")
+    n_bins: int = _f(256, "tokens: action bins per dimension over [-1, 1].")
+    denoise_steps: int = _f(4, "flow: denoising steps K of a chunk (K forward passes of the expert).")
 
 
 @dataclass
@@ -135,6 +144,18 @@ class AlgoConfig:
     loss_on_executed_steps_only: bool = _f(False, "Loss counts only executed actions (the original counts all H "
                                                   "positions of each recorded chunk).")
     max_sampling_attempts: int = _f(0, "Cap on contexts tried per iteration (0 = 4 x the context quota).")
+    # --- policy families (docs/families.md: the switch x family table) ---
+    temperature: float = _f(1.0, "tokens: sampling temperature.")
+    top_k: int = _f(0, "tokens: sample among the k largest logits (0: all).")
+    token_logprob: str = _f("original", "tokens: original (the full softmax, as QueST in the original) | exact (the "
+                                        "behaviour distribution: temperature and top-k).")
+    flow_logprob: str = _f("flow_sde", "flow: flow_sde (one stochastic step a chunk) | flow_noise (a learned noise "
+                                       "head, every step) | laplace_ode (Laplace around the ODE's output).")
+    flow_noise_level: float = _f(0.5, "flow_sde: noise level a of sigma_t = a sqrt(t / (1 - t)).")
+    flow_noise_std: list[float] = _f([0.08, 0.16], "flow_noise: [low, high] bounds of the noise head's std.")
+    flow_noise_std_init: float = _f(0.12, "flow_noise: the noise head's std at the start of RL.")
+    flow_chain_logprob: str = _f("mean", "flow_noise: sum (ReinFlow) or mean (RLinf) of the chain's K + 1 terms.")
+    flow_eval_noise: str = _f("seeded", "flow: evaluation integrates the ODE from noise seeded per episode, or zeros.")
     # --- original keys this project reads with the same meaning ---
     lora_rank: int = _f(32, "Rank of the backbone LoRA adapters.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
@@ -323,9 +344,12 @@ def _build_section(cls: type, name: str, data: Any, problems: list[str], source:
 ExtraCheck = typing.Callable[["Config"], list[str]]
 
 
-def config_from_dict(data: Any, source: str = "<dict>", extra_checks: ExtraCheck | None = None) -> Config:
+def config_from_dict(data: Any, source: str = "<dict>", extra_checks: ExtraCheck | None = None,
+                     explicit: typing.Iterable[str] = ()) -> Config:
     """Build and validate a Config; raises ConfigError listing every problem. `extra_checks` adds the problems
-    only the chosen world and policy can see (`ript_ablate.plugins.config_problems`), when the values are sound."""
+    only the chosen world and policy can see (`ript_ablate.plugins.config_problems`), when the values are sound.
+    `explicit`: the keys set explicitly (`--set`, a study factor): one that means nothing for the policy's family
+    is refused (`ript_ablate.switch_table`)."""
     problems: list[str] = []
     if data is None:
         data = {}
@@ -343,6 +367,10 @@ def config_from_dict(data: Any, source: str = "<dict>", extra_checks: ExtraCheck
         sections[key] = _build_section(SECTIONS[key], key, value, problems, source)
     cfg = Config(**sections)
     problems.extend(validate(cfg))
+    if not problems:
+        from ript_ablate.switch_table import switch_problems
+
+        problems.extend(switch_problems(cfg, set(explicit)))
     if not problems and extra_checks is not None:
         problems.extend(extra_checks(cfg))
     if problems:
@@ -531,7 +559,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         raise ConfigError(problems, str(path))
     if isinstance(data, dict):
         data = merge(data, nested)
-    return config_from_dict(data, str(path), extra_checks)
+    explicit = {item.partition("=")[0].strip() for item in overrides or []}
+    return config_from_dict(data, str(path), extra_checks, explicit)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -600,6 +629,27 @@ def _bounded(p: list[str], cfg: Config) -> None:
            f"an iteration) at most {MAX_EPISODES_PER_ITERATION:,}: every episode of an iteration is held in memory")
 
 
+def _check_families(p: list[str], cfg: Config) -> None:
+    pol, a = cfg.policy, cfg.algo
+    _check(p, pol.head in FAMILIES, "policy.head", pol.head, " | ".join(FAMILIES))
+    _check(p, 2 <= pol.n_bins <= 4096, "policy.n_bins", pol.n_bins, "an integer in [2, 4096]")
+    _check(p, 1 <= pol.denoise_steps <= 100, "policy.denoise_steps", pol.denoise_steps, "an integer in [1, 100]")
+    _check(p, a.temperature > 0, "algo.temperature", a.temperature, "> 0")
+    _check(p, a.top_k >= 0, "algo.top_k", a.top_k, ">= 0 (0: every token)")
+    _check(p, a.token_logprob in TOKEN_LOGPROBS, "algo.token_logprob", a.token_logprob, " | ".join(TOKEN_LOGPROBS))
+    _check(p, a.flow_logprob in FLOW_LOGPROBS, "algo.flow_logprob", a.flow_logprob, " | ".join(FLOW_LOGPROBS))
+    _check(p, a.flow_noise_level > 0, "algo.flow_noise_level", a.flow_noise_level, "> 0")
+    bounds = a.flow_noise_std
+    ok = len(bounds) == 2 and 0 < bounds[0] < bounds[1]
+    _check(p, ok, "algo.flow_noise_std", bounds, "[low, high] with 0 < low < high")
+    _check(p, not ok or bounds[0] < a.flow_noise_std_init < bounds[1], "algo.flow_noise_std_init",
+           a.flow_noise_std_init, f"strictly inside algo.flow_noise_std {bounds}")
+    _check(p, a.flow_chain_logprob in FLOW_CHAIN_LOGPROBS, "algo.flow_chain_logprob", a.flow_chain_logprob,
+           " | ".join(FLOW_CHAIN_LOGPROBS))
+    _check(p, a.flow_eval_noise in FLOW_EVAL_NOISE, "algo.flow_eval_noise", a.flow_eval_noise,
+           " | ".join(FLOW_EVAL_NOISE))
+
+
 def validate(cfg: Config) -> list[str]:
     """Value checks; returns every problem as 'key: got value, expected ...'."""
     p: list[str] = []
@@ -662,6 +712,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, a.frame_stack == 1, "algo.frame_stack", a.frame_stack, "1 (state observations have no frames)")
     _check(p, not a.mix_val_init_in_rloo or a.use_val_init, "algo.mix_val_init_in_rloo", a.mix_val_init_in_rloo,
            "false unless algo.use_val_init is true")
+    _check_families(p, cfg)
     _check(p, t.n_iterations >= 0, "training.n_iterations", t.n_iterations, ">= 0")
     _check(p, t.contexts_per_iteration >= 1, "training.contexts_per_iteration", t.contexts_per_iteration, ">= 1")
     _check(p, t.eval_interval >= 1, "training.eval_interval", t.eval_interval, ">= 1")

@@ -27,7 +27,7 @@ from ript_ablate.device import autocast
 from ript_ablate.evaluation import EvalResult
 
 PROBE_ROWS = 8
-EVAL_CODE = ("ript_ablate.evaluation", "ript_ablate.engine", "ript_ablate.episodes")
+EVAL_CODE = ("ript_ablate.evaluation", "ript_ablate.engine", "ript_ablate.episodes", "ript_ablate.families")
 
 
 def probe_digest(policy: Any, world: Any, demos: Any, device: torch.device, precision: str) -> str | None:
@@ -45,6 +45,9 @@ def probe_digest(policy: Any, world: Any, demos: Any, device: torch.device, prec
                 out = policy(obs, instruction.unsqueeze(0).expand(rows, *instruction.shape))
             for tensor in out if isinstance(out, (tuple, list)) else (out,):
                 sha.update(tensor.detach().float().cpu().numpy().tobytes())
+        if getattr(policy, "family", "laplace") != "laplace":  # its action also depends on modules past forward
+            for name, tensor in sorted(policy.rollout_state().items()):
+                sha.update(name.encode() + tensor.numpy().tobytes())
     return sha.hexdigest()[:16]
 
 
@@ -54,7 +57,8 @@ def eval_key(cfg: Any, world: Any, probe: str, inference: str, device: torch.dev
         for state in world.eval_states(task):
             states.update(state.state_id.encode() + np.asarray(state.data, dtype=np.float64).tobytes())
     suite = cfg.suite
-    return digest({"format": 1, "probe": probe, "states": states.hexdigest(), "world": world.describe(),
+    family = {"flow_logprob": cfg.algo.flow_logprob, "flow_eval_noise": cfg.algo.flow_eval_noise}  # what evaluates
+    return digest({"format": 1, "probe": probe, "family": family, "states": states.hexdigest(), "world": world.describe(),
                    "lengths": [world.episode_length(t) for t in world.tasks],
                    "world_code": code_digest(owning_package(type(world))), "eval_code": code_digest(*EVAL_CODE),
                    "inference": inference, "batching": [suite.num_workers, suite.envs_per_worker],

@@ -1,8 +1,10 @@
 """A plug-in checked against its contract the moment it is built, before any demonstration, base or rollout.
 
 One reset of one environment checks the observation against the world's `observation_shapes` (keys, shapes, a
-numeric dtype); one forward of the policy on a batch of two such observations (stacked as the rollout engine stacks them) checks its outputs against the
-Laplace-head contract: `(mu, log_b)`, both `(B, chunk_size, action_dim)`, finite. A failure is one message that
+numeric dtype); one forward of the policy on a batch of two such observations (stacked as the rollout engine stacks
+them) checks its outputs against its family's contract: `(mu, log_b)`, both `(B, chunk_size, action_dim)`
+(laplace); logits `(B, chunk_size, action_dim, n_bins)` (tokens); a velocity `(B, chunk_size, action_dim)` from
+`velocity(prefix, x_t, t)` at t = 1 (flow); all finite. A failure is one message that
 names the plug-in, the method, what it returned and what was expected, instead of a broadcasting error deep in
 behaviour cloning or an IndexError in the rollout engine after a base was trained and cached.
 """
@@ -55,6 +57,11 @@ def policy_problems(policy: Any, world: Any, obs: dict[str, np.ndarray], task: s
         except Exception as exc:  # noqa: BLE001 - the plug-in's own failure, named
             return [f"{where} failed on a batch of {BATCH} observations from the world: {type(exc).__name__}: {exc}"]
     expected = (BATCH, int(policy.chunk_size), int(world.action_dim))
+    family = getattr(policy, "family", "laplace")
+    if family == "tokens":
+        return _token_problems(policy, out, expected, where)
+    if family == "flow":
+        return _flow_problems(policy, out, expected, name)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
         return [f"{where} returned {_describe(out)}, expected (mu, log_b), two tensors of shape (B, chunk_size, "
                 f"action_dim) = {expected}"]
@@ -67,6 +74,38 @@ def policy_problems(policy: Any, world: Any, obs: dict[str, np.ndarray], task: s
         elif not torch.isfinite(tensor).all():
             problems.append(f"{where} returned a non-finite {label} for a fresh observation")
     return problems
+
+
+def _token_problems(policy: Any, logits: Any, expected: tuple[int, ...], where: str) -> list[str]:
+    n_bins = getattr(policy, "n_bins", None)
+    if not isinstance(n_bins, int) or n_bins < 2:
+        return [f"{where}: a token policy needs an integer n_bins >= 2, it has {n_bins!r}"]
+    want = (*expected, n_bins)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
+        return [f"{where} returned {_describe(logits)}, expected logits of shape (B, chunk_size, action_dim, n_bins) "
+                f"= {want}"]
+    if not torch.isfinite(logits).all():
+        return [f"{where} returned non-finite logits for a fresh observation"]
+    return []
+
+
+def _flow_problems(policy: Any, prefix: Any, expected: tuple[int, ...], name: str) -> list[str]:
+    where = f"policy {name!r}: {type(policy).__name__}.velocity(prefix, x_t, t)"
+    steps = getattr(policy, "denoise_steps", None)
+    if not isinstance(steps, int) or steps < 1:
+        return [f"{where}: a flow policy needs an integer denoise_steps >= 1, it has {steps!r}"]
+    with torch.no_grad():
+        try:
+            v = policy.velocity(prefix, torch.zeros(expected), torch.ones(expected[0]))
+        except Exception as exc:  # noqa: BLE001 - the plug-in's own failure, named
+            return [f"{where} failed on the prefix its forward returned, x_t of shape {expected} and t of shape "
+                    f"({expected[0]},): {type(exc).__name__}: {exc}"]
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != expected:
+        return [f"{where} returned {_describe(v)}, expected a velocity of shape (B, chunk_size, action_dim) = "
+                f"{expected}"]
+    if not torch.isfinite(v).all():
+        return [f"{where} returned a non-finite velocity for a fresh observation"]
+    return []
 
 
 def check_plugins(cfg: Any, world: Any | None = None) -> None:

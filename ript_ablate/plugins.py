@@ -115,7 +115,7 @@ def build_policy(cfg: Config, world: Any) -> Any:
 
 
 def reference_only_problems(cfg: Config) -> list[str]:
-    """`policy.d_model` ... `policy.seed` configure the built-in policy only: set for a plug-in they would be
+    """`policy.d_model` ... `policy.denoise_steps` configure the built-in policy only: set for a plug-in they would be
     ignored silently, so they are refused, pointing at `policy.options`."""
     if cfg.policy.name == "reference":
         return []
@@ -151,5 +151,6 @@ def load_checked_config(path: str | Path, overrides: list[str] | None = None) ->
     return load_config(path, overrides, extra_checks=config_problems)
 
 
-def checked_config_from_dict(data: Any, source: str = "<dict>") -> Config:
-    return config_from_dict(data, source, extra_checks=config_problems)
+def checked_config_from_dict(data: Any, source: str = "<dict>", explicit: Any = ()) -> Config:
+    """`config.config_from_dict` plus the world's and policy's own checks; `explicit` as there."""
+    return config_from_dict(data, source, extra_checks=config_problems, explicit=explicit)

@@ -68,3 +68,12 @@ def test_every_yaml_block_validates(page, tmp_path):
         else:  # a config, or a fragment of one: its sections must validate on top of the defaults
             assert isinstance(data, dict) and set(data) <= set(SECTIONS), f"{where}: neither a config nor a spec"
             checked_config_from_dict(data, where)
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", ROOT / "docs" / "families.md"], ids=lambda p: p.name)
+def test_the_switch_by_family_table_is_the_codes(page):
+    from ript_ablate.switch_table import markdown_table
+
+    shown = re.search(r"<!-- switch-table -->\n(.*?)\n<!-- /switch-table -->", page.read_text(), flags=re.S)
+    assert shown and shown.group(1).strip() == markdown_table(), f"{page.name}: regenerate the table from " \
+        "ript_ablate.switch_table.markdown_table()"

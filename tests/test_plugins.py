@@ -150,7 +150,8 @@ def module_name(path: Path) -> str:
 
 
 def test_config_is_the_floor_and_the_package_has_no_import_cycle():
-    assert package_imports(PACKAGE / "config.py") == {"ript_ablate.errors"}
+    assert package_imports(PACKAGE / "config.py") == {"ript_ablate.errors", "ript_ablate.switch_table"}
+    assert package_imports(PACKAGE / "switch_table.py") == set()  # the switch x family table: a floor of its own
     graph = {module_name(p): package_imports(p) for p in PACKAGE.rglob("*.py")}
     modules = set(graph)
 
@@ -181,6 +182,10 @@ def test_config_is_the_floor_and_the_package_has_no_import_cycle():
 def test_worlds_know_no_algorithm_and_nothing_below_imports_study_or_report():
     for path in (PACKAGE / "worlds").rglob("*.py"):
         assert not {m for m in package_imports(path) if m.startswith(("ript_ablate.ript", "ript_ablate.study"))}, path
+    for path in (PACKAGE / "families").rglob("*.py"):  # below both the rollout engine and the algorithm
+        assert not {m for m in package_imports(path) if m.startswith(("ript_ablate.ript", "ript_ablate.engine"))}, path
+    for path in (PACKAGE / "engine").rglob("*.py"):
+        assert not {m for m in package_imports(path) if m.startswith("ript_ablate.ript")}, path
     lower = [p for p in PACKAGE.rglob("*.py") if not p.relative_to(PACKAGE).parts[0] in ("study", "report", "bench")
              and p.name not in ("cli.py", "__main__.py")]
     for path in lower:

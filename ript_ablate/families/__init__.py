@@ -20,7 +20,7 @@ from ript_ablate.families.flow import FLOW_CHAIN_LOGPROBS, FLOW_EVAL_NOISE, FLOW
 from ript_ablate.families.laplace import ActionDistribution
 from ript_ablate.families.tokens import TOKEN_LOGPROBS, TokenFamily
 
-FAMILIES = ("laplace", "tokens", "flow")
+from ript_ablate.config import FAMILIES
 
 __all__ = ["FAMILIES", "FLOW_CHAIN_LOGPROBS", "FLOW_EVAL_NOISE", "FLOW_LOGPROBS", "LOG_PROB_MODES", "TOKEN_LOGPROBS",
            "ActionDistribution", "ChunkDraw", "ChunkFamily", "FlowFamily", "TokenFamily", "bc_loss",

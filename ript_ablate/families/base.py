@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-LOG_PROB_MODES = ("sum_on_action_dim", "avg_on_action_dim", "ratio_on_action_dim")
+from ript_ablate.config import LOG_PROB_MODES  # noqa: F401 - re-exported
 
 
 def reduce_action_dims(logp: torch.Tensor, mode: str) -> torch.Tensor:

@@ -37,9 +37,7 @@ import torch.nn.functional as F
 from ript_ablate.families.base import ChunkDraw, ChunkFamily, inference, reduce_action_dims, to_numpy
 from ript_ablate.families.laplace import ActionDistribution
 
-FLOW_LOGPROBS = ("flow_sde", "flow_noise", "laplace_ode")
-FLOW_CHAIN_LOGPROBS = ("sum", "mean")
-FLOW_EVAL_NOISE = ("seeded", "zeros")
+from ript_ablate.config import FLOW_CHAIN_LOGPROBS, FLOW_EVAL_NOISE, FLOW_LOGPROBS  # noqa: F401 - re-exported
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from ript_ablate.families.base import ChunkDraw, ChunkFamily, inference, reduce_action_dims, to_numpy
 
-TOKEN_LOGPROBS = ("original", "exact")
+from ript_ablate.config import TOKEN_LOGPROBS  # noqa: F401 - the choices, re-exported
 
 
 def bin_centers(n_bins: int, low: float, high: float) -> np.ndarray:

@@ -41,6 +41,7 @@ from ript_ablate.ript.advantages import advantages as rloo_advantages
 from ript_ablate.ript.rollouts import collect, rollout_metrics
 from ript_ablate.ript.update import PPOUpdater, build_trajectories
 from ript_ablate.seeding import stream_seed
+from ript_ablate.switch_table import inert_switches
 from ript_ablate.tracking import Tracker, git_commit
 
 HISTORY_LOG = "history.jsonl"  # one line per logged iteration, appended as the run goes (read when resuming)
@@ -173,6 +174,9 @@ class Trainer:
             torch.manual_seed(algo.model_seed + ranks.rank)  # model_seed + rank seeds each rank, as the original does
         inference = resolve_inference(cfg.suite.inference, policy, self.device)
         family = build_family(algo, policy)
+        for key, value, why in inert_switches(cfg, family.variant):  # carried by the config, not set: a note
+            if ranks.is_main:
+                console.print(f"note: {key} = {value!r} has no effect on a {family.variant} policy ({why})")
         with RolloutEngine(cfg, world) as engine:
             updater = PPOUpdater(policy, algo, self.device, cfg.training.precision, ranks, family)
             start_iteration = int(meta.get("iteration", 0))

@@ -49,7 +49,8 @@ PARAM_TYPES = ("categorical", "float", "int")
 TOP_KEYS = ("name", "config", "set", "mode", "factors", "search_space", "sampler", "sampler_seed", "n_configs",
             "pruner", "seeds", "objective", "retries", "timeout_s", "storage", "output_dir", "tracking_uri",
             "experiment", "heartbeat_s", "lease_timeout_s", "description", "command", "report", "race",
-            "processes_per_cell")
+            "processes_per_cell", "configurations")
+CONFIGURATION = "configuration"  # the factor whose levels are the spec's named `configurations`
 REPORT_KEYS = ("success_metric",)
 
 
@@ -103,6 +104,16 @@ class StudySpec:
     race: Race | None = None  # optuna: race the best configurations with added seeds after the search
     success_metric: str = "eval/success_rate"  # what the report plots and compares as success
     processes_per_cell: int = 1  # >1: every cell is one torchrun trial of that many processes (GPUs)
+    #: named configurations (grid): the levels of the `configuration` factor, each a set of dotted keys, for
+    #: settings that only make sense together (each policy family with its own exploration switch)
+    configurations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def expand(self, values: dict[str, Any]) -> dict[str, Any]:
+        """A cell's factor values as dotted config keys: a named configuration replaced by its settings."""
+        out = {k: v for k, v in values.items() if k != CONFIGURATION}
+        if CONFIGURATION in values:
+            out = {**self.configurations[values[CONFIGURATION]], **out}
+        return out
 
     def race_seeds(self, n: int) -> list[int]:
         """The seeds of a raced configuration that has run `n`: the spec's, then the next integers."""
@@ -123,8 +134,8 @@ class StudySpec:
     def cell_data(self, values: dict[str, Any], seed: int) -> dict[str, Any]:
         """A cell's config as a dict: the base with the cell's values and seed set."""
         if self.command:
-            return with_dotted(self.base, {**values, self.command.seed_key: seed})
-        return with_values(self.base, {**values, SEED_KEY: seed})
+            return with_dotted(self.base, {**self.expand(values), self.command.seed_key: seed})
+        return with_values(self.base, {**self.expand(values), SEED_KEY: seed})
 
     @property
     def lease_timeout(self) -> float:
@@ -153,12 +164,15 @@ class StudySpec:
 
         if self.command:
             raise ValueError("a study over your own command has no built-in config; use cell_data")
-        return checked_config_from_dict(with_values(self.base, {**values, SEED_KEY: seed}), f"{self.path} cell")
+        settings = self.expand(values)
+        return checked_config_from_dict(with_values(self.base, {**settings, SEED_KEY: seed}), f"{self.path} cell",
+                                        explicit=settings)
 
     def fingerprint(self) -> str:
         """What defines the cells; resuming with a changed spec is refused instead of mixing results."""
         seeds = {"adaptive": self.seed_plan.__dict__} if self.seed_plan else self.seeds  # adaptive: seeds grow
         data = {"base": self.base, "mode": self.mode, "factors": self.factors, "seeds": seeds,
+                **({"configurations": self.configurations} if self.configurations else {}),
                 "space": [p.__dict__ for p in self.search_space], "objective": self.objective.__dict__,
                 **({"command": self.command.to_json()} if self.command else {}),
                 **({"race": {"top": self.race.top, **self.race.plan.__dict__}} if self.race else {})}
@@ -193,7 +207,7 @@ def format_value(value: Any) -> str:
 
 def describe(values: dict[str, Any]) -> str:
     """'ppo_clip_high=0.28, policy.options.hidden=128': a config key without its section, a plug-in's option whole."""
-    return ", ".join(f"{k if is_option_key(k) else k.split('.', 1)[1]}={format_value(v)}"
+    return ", ".join(f"{k if is_option_key(k) else k.split('.', 1)[-1]}={format_value(v)}"
                      for k, v in values.items()) or "base"
 
 
@@ -325,10 +339,13 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
     known = None if "command" in raw else set(all_keys())
     factors: dict[str, list[Any]] = {}
     space: list[Param] = []
+    configurations = _parse_configurations(raw, mode, known, seed_key, check)
+    if configurations:
+        factors[CONFIGURATION] = list(configurations)
     if mode == "grid":
-        raw_factors = raw.get("factors")
-        if check.need(isinstance(raw_factors, dict) and raw_factors, "factors", raw_factors,
-                      "a mapping of dotted config keys to lists of values"):
+        raw_factors = raw.get("factors", {} if configurations else None)
+        if check.need(isinstance(raw_factors, dict) and (raw_factors or configurations), "factors", raw_factors,
+                      "a mapping of dotted config keys to lists of values (or named configurations)"):
             for key, values in raw_factors.items():
                 if key == seed_key:
                     check.problems.append(f"factors.{key}: seeds are an axis of their own; list them under seeds")
@@ -382,7 +399,9 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
     storage = raw.get("storage")
     check.need(storage is None or isinstance(storage, str), "storage", storage, "a URL or journal file path")
     if command is not None and base:
-        keys = {**{f"factors.{k}": k for k in factors}, **{f"search_space.{p.key}": p.key for p in space},
+        keys = {**{f"factors.{k}": k for k in factors if k != CONFIGURATION},
+                **{f"configurations.{n}.{k}": k for n, c in configurations.items() for k in c},
+                **{f"search_space.{p.key}": p.key for p in space},
                 "command.seed_key": command.seed_key}
         check.problems.extend(check_keys(command, base, keys, config_path.name))
     race = _parse_race(raw["race"], mode, seeds if seeds_ok else [], check) if "race" in raw else None
@@ -402,6 +421,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         lease_timeout_s=float(lease) if lease is not None else None,
         description=str(raw.get("description", "")), command=command, success_metric=success_metric,
         seed_plan=seed_plan, race=race, processes_per_cell=processes if isinstance(processes, int) else 1,
+        configurations=configurations,
     )
     if command is None:  # the built-in trainer checks every cell's config now; your trainer checks its own
         _check_cells(spec)
@@ -450,6 +470,37 @@ def _parse_seed_plan(raw: dict[str, Any], mode: str, check: _Checker) -> SeedPla
                      "the smallest effect worth finding, in points (> 0), e.g. 5")
     ok &= check.need(_finite(alpha) and 0 < alpha < 0.5, "seeds.alpha", alpha, "a false-decision rate in (0, 0.5)")
     return SeedPlan(initial, most, float(effect), float(alpha)) if ok else None
+
+
+def _parse_configurations(raw: dict[str, Any], mode: str, known: set[str] | None, seed_key: str,
+                          check: _Checker) -> dict[str, dict[str, Any]]:
+    """`configurations: {name: {dotted.key: value, ...}, ...}` (grid mode): settings that only make sense together
+    (each policy family with its own exploration switch), crossed with the factors and the seeds."""
+    if "configurations" not in raw:
+        return {}
+    value = raw["configurations"]
+    if not check.need(mode == "grid", "configurations", "...", "nothing in optuna mode (list them in a grid)"):
+        return {}
+    if not check.need(isinstance(value, dict) and len(value) >= 2, "configurations", value,
+                      "a mapping of at least two names to mappings of dotted config keys to values"):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, settings in value.items():
+        where = f"configurations.{name}"
+        if not check.need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), where, name,
+                          "a name of letters, digits, '-' and '_'"):
+            continue
+        if not check.need(isinstance(settings, dict), where, settings, "a mapping of dotted config keys to values"):
+            continue
+        for key in settings:
+            if key == seed_key:
+                check.problems.append(f"{where}.{key}: seeds are an axis of their own; list them under seeds")
+            elif known is not None and key not in known and not is_option_key(key):
+                check.problems.append(f"{where}.{key}: not a config key")
+        out[name] = dict(settings)
+    overlap = set(raw.get("factors") or {}) & {k for c in out.values() for k in c}
+    check.need(not overlap, "configurations", sorted(overlap), "keys that no factor also sets")
+    return out
 
 
 def _dotted_overrides(items: list[str], check: _Checker) -> dict[str, Any]:

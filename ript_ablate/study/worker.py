@@ -252,7 +252,8 @@ class Worker:
         else:
             cfg = self.spec.cell_config(values, seed)
             placement = self.slot.overrides(cfg.suite.num_workers)
-            data, tracked = with_values(self.spec.base, {**values, SEED_KEY: seed, **placement}), cfg.tracking.enabled
+            data = with_values(self.spec.base, {**self.spec.expand(values), SEED_KEY: seed, **placement})
+            tracked = cfg.tracking.enabled
         tags = {tag.STUDY: self.spec.name, tag.CELL_ID: claim.cell_id, tag.CONFIG_ID: claim.attrs["config_id"],
                 tag.SEED: str(claim.attrs["seed"]), tag.TRIAL_NUMBER: str(claim.number),
                 tag.WORKER: f"{self.store.host}:{os.getpid()}", **tag.factor_tags(values)}

@@ -1,7 +1,9 @@
-"""The `reference` policy: a small transformer VLA stand-in with action and scale heads and LoRA for RL."""
+"""The `reference` policy: a small transformer VLA stand-in with LoRA for RL, in the three families (`policy.head`)."""
 
 from ript_ablate.policies.reference.model import (
+                                                  ReferenceFlowPolicy,
                                                   ReferencePolicy,
+                                                  ReferenceTokenPolicy,
                                                   build_policy,
                                                   inject_lora,
                                                   lora_parameters,
@@ -10,5 +12,5 @@ from ript_ablate.policies.reference.model import (
                                                   tokenize,
 )
 
-__all__ = ["ReferencePolicy", "build_policy", "inject_lora", "lora_parameters", "make_reference_policy",
+__all__ = ["ReferenceFlowPolicy", "ReferencePolicy", "ReferenceTokenPolicy", "build_policy", "inject_lora", "lora_parameters", "make_reference_policy",
            "merged_state_dict", "tokenize"]

@@ -1,4 +1,10 @@
-"""Reference policy, a small VLA stand-in: state + instruction -> action chunk mean (mu) and log-scale (log_b).
+"""Reference policy, a small VLA stand-in: state + instruction -> an action chunk, in one of three families on the
+same backbone (`policy.head`):
+    laplace  mu and log_b (B, H, D) from an action head and a scale head (OpenVLA-OFT's Laplace head)
+    tokens   logits (B, H, D, n_bins) over per-dimension action bins (OpenVLA-style tokens, decoded in parallel)
+    flow     a flow-matching action expert: one transformer block over the H noisy actions, reading the backbone's
+             action-query states as its prefix, called once per denoising step (pi0-style); its scale-head module
+             holds a noise head (flow_noise) and a Laplace scale head (laplace_ode)
 
 Tokens: instruction words (hashed vocabulary), the normalised observation projected into a few tokens, and H
 learned action queries (parallel decoding, as OpenVLA-OFT does). A pre-LN transformer whose linear layers
@@ -9,6 +15,7 @@ tokens (small initial weights, bias -3, as in the original).
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from typing import Any
@@ -18,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ript_ablate.config import PolicyConfig
-from ript_ablate.interfaces.policy import Policy
+from ript_ablate.interfaces.policy import FlowPolicy, Policy, TokenPolicy
 
 
 def tokenize(text: str, vocab_size: int, max_tokens: int) -> list[int]:
@@ -141,11 +148,139 @@ class ReferencePolicy(Policy):
         return merged_state_dict(self)
 
 
-def build_policy(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> ReferencePolicy:
-    return ReferencePolicy(cfg, obs_dim, action_dim)
+class _SharedBackbone:
+    """What every family of the reference policy shares with the Laplace one: normaliser, instruction, LoRA."""
+
+    cfg: PolicyConfig
+    backbone: Backbone
+    set_obs_normalizer = ReferencePolicy.set_obs_normalizer
+    hidden = ReferencePolicy.hidden
+    encode_instruction = ReferencePolicy.encode_instruction
+    observe_demonstrations = ReferencePolicy.observe_demonstrations
+    rollout_state = ReferencePolicy.rollout_state
+
+    def _build_backbone(self, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> None:
+        self.cfg, self.chunk_size, self.obs_dim, self.action_dim = cfg, cfg.chunk_size, obs_dim, action_dim
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))  # type: ignore[attr-defined]
+        self.register_buffer("obs_std", torch.ones(obs_dim))  # type: ignore[attr-defined]
+        self.backbone = Backbone(cfg, obs_dim)
+
+    def prepare_for_rl(self, cfg) -> None:
+        inject_lora(self, cfg.algo.lora_rank, cfg.policy.lora_alpha, cfg.algo.lora_dropout, cfg.policy.lora_targets,
+                    cfg.policy.lora_init)
 
 
-def make_reference_policy(cfg, world) -> ReferencePolicy:
+class ReferenceTokenPolicy(_SharedBackbone, TokenPolicy):
+    """obs + instruction -> logits (B, H, D, n_bins): one token per action dim, bins over [-1, 1]."""
+
+    replicable = True
+
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
+        super().__init__()
+        self.n_bins = cfg.n_bins
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self._build_backbone(cfg, obs_dim, action_dim)
+            self.action_head = nn.Linear(cfg.d_model, action_dim * cfg.n_bins)
+
+    def forward(self, obs: dict[str, torch.Tensor], instr: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden(obs, instr)
+        return self.action_head(hidden).view(hidden.shape[0], self.chunk_size, self.action_dim, self.n_bins)
+
+    def modules_by_role(self) -> dict[str, nn.Module | None]:
+        return {"backbone": self.backbone, "action_head": self.action_head, "scale_head": None}
+
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of the denoising time t (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half, 1))
+    angles = 100.0 * t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], -1)
+
+
+class FlowExpert(nn.Module):
+    """The action expert: noisy chunk + time, attending over the H positions, added to the prefix states."""
+
+    def __init__(self, d_model: int, action_dim: int, n_heads: int, mlp_ratio: int):
+        super().__init__()
+        self.d_model = d_model
+        self.in_proj = nn.Linear(action_dim, d_model)
+        self.time_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+        self.block = Block(d_model, n_heads, mlp_ratio)
+        self.ln = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, action_dim)
+
+    def hidden(self, prefix: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = prefix + self.in_proj(x_t) + self.time_mlp(time_embedding(t, self.d_model))[:, None, :]
+        keep = torch.ones(h.shape[0], h.shape[1], dtype=torch.bool, device=h.device)
+        return self.ln(self.block(h, keep))
+
+    def forward(self, prefix: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(prefix, x_t, t))
+
+
+class FlowHeads(nn.Module):
+    """The flow policy's scale-head role: a noise head on the expert's states (flow_noise) and a Laplace scale head
+    on the prefix (laplace_ode)."""
+
+    def __init__(self, d_model: int, action_dim: int, scale_bias_init: float):
+        super().__init__()
+        self.noise = nn.Linear(d_model, action_dim)
+        self.log_scale = nn.Linear(d_model, action_dim)
+        nn.init.zeros_(self.noise.weight)
+        nn.init.zeros_(self.noise.bias)  # the middle of the noise bounds until prepare_for_rl sets its start
+        nn.init.normal_(self.log_scale.weight, std=1e-3)
+        nn.init.constant_(self.log_scale.bias, scale_bias_init)
+
+
+class ReferenceFlowPolicy(_SharedBackbone, FlowPolicy):
+    """obs + instruction -> prefix (B, H, d_model); velocity(prefix, x_t, t) -> (B, H, D)."""
+
+    replicable = True
+
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
+        super().__init__()
+        self.denoise_steps = cfg.denoise_steps
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self._build_backbone(cfg, obs_dim, action_dim)
+            self.expert = FlowExpert(cfg.d_model, action_dim, cfg.n_heads, cfg.mlp_ratio)
+            self.heads = FlowHeads(cfg.d_model, action_dim, cfg.scale_bias_init)
+
+    def forward(self, obs: dict[str, torch.Tensor], instr: torch.Tensor) -> torch.Tensor:
+        return self.hidden(obs, instr)
+
+    def velocity(self, prefix: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.expert(prefix, x_t, t)
+
+    def noise_std_raw(self, prefix: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.heads.noise(self.expert.hidden(prefix, x_t, t))
+
+    def log_scale(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self.heads.log_scale(prefix)
+
+    def modules_by_role(self) -> dict[str, nn.Module | None]:
+        return {"backbone": self.backbone, "action_head": self.expert, "scale_head": self.heads}
+
+    def prepare_for_rl(self, cfg) -> None:
+        """LoRA on the backbone; the noise head starts at `algo.flow_noise_std_init` (unless a header checkpoint
+        gave it its weights)."""
+        super().prepare_for_rl(cfg)
+        if cfg.algo.flow_logprob == "flow_noise" and not cfg.algo.header_checkpoint:
+            from ript_ablate.families.flow import init_noise_head
+
+            init_noise_head(self.heads.noise, cfg.algo.flow_noise_std, cfg.algo.flow_noise_std_init)
+
+
+HEADS = {"laplace": ReferencePolicy, "tokens": ReferenceTokenPolicy, "flow": ReferenceFlowPolicy}
+
+
+def build_policy(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> Policy:
+    return HEADS[cfg.head](cfg, obs_dim, action_dim)
+
+
+def make_reference_policy(cfg, world) -> Policy:
     """The `reference` plug-in: reads the world's {"state": (n,)} observation."""
     shapes = world.observation_shapes
     if "state" not in shapes or len(shapes["state"]) != 1:
@@ -153,7 +288,7 @@ def make_reference_policy(cfg, world) -> ReferencePolicy:
 
         raise ConfigError([f"policy.name: 'reference' reads a flat 'state' observation; the world "
                            f"{type(world).__name__} gives {shapes}"])
-    return ReferencePolicy(cfg.policy, shapes["state"][0], world.action_dim)
+    return build_policy(cfg.policy, shapes["state"][0], world.action_dim)
 
 
 def default_lora_alpha(rank: int) -> float:

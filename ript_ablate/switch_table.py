@@ -1,4 +1,4 @@
-"""Where each switch applies: the switch x family table, and the check that refuses a switch that means nothing for
+"""Where each switch applies (torch-free, read by config validation): the switch x family table, and the check that refuses a switch that means nothing for
 the chosen family before any compute.
 
 A variant is a row of the table: laplace (a Laplace/Gaussian head), tokens, and the flow family's three ways of
@@ -58,7 +58,7 @@ def _value(cfg: Any, key: str) -> Any:
 
 def _default(cfg: Any, key: str) -> Any:
     section, name = key.split(".", 1)
-    return type(getattr(cfg, section))().__getattribute__(name)
+    return getattr(type(getattr(cfg, section))(), name)
 
 
 def inert_switches(cfg: Any, variant: str, keys: Any = None) -> list[tuple[str, Any, str]]:
@@ -86,3 +86,15 @@ def table_rows() -> list[tuple[str, list[bool]]]:
     """The switch x family table, for the docs and their test."""
     return [(key, [v in where for v in VARIANTS]) for key, (where, _) in APPLIES.items()]
 
+
+
+def markdown_table() -> str:
+    """The switch x family table as the README and docs/families.md show it (a test keeps them equal)."""
+    lines = ["| switch | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
+    always = ("algo.log_prob_mode", "algo.lr", "algo.header_lr", "algo.ppo_clip_range", "algo.ppo_clip_high",
+              "algo.rloo_over_all_rollouts", "algo.use_val_init", "algo.lora_adaptor_ckpt", "algo.checkpoint_path")
+    names = ", ".join("`" + key.split(".", 1)[1] + "`" for key in always)
+    lines.append(f"| {names} | " + " | ".join(["yes"] * len(VARIANTS)) + " |")
+    for key, flags in table_rows():
+        lines.append(f"| `{key}` | " + " | ".join("yes" if f else "-" for f in flags) + " |")
+    return "\n".join(lines)
