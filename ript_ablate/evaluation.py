@@ -1,7 +1,9 @@
-"""Evaluation: deterministic mean actions on each task's fixed held-out initial states."""
+"""Evaluation: each policy family's deterministic action (the mean, the argmax token, the ODE from noise seeded per
+episode) on each task's fixed held-out initial states."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +45,9 @@ def evaluate(world: Any, engine: Any, tasks: list[str] | None = None, ranks: Ran
     In a multi-process trial each rank runs every size-th episode and all ranks get the whole result."""
     ranks = ranks or Ranks()
     tasks = tasks or world.tasks
-    jobs = ranks.split([EpisodeJob(s, seed=0, mode="mean") for t in tasks for s in world.eval_states(t)])
+    # each episode's own seed (a flow policy's initial noise), the same whichever rank or batch runs it
+    jobs = ranks.split([EpisodeJob(s, seed=zlib.crc32(s.state_id.encode()), mode="mean")
+                        for t in tasks for s in world.eval_states(t)])
     with progress() as bar:
         task_id = bar.add_task("evaluation", total=len(jobs), status="")
         episodes = engine.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps))) if jobs else []

@@ -46,6 +46,9 @@ def test_a_study_of_named_configurations_trains_every_family(study_env):
         assert run.data.params["policy.head"] == run.data.tags["factor.configuration"]
     bases = list((study_env / "cache" / "sft").glob("*/model.safetensors"))
     assert len(bases) == 3  # one behaviour-cloning base per family
+    assert main(["report", str(path), "--reports", str(study_env / "reports"), "--no-upload"]) == 0
+    report = (study_env / "reports" / load_study(path).name / "report.md").read_text()
+    assert "configuration: laplace -> tokens" in report and "configuration: laplace -> flow" in report
 
 
 def test_a_switch_that_means_nothing_for_the_family_is_refused_before_any_compute(study_env):
