@@ -75,6 +75,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         configs = spec.grid_configs() if spec.mode == "grid" else []
         for values in configs:
             console.print(f"  {describe(values)}")
+        if spec.design is not None:
+            console.print(spec.design.describe())
+            aliased = spec.design.aliases(2)
+            console.print("aliased (main effects and two-factor interactions): " + ("; ".join(aliased) if aliased
+                          else "none: every main effect and two-factor interaction is clear of the others"))
         size = (f"{len(configs)} configurations x {len(spec.seeds)} seeds = {len(configs) * len(spec.seeds)} cells"
                 if spec.mode == "grid" else f"Optuna search over {len(spec.search_space)} parameters, "
                 f"{spec.n_configs} configurations x {len(spec.seeds)} seeds")

@@ -20,8 +20,7 @@ APPLIES: dict[str, tuple[tuple[str, ...], str]] = {
     "algo.use_laplace_sampling": (LAPLACE_LIKE, "it picks the noise of a Laplace/Gaussian head's sample"),
     "algo.scale_factor": (LAPLACE_LIKE, "it multiplies a Laplace/Gaussian head's predicted scale"),
     "algo.log_scale_clip": (LAPLACE_LIKE, "it clamps a Laplace/Gaussian head's log-scale in the ratio"),
-    "algo.exact_behavior_logprob": (LAPLACE_LIKE, "it chooses a Laplace/Gaussian head's ratio density "
-                                                  "(tokens: algo.token_logprob)"),
+    "algo.exact_behavior_logprob": (LAPLACE_LIKE, "it chooses a Laplace/Gaussian head's ratio density"),
     "algo.fix_scale_head": (("laplace", "flow_noise", "laplace_ode"), "the policy has no scale or noise head in use"),
     "algo.header_checkpoint": (("laplace", "flow_noise", "laplace_ode"), "the policy has no scale or noise head in use"),
     "algo.temperature": (("tokens",), "only action tokens are sampled at a temperature"),

@@ -188,3 +188,22 @@ def test_factor_values_read_with_three_significant_digits():
     assert describe({"algo.ppo_clip_high": 0.28316032453460394, "algo.use_laplace_sampling": True}) == \
         "ppo_clip_high=0.283, use_laplace_sampling=True"
     assert describe({"algo.header_lr": 1.2345e-05}) == "header_lr=1.23e-05"
+
+
+def test_the_health_line_and_table_put_sampled_next_to_evaluated_success():
+    import pandas as pd
+
+    from ript_ablate.report.analysis import health_table
+    from ript_ablate.ript.health import health_line
+    from ript_ablate.ript.rollouts import rollout_metrics
+
+    tally = {"tried": 8, "zero_variance": 6, "accepted": 2, "quota": 2, "seconds": 1.0, "group_size": 2,
+             "busy_seconds": 1.0, "episodes": [("reach", True, 5), ("reach", False, 9)] * 8, "surplus": []}
+    metrics = rollout_metrics([tally], ["reach"])
+    assert metrics["sampling/equal_reward_fraction"] == 0.75
+    line = health_line({**metrics, "eval/success_rate/reach": 0.9, "eval/success_rate": 0.9})
+    assert line == "health: reach sampled 50% / evaluated 90% | equal-reward groups 75%"
+    assert health_line({"eval/success_rate/reach": 0.9}) is None  # iteration 0: nothing sampled yet
+    runs = pd.DataFrame([{"config": "a", "sampled/reach": 0.1, "final/reach": 0.9, "equal_reward": 0.8},
+                         {"config": "a", "sampled/reach": 0.3, "final/reach": 0.7, "equal_reward": 0.6}])
+    assert health_table(runs, ["reach"]) == [["a", "20 / 80", "70%"]]

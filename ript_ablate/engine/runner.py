@@ -65,7 +65,6 @@ class EpisodeBatch:
         record of it (`record`: each (len(rows), ...))."""
         for j, i in enumerate(rows):
             action = actions[j]
-            chunk_record = record
             valid = np.zeros(self.horizon, dtype=bool)
             kept = self.records[i]
             kept["obs"].append(self.obs[i])
@@ -82,7 +81,7 @@ class EpisodeBatch:
                     self.done[i] = True
             kept["actions"].append(np.asarray(action, dtype=np.float32))
             kept["valid"].append(valid)
-            kept["record"].append({k: v[j] for k, v in chunk_record.items()})
+            kept["record"].append({k: v[j] for k, v in record.items()})
 
     def episodes(self) -> list[Episode]:
         return [

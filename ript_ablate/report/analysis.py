@@ -36,6 +36,8 @@ def run_table(data: StudyData, th: Thresholds) -> pd.DataFrame:
     evals = series(data, data.success_metric)
     training = {m: series(data, m) for m in HEALTH_METRICS}
     per_task = {task: series(data, f"{data.success_metric}/{task}") for task in data.tasks}
+    sampled = {task: series(data, f"train/success_rate/{task}") for task in data.tasks}
+    equal_reward = series(data, "sampling/equal_reward_fraction")
     rows = []
     for _, cell in data.cells.iterrows():
         cid = cell["cell_id"]
@@ -48,10 +50,33 @@ def run_table(data: StudyData, th: Thresholds) -> pd.DataFrame:
                "base": base, "final": final, "gain": final - base, "best": reduce_points(points, "best"),
                "auc": reduce_points(points, "auc"), **run_health(curve.values, metric, th)}
         for task, task_curve in per_task.items():
-            row[f"final/{task}"] = (float(task_curve.loc[cid].dropna().values[-1])
-                                    if cid in task_curve.index and task_curve.loc[cid].notna().any() else np.nan)
+            row[f"final/{task}"] = _last(task_curve, cid)
+            row[f"sampled/{task}"] = _last(sampled[task], cid)  # the health table: sampled next to evaluated
+        row["equal_reward"] = (float(equal_reward.loc[cid].dropna().mean())
+                               if cid in equal_reward.index and equal_reward.loc[cid].notna().any() else np.nan)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _last(frame: pd.DataFrame, cid: str) -> float:
+    """A cell's last logged value of a metric's series, or nan."""
+    return float(frame.loc[cid].dropna().values[-1]) if cid in frame.index and frame.loc[cid].notna().any() else np.nan
+
+
+def health_table(runs: pd.DataFrame, tasks: list[str]) -> list[list[str]]:
+    """Per configuration: each task's sampled success at the last iteration next to its final evaluated success
+    (means over seeds, %), and the mean fraction of equal-reward groups over training."""
+    rows = []
+    for config, group in runs.groupby("config", sort=False):
+        cells = []
+        for task in tasks:
+            s, e = group.get(f"sampled/{task}"), group.get(f"final/{task}")
+            sampled = f"{100 * s.mean():.0f}" if s is not None and s.notna().any() else "-"
+            evaluated = f"{100 * e.mean():.0f}" if e is not None and e.notna().any() else "-"
+            cells.append(f"{sampled} / {evaluated}")
+        share = group["equal_reward"] if "equal_reward" in group else pd.Series(dtype=float)
+        rows.append([str(config), *cells, f"{100 * share.mean():.0f}%" if share.notna().any() else "-"])
+    return rows
 
 
 def score_matrix(runs: pd.DataFrame, tasks: list[str], column: str = "final") -> np.ndarray:
@@ -93,7 +118,9 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
          for a in names], index=names, columns=names)
     logged = set(data.frame["metric"]) if not data.frame.empty else set()
     analysis = Analysis(configs, runs, improvement=improvement, missing=[m for m in HEALTH_METRICS if m not in logged])
-    if data.spec.mode == "grid":  # a search's configurations share no levels to pair on: importances instead
+    if data.spec.mode == "grid" and data.spec.design is not None:  # a fraction has no pairs: a regression
+        analysis.effects, analysis.interactions = design_effects(runs, data)
+    elif data.spec.mode == "grid":  # a search's configurations share no levels to pair on: importances instead
         analysis.effects = factor_effects(runs, data, reps)
         analysis.interactions = interactions(runs, data, reps)
     if data.spec.seed_plan and data.spec.mode == "grid":
@@ -102,9 +129,10 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
         reduction = data.spec.objective.reduction
         values = {r["cell_id"]: float(r[reduction]) for _, r in runs.iterrows() if r[reduction] == r[reduction]}
         analysis.sequential = looks(data.spec, values, int(runs["seed"].max()) + 1)
-    p_adj = stats.holm([e.p_value for e in analysis.effects]) if analysis.effects else []
-    for effect, p in zip(analysis.effects, p_adj):
-        effect.p_holm = p
+    if data.spec.design is None:  # a design's effects are Holm-corrected over all its effects already
+        p_adj = stats.holm([e.p_value for e in analysis.effects]) if analysis.effects else []
+        for effect, p in zip(analysis.effects, p_adj):
+            effect.p_holm = p
     analysis.verdicts = {row["config"]: verdict(row, th) for _, row in configs.iterrows()}
     return analysis
 
@@ -155,3 +183,51 @@ def interactions(runs: pd.DataFrame, data: StudyData, reps: int) -> list[stats.E
             label = f"{short(a)} x {short(b)}"
             out.append(stats.paired_effect(label, diffs, reps))
     return out
+
+
+def design_effects(runs: pd.DataFrame, data: StudyData,
+                   level: float = 0.95) -> tuple[list[stats.Effect], list[stats.Effect]]:
+    """Main effects and (at resolution V and above) two-factor interactions of a screening design: a least-squares fit
+    of final success on the +-1 coded factors and their pairwise products, with seeds as blocks. Each effect is the
+    difference between the means of its high and low halves, twice the coded coefficient; its interval and p-value
+    are the fit's t with the residual degrees of freedom. Terms aliased with each other (resolution below V) are
+    left out of the fit; the alias table in the report says with what."""
+    from scipy import stats as sps
+
+    design = data.spec.design
+    keys = list(design.keys)
+    columns = [f"factor.{k}" for k in keys]
+    used = runs.dropna(subset=["final"])
+    if used.empty or not all(c in used for c in columns):
+        return [], []
+    coded = np.column_stack([[1.0 if v == data.spec.factors[k][1] else -1.0 for v in used[c]]
+                             for k, c in zip(keys, columns)])
+    terms: list[tuple[int, ...]] = [(i,) for i in range(len(keys))]
+    if (design.resolution or 99) >= 5:
+        terms += [(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys))]
+    seeds = sorted(used["seed"].unique())
+    blocks = [(used["seed"].to_numpy() == s).astype(float) for s in seeds]
+    x = np.column_stack([*blocks, *[np.prod(coded[:, list(t)], axis=1) for t in terms]])
+    y = used["final"].to_numpy(float)
+    dof = len(y) - x.shape[1]
+    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ beta
+    sigma2 = float(resid @ resid) / dof if dof > 0 else float("nan")
+    cov = np.linalg.pinv(x.T @ x) * sigma2
+    names = [k.split(".", 1)[-1] for k in keys]
+    out: list[stats.Effect] = []
+    quantile = float(sps.t.ppf(1 - (1 - level) / 2, dof)) if dof > 0 else float("nan")
+    for index, term in enumerate(terms):
+        b = float(beta[len(seeds) + index])
+        se = float(np.sqrt(cov[len(seeds) + index, len(seeds) + index])) if dof > 0 else float("nan")
+        t = b / se if se > 0 else float("nan")
+        p = float(2 * sps.t.sf(abs(t), dof)) if se > 0 else (1.0 if b == 0 else 0.0)
+        label = " x ".join(names[i] for i in term) if len(term) > 1 else \
+            f"{names[term[0]]}: {data.spec.factors[keys[term[0]]][0]} -> {data.spec.factors[keys[term[0]]][1]}"
+        out.append(stats.Effect(label, 2 * b, 2 * (b - quantile * se), 2 * (b + quantile * se), p, len(y),
+                                sd=2 * se * np.sqrt(len(y)) if se == se else float("nan")))
+    mains = out[:len(keys)]
+    pairs = out[len(keys):]
+    for effect, p_holm in zip(out, stats.holm([e.p_value for e in out])):  # familywise over every effect
+        effect.p_holm = p_holm
+    return mains, pairs

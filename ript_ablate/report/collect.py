@@ -19,7 +19,8 @@ from ript_ablate.tracking.runs import child_runs, find_parent_run, metric_histor
 # objective metric.
 REPORT_METRICS = ("eval/success_rate", "train/success_rate", "ppo/approx_kl", "ppo/clip_fraction",
                   "grad_norm/backbone", "grad_norm/header", "health/nonfinite_events", "scale/log_b_mean",
-                  "sampling/contexts_tried", "sampling/accepted_groups")
+                  "sampling/contexts_tried", "sampling/accepted_groups", "sampling/equal_reward_fraction")
+SAMPLED_PREFIX = "train/success_rate/"  # per task: the sampled behaviour's success (the health table)
 
 
 @dataclass
@@ -80,7 +81,7 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
         cell_rows.append(info)
         wanted = {*REPORT_METRICS, spec.success_metric, spec.objective.metric}
         per_task = spec.success_metric + "/"
-        names = [m for m in run.data.metrics if m in wanted or m.startswith(per_task)]
+        names = [m for m in run.data.metrics if m in wanted or m.startswith((per_task, SAMPLED_PREFIX))]
         tasks.update(m[len(per_task):] for m in names if m.startswith(per_task))
         for name, points in metric_histories(tracking_uri, run.info.run_id, names).items():
             rows.extend({**info, "iteration": step, "metric": name, "value": value} for step, value in points.items())

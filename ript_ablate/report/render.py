@@ -12,7 +12,7 @@ import pandas as pd
 
 from ript_ablate.progress import console
 from ript_ablate.report import plots, stats
-from ript_ablate.report.analysis import Analysis, analyse
+from ript_ablate.report.analysis import Analysis, analyse, health_table
 from ript_ablate.report.collect import StudyData, collect, expected_cells
 from ript_ablate.report.stability import Thresholds
 from ript_ablate.study.spec import StudySpec, describe, format_value
@@ -172,6 +172,7 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                   "when there are fewer than 20 pairs, where the percentile bootstrap is too narrow); p-value of a "
                   "paired t-test, Holm-corrected across all main-effect comparisons. Decision: keep or drop when the "
                   "interval excludes 0 and the corrected p < 0.05.", "",
+                  *_design_text(spec),
                   *_power_text(spec, a),
                   _table(["factor", "effect (points)", "95% interval", "pairs", "p", "p (Holm)", "decision",
                           "MDE 80% (points)", f"seeds for {_min_effect(spec):g} points"],
@@ -205,6 +206,12 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                        f"{r['max_drawdown']:.2f}", *_health_cells(r, a.missing)] for _, r in a.configs.iterrows()]),
               "",
               "![stability](stability.png)", "",
+              "Health: each task's success of the **sampled** behaviour (the rollouts of the last iteration) next to "
+              "the **evaluated** deterministic policy's final success, % (means over seeds), and the share of "
+              "equal-reward groups (all K rollouts failed, or all succeeded: no RLOO signal) over training. A sampled "
+              "success far below the evaluated one means exploration has drifted from what is evaluated.", "",
+              _table(["configuration", *[f"{t} sampled / evaluated" for t in data.tasks], "equal-reward groups"],
+                     health_table(a.runs, data.tasks)), "",
               "## Runs", "",
               _table(["cell", "configuration", "seed", "status", "final", "best", "AUC", "drawdown", "MLflow run"],
                      [[r["cell_id"], r["config"], str(r["seed"]), r["status"], _pct(r["final"]), _pct(r["best"]),
@@ -321,6 +328,18 @@ def _verdict(e, spec: StudySpec, a: Analysis) -> str:
         maximize = spec.objective.direction == "maximize"
         return d.sentence(level if (d.estimate > 0) == maximize else base, spec.seed_plan.min_effect)
     return f"{decision(e)} ({_seeds_of(a)} seeds)"
+
+
+def _design_text(spec: StudySpec) -> list[str]:
+    """A screening design: what it is, how its effects are estimated, and what is aliased with what."""
+    if spec.design is None:
+        return []
+    aliased = spec.design.aliases(2)
+    return [f"Design: {spec.design.describe()}. Its effects come from a least-squares fit of final success on the "
+            "+-1 coded factors (and, at resolution V, their pairwise products) with seeds as blocks: each effect is "
+            "the difference between the means of its high and low halves, with the fit's t interval; the Holm "
+            "correction runs over every effect of the design, interactions included. Aliased: "
+            + ("; ".join(aliased) if aliased else "nothing up to two-factor interactions") + ".", ""]
 
 
 def _power_text(spec: StudySpec, a: Analysis) -> list[str]:

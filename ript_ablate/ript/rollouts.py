@@ -80,12 +80,15 @@ def rollout_metrics(tallies: list[dict[str, Any]], tasks: list[str]) -> dict[str
     env_steps = sum(length for _, _, length in ran)
     surplus = sum(len(t["surplus"]) // max(t["group_size"], 1) for t in tallies)
     accepted = sum(t["accepted"] for t in tallies)
+    tried = sum(t["tried"] for t in tallies)
     out = {
-        "sampling/contexts_tried": float(sum(t["tried"] for t in tallies)),
+        "sampling/contexts_tried": float(tried),
         "sampling/zero_variance_groups": float(sum(t["zero_variance"] for t in tallies)),
         "sampling/accepted_groups": float(accepted),
         "sampling/shortfall": float(tallies[0]["quota"] - accepted),
         "sampling/surplus_contexts": float(surplus),
+        # groups of the contexts tried whose K rewards were all equal (no RLOO signal); the health line shows it
+        "sampling/equal_reward_fraction": sum(t["zero_variance"] for t in tallies) / max(tried, 1),
         "train/success_rate": float(np.mean([s for _, s, _ in episodes])),
         "perf/env_steps_per_s": env_steps / max(seconds, 1e-9),
         "perf/env_steps": float(env_steps),

@@ -38,6 +38,7 @@ from ript_ablate.interfaces.policy import Policy
 from ript_ablate.plugins import build_world
 from ript_ablate.progress import console
 from ript_ablate.ript.advantages import advantages as rloo_advantages
+from ript_ablate.ript.health import health_line
 from ript_ablate.ript.rollouts import collect, rollout_metrics
 from ript_ablate.ript.update import PPOUpdater, build_trajectories
 from ript_ablate.seeding import stream_seed
@@ -349,6 +350,9 @@ class Trainer:
             if key in metrics:
                 parts.append(f"{label} {metrics[key]:.3g}")
         console.print(" | ".join(parts))
+        line = health_line(metrics) if "eval/success_rate" in metrics else None
+        if line:
+            console.print(line)
 
     def _save(self, run: RunState, directory: Path, iteration: int) -> Path:
         def save() -> Path:

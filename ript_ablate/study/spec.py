@@ -49,7 +49,7 @@ PARAM_TYPES = ("categorical", "float", "int")
 TOP_KEYS = ("name", "config", "set", "mode", "factors", "search_space", "sampler", "sampler_seed", "n_configs",
             "pruner", "seeds", "objective", "retries", "timeout_s", "storage", "output_dir", "tracking_uri",
             "experiment", "heartbeat_s", "lease_timeout_s", "description", "command", "report", "race",
-            "processes_per_cell", "configurations")
+            "processes_per_cell", "configurations", "design")
 CONFIGURATION = "configuration"  # the factor whose levels are the spec's named `configurations`
 REPORT_KEYS = ("success_metric",)
 
@@ -107,6 +107,7 @@ class StudySpec:
     #: named configurations (grid): the levels of the `configuration` factor, each a set of dotted keys, for
     #: settings that only make sense together (each policy family with its own exploration switch)
     configurations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    design: Any = None  # a fractional screening design over two-level factors (ript_ablate.study.design)
 
     def expand(self, values: dict[str, Any]) -> dict[str, Any]:
         """A cell's factor values as dotted config keys: a named configuration replaced by its settings."""
@@ -155,7 +156,10 @@ class StudySpec:
         return override or self.storage or str(self.study_dir / "optuna.journal")
 
     def grid_configs(self) -> list[dict[str, Any]]:
-        """Every combination of the factors' values, in a fixed order (the first factor varies slowest)."""
+        """Every combination of the factors' values, in a fixed order (the first factor varies slowest); with a
+        fractional design, its runs."""
+        if self.design is not None and self.design.type == "fractional":
+            return self.design.rows(self.factors)
         keys = list(self.factors)
         return [dict(zip(keys, values)) for values in itertools.product(*self.factors.values())]
 
@@ -173,6 +177,7 @@ class StudySpec:
         seeds = {"adaptive": self.seed_plan.__dict__} if self.seed_plan else self.seeds  # adaptive: seeds grow
         data = {"base": self.base, "mode": self.mode, "factors": self.factors, "seeds": seeds,
                 **({"configurations": self.configurations} if self.configurations else {}),
+                **({"design": self.design.generators} if self.design is not None else {}),
                 "space": [p.__dict__ for p in self.search_space], "objective": self.objective.__dict__,
                 **({"command": self.command.to_json()} if self.command else {}),
                 **({"race": {"top": self.race.top, **self.race.plan.__dict__}} if self.race else {})}
@@ -359,7 +364,11 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
                     factors[key] = list(values)
         for key in ("search_space", "n_configs"):
             check.need(key not in raw, key, raw.get(key), "nothing in grid mode (it belongs to mode: optuna)")
-        cells = math.prod(len(v) for v in factors.values()) * (len(seeds) if seeds_ok else 1)
+        design = _parse_design(raw, factors, check)
+        check.need(design is None or seed_plan is None, "seeds", raw.get("seeds"),
+                   "a list with a fractional design (adaptive seeds decide the effects of full grids only, for now)")
+        configs = design.runs if design is not None else math.prod(len(v) for v in factors.values())
+        cells = configs * (len(seeds) if seeds_ok else 1)
         check.need(cells <= MAX_CELLS, "factors", f"{cells:,} cells", f"at most {MAX_CELLS:,} cells (configurations x "
                    "seeds): every cell is a training run, enqueued up front")
     elif mode == "optuna":
@@ -421,7 +430,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         lease_timeout_s=float(lease) if lease is not None else None,
         description=str(raw.get("description", "")), command=command, success_metric=success_metric,
         seed_plan=seed_plan, race=race, processes_per_cell=processes if isinstance(processes, int) else 1,
-        configurations=configurations,
+        configurations=configurations, design=design if mode == "grid" else None,
     )
     if command is None:  # the built-in trainer checks every cell's config now; your trainer checks its own
         _check_cells(spec)
@@ -470,6 +479,40 @@ def _parse_seed_plan(raw: dict[str, Any], mode: str, check: _Checker) -> SeedPla
                      "the smallest effect worth finding, in points (> 0), e.g. 5")
     ok &= check.need(_finite(alpha) and 0 < alpha < 0.5, "seeds.alpha", alpha, "a false-decision rate in (0, 0.5)")
     return SeedPlan(initial, most, float(effect), float(alpha)) if ok else None
+
+
+def _parse_design(raw: dict[str, Any], factors: dict[str, list[Any]], check: _Checker) -> Any:
+    """`design: full | fractional`, or `{type: fractional, resolution: 5}` / `{type: fractional, generators: "a b c d
+    abcd"}`: a fractional factorial over two-level factors (ript_ablate.study.design). None for the full grid."""
+    from ript_ablate.study.design import DESIGN_TYPES, STANDARD_GENERATORS, build_design, check_generators
+
+    if "design" not in raw:
+        return None
+    value = raw["design"]
+    settings = value if isinstance(value, dict) else {"type": value}
+    kind = settings.get("type")
+    if not check.need(kind in DESIGN_TYPES and not set(settings) - {"type", "resolution", "generators"}, "design",
+                      value, "full | fractional, or {type: fractional, resolution: N} or {type: fractional, "
+                      "generators: 'a b c ab'}"):
+        return None
+    if kind == "full":
+        return None
+    uneven = [k for k, v in factors.items() if len(v) != 2]
+    if not check.need(not uneven and len(factors) >= 3, "design", value,
+                      f"two levels for every factor and at least 3 factors (not two-level: {uneven})" if uneven
+                      else "at least 3 two-level factors"):
+        return None
+    generators, resolution = settings.get("generators"), settings.get("resolution")
+    if generators is not None:
+        problem = check_generators(str(generators), len(factors))
+        if not check.need(problem is None, "design.generators", generators, f"valid generators: {problem}"):
+            return None
+    else:
+        known = sorted(r for n, r in STANDARD_GENERATORS if n == len(factors))
+        if not check.need(resolution in known, "design.resolution", resolution,
+                          f"one of {known} for {len(factors)} factors (or give design.generators)"):
+            return None
+    return build_design(list(factors), "fractional", generators, resolution)
 
 
 def _parse_configurations(raw: dict[str, Any], mode: str, known: set[str] | None, seed_key: str,

@@ -1,0 +1,138 @@
+"""Screening designs for two-level factors: the full 2^k grid, or a 2^(k-p) fractional factorial that estimates
+every main effect (and, at resolution V, every two-factor interaction) from a fraction of the configurations.
+
+A fractional design is given by its generators, one word per factor in the spec's order ("a b c d abcd": the fifth
+factor's level is the product of the first four's, the textbook 2^(5-1) design with E = ABCD, resolution V), or by a
+resolution, which picks the textbook generators (Box, Hunter & Hunter, table 6.22) for the number of factors. The
+design matrix and its alias structure come from pyDOE3; level -1 is a factor's first value, +1 its second.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DESIGN_TYPES = ("full", "fractional")
+# (factors, resolution) -> generators of the standard minimum-run design
+STANDARD_GENERATORS: dict[tuple[int, int], str] = {
+    (3, 3): "a b ab",
+    (4, 4): "a b c abc",
+    (5, 3): "a b c ab ac",
+    (5, 5): "a b c d abcd",
+    (6, 3): "a b c ab ac bc",
+    (6, 4): "a b c d abc bcd",
+    (6, 6): "a b c d e abcde",
+    (7, 3): "a b c ab ac bc abc",
+    (7, 4): "a b c d abc bcd acd",
+    (7, 7): "a b c d e f abcdef",
+    (8, 4): "a b c d bcd acd abc abd",
+    (8, 5): "a b c d e f abcd abef",
+}
+
+
+@dataclass(frozen=True)
+class Design:
+    type: str  # full | fractional
+    keys: tuple[str, ...]  # the factors, in the spec's order
+    generators: str  # "a b c d abcd" (a full design: one letter per factor)
+    matrix: np.ndarray  # runs x factors, -1 / +1
+
+    @property
+    def runs(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @property
+    def resolution(self) -> int | None:
+        """The length of the shortest word of the defining relation (None for a full design)."""
+        words = defining_words(self.generators)
+        return min(len(w) for w in words) if words else None
+
+    def rows(self, levels: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        """Each run as factor values: -1 -> the factor's first value, +1 -> its second."""
+        return [{k: levels[k][int(x > 0)] for k, x in zip(self.keys, row)} for row in self.matrix]
+
+    def aliases(self, order: int = 2) -> list[str]:
+        """Each main effect and interaction up to `order` factors with what it is aliased with (up to `order`), in
+        factor names: 'ppo_clip_high x header_lr = fix_scale_head x rloo_over_all_rollouts'."""
+        names = [k.split(".", 1)[-1] for k in self.keys]
+        columns = {}
+        for size in range(1, order + 1):
+            for combo in itertools.combinations(range(len(self.keys)), size):
+                columns[combo] = tuple(np.prod(self.matrix[:, list(combo)], axis=1).astype(int))
+        groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for combo, column in columns.items():
+            sign = 1 if column[0] > 0 else -1
+            groups.setdefault(tuple(sign * np.asarray(column)), []).append(combo)
+        lines = []
+        for combos in groups.values():
+            if len(combos) > 1:
+                lines.append(" = ".join(" x ".join(names[i] for i in c) for c in combos))
+        return lines
+
+    def describe(self) -> str:
+        if self.type == "full":
+            return f"full 2^{len(self.keys)} design: {self.runs} configurations"
+        p = len(self.keys) - int(np.log2(self.runs))
+        return (f"fractional 2^({len(self.keys)}-{p}) design, resolution {roman(self.resolution)}: {self.runs} "
+                f"configurations; generators {self.generators} ({', '.join(self._generator_names())})")
+
+    def _generator_names(self) -> list[str]:
+        names = [k.split(".", 1)[-1] for k in self.keys]
+        letters = self.generators.split()
+        return [f"{names[i]} = {' x '.join(names[LETTERS.index(ch)] for ch in word)}"
+                for i, word in enumerate(letters) if len(word) > 1]
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def roman(n: int | None) -> str:
+    return {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}.get(n or 0, str(n))
+
+
+def defining_words(generators: str) -> list[str]:
+    """Every word of the defining relation I = ... of a design's generators (empty for a full design)."""
+    base: list[str] = []
+    for i, word in enumerate(generators.split()):
+        if len(word) > 1:
+            base.append("".join(sorted(set(word) ^ {LETTERS[i]})))  # the factor times its generator is I
+    words = set()
+    for size in range(1, len(base) + 1):
+        for combo in itertools.combinations(base, size):
+            letters: set[str] = set()
+            for w in combo:
+                letters ^= set(w)
+            words.add("".join(sorted(letters)))
+    return sorted(words, key=lambda w: (len(w), w))
+
+
+def check_generators(generators: str, n: int) -> str | None:
+    """A problem with `generators` for n factors, or None."""
+    words = generators.split()
+    if len(words) != n:
+        return f"{len(words)} words for {n} factors (one word per factor, in the order of `factors`)"
+    for i, word in enumerate(words):
+        if not word or any(ch not in LETTERS[:n] for ch in word) or len(set(word)) != len(word):
+            return f"word {word!r}: letters a..{LETTERS[n - 1]}, each at most once"
+        if len(word) == 1 and word != LETTERS[i]:
+            return f"word {word!r} at position {i + 1}: a base factor is its own letter ({LETTERS[i]!r})"
+    base = [LETTERS[i] for i, w in enumerate(words) if len(w) == 1]
+    for word in words:
+        if len(word) > 1 and not set(word) <= set(base):
+            return f"word {word!r} uses a letter that is not a base factor ({' '.join(base)})"
+    return None
+
+
+def build_design(keys: list[str], kind: str, generators: str | None = None, resolution: int | None = None) -> Design:
+    """The design for two-level factors `keys`; a fractional one from its generators or a standard resolution."""
+    import pyDOE3
+
+    n = len(keys)
+    if kind == "full":
+        gens = " ".join(LETTERS[:n])
+        return Design("full", tuple(keys), gens, np.asarray(pyDOE3.ff2n(n), dtype=int))
+    gens = generators or STANDARD_GENERATORS[(n, int(resolution or 0))]
+    return Design("fractional", tuple(keys), gens, np.asarray(pyDOE3.fracfact(gens), dtype=int))
