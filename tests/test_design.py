@@ -5,6 +5,7 @@ time over all effects of the design (Holm)."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -114,3 +115,8 @@ def test_a_fractional_study_is_reported_with_its_design_effects_and_interactions
     report = (tmp_path / "reports" / "screen" / "report.md").read_text()
     assert "fractional 2^(5-1) design, resolution V" in report and "nothing up to two-factor interactions" in report
     assert "fix_scale_head x ppo_clip_high" in report
+    # the plain-language summary: fixed -> trained scale head costs 20 points with clip-high and nothing without
+    summary = re.search(r"fix_scale_head \(True -> False\) changes final success by ([-+.\d]+) points at the high "
+                        r"level of ppo_clip_high and by ([-+.\d]+) at its low level", report)
+    assert summary and float(summary.group(1)) == pytest.approx(-20, abs=3) and abs(float(summary.group(2))) < 3
+    assert (tmp_path / "reports" / "screen" / "interactions.png").is_file()

@@ -207,3 +207,10 @@ def test_the_health_line_and_table_put_sampled_next_to_evaluated_success():
     runs = pd.DataFrame([{"config": "a", "sampled/reach": 0.1, "final/reach": 0.9, "equal_reward": 0.8},
                          {"config": "a", "sampled/reach": 0.3, "final/reach": 0.7, "equal_reward": 0.6}])
     assert health_table(runs, ["reach"]) == [["a", "20 / 80", "70%"]]
+
+
+def test_factor_values_read_back_from_tags_keep_their_type():
+    from ript_ablate.report.collect import _parse
+
+    assert _parse("1e-05") == 1e-05 and _parse("0.2") == 0.2 and _parse("True") is True and _parse("3") == 3
+    assert _parse("laplace") == "laplace" and _parse("nan") == "nan" and _parse("infinity") == "infinity"

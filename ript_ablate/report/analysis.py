@@ -185,6 +185,17 @@ def interactions(runs: pd.DataFrame, data: StudyData, reps: int) -> list[stats.E
     return out
 
 
+def same_level(value: object, level: object) -> bool:
+    """A factor value read back from MLflow against a spec level: as numbers when both are (a tag '1e-05' reads
+    back as a string, YAML 1.1 wants a dot in a float), else as text."""
+    if isinstance(value, bool) or isinstance(level, bool):
+        return str(value) == str(level)
+    try:
+        return float(value) == float(level)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value) == str(level)
+
+
 def design_effects(runs: pd.DataFrame, data: StudyData,
                    level: float = 0.95) -> tuple[list[stats.Effect], list[stats.Effect]]:
     """Main effects and (at resolution V and above) two-factor interactions of a screening design: a least-squares fit
@@ -200,7 +211,7 @@ def design_effects(runs: pd.DataFrame, data: StudyData,
     used = runs.dropna(subset=["final"])
     if used.empty or not all(c in used for c in columns):
         return [], []
-    coded = np.column_stack([[1.0 if v == data.spec.factors[k][1] else -1.0 for v in used[c]]
+    coded = np.column_stack([[1.0 if same_level(v, data.spec.factors[k][1]) else -1.0 for v in used[c]]
                              for k, c in zip(keys, columns)])
     terms: list[tuple[int, ...]] = [(i,) for i in range(len(keys))]
     if (design.resolution or 99) >= 5:
@@ -231,3 +242,32 @@ def design_effects(runs: pd.DataFrame, data: StudyData,
     for effect, p_holm in zip(out, stats.holm([e.p_value for e in out])):  # familywise over every effect
         effect.p_holm = p_holm
     return mains, pairs
+
+
+def design_summary(mains: list[stats.Effect], pairs: list[stats.Effect]) -> list[str]:
+    """Plain-language sentences for a screening design's decided effects (Holm p < 0.05, interval excluding 0): a
+    main effect alone, or, where one of its interactions is decided, the effect at each level of the other factor
+    (main +- interaction: each half's difference of means)."""
+    decided = [e for e in [*mains, *pairs] if e.p_holm < 0.05 and e.excludes_zero]
+    if not decided:
+        return ["No effect of the design is decided at the 5% familywise level: with these seeds, none of the "
+                "switches (nor any two together) moves final success detectably."]
+    by_factor = {e.label.split(":")[0]: e for e in mains}
+    lines = []
+    for pair in (e for e in decided if " x " in e.label):
+        a, b = pair.label.split(" x ")
+        for first, other in ((a, b), (b, a)):
+            main = by_factor.get(first)
+            if main is None:
+                continue
+            change = main.label.split(": ", 1)[-1]
+            lines.append(f"{first} ({change}) changes final success by {100 * (main.estimate + pair.estimate):+.1f} "
+                         f"points at the high level of {other} and by {100 * (main.estimate - pair.estimate):+.1f} "
+                         f"at its low level (interaction {100 * pair.estimate:+.1f} [{100 * pair.low:+.1f}, "
+                         f"{100 * pair.high:+.1f}]).")
+            break
+    for main in (e for e in decided if " x " not in e.label):
+        name, change = main.label.split(": ", 1)
+        lines.append(f"{name} ({change}) changes final success by {100 * main.estimate:+.1f} points "
+                     f"[{100 * main.low:+.1f}, {100 * main.high:+.1f}] averaged over the other switches.")
+    return lines

@@ -7,6 +7,7 @@ run are listed as missing, so a partial study reports what it has.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -103,6 +104,8 @@ def _parse(text: str):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads '1e-05' (how Python writes 1e-5) as text
+        return float(text) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text) else text
     return value if isinstance(value, (bool, int, float)) else text
 
 

@@ -4,6 +4,7 @@ effects, stability panels, and for Optuna studies the optimisation history and p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -248,4 +249,27 @@ def objective_vs_params(done: pd.DataFrame, params: dict[str, str], metric: str,
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     axes[0, 0].set_ylabel(f"objective ({metric})", fontsize=8)
+    return _save(fig, path)
+
+
+def interaction_plot(runs: pd.DataFrame, spec: Any, labels: list[str], path: Path) -> Path | None:
+    """For each decided two-factor interaction 'a x b': mean final success at a's two levels, one line per level of
+    b (parallel lines: no interaction)."""
+    pairs = [label.split(" x ") for label in labels]
+    if not pairs:
+        return None
+    keys = {k.split(".", 1)[-1]: k for k in spec.factors}
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.4), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs):
+        ka, kb = keys[a], keys[b]
+        for level_b, color in zip(spec.factors[kb], _colors(2)):
+            means = [100 * runs[(runs[f"factor.{ka}"] == level_a) & (runs[f"factor.{kb}"] == level_b)]["final"].mean()
+                     for level_a in spec.factors[ka]]
+            ax.plot([0, 1], means, marker="o", color=color, label=f"{b} = {level_b}")
+        ax.set_xticks([0, 1], [str(v) for v in spec.factors[ka]])
+        ax.set_xlabel(a)
+        ax.set_ylabel("final success (%)")
+        ax.legend(fontsize=8)
+        _title(ax, f"{a} x {b}")
+    fig.tight_layout()
     return _save(fig, path)

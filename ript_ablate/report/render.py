@@ -12,7 +12,7 @@ import pandas as pd
 
 from ript_ablate.progress import console
 from ript_ablate.report import plots, stats
-from ript_ablate.report.analysis import Analysis, analyse, health_table
+from ript_ablate.report.analysis import Analysis, analyse, design_summary, health_table
 from ript_ablate.report.collect import StudyData, collect, expected_cells
 from ript_ablate.report.stability import Thresholds
 from ript_ablate.study.spec import StudySpec, describe, format_value
@@ -118,6 +118,9 @@ def write_report(spec: StudySpec, out_root: Path = Path("reports"), storage: str
         plots.forest(analysis.effects + analysis.interactions, out / "effects.png",
                      "Factor effects and interactions on final success (95% intervals; green/red: excludes 0)"),
         plots.stability_panels(data, analysis, out / "stability.png"),
+        plots.interaction_plot(analysis.runs, spec, [e.label for e in analysis.interactions
+                                                      if spec.design is not None and e.p_holm < 0.05
+                                                      and e.excludes_zero], out / "interactions.png"),
     ) if f] + optuna_figs
     text = render(data, analysis, th, optuna_text, time.perf_counter() - start)
     report = out / "report.md"
@@ -149,6 +152,9 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                   "out of the comparison):", ""] + [f"- {m}" for m in data.pruned] + [""]
     if a.configs.empty:
         return "\n".join(lines + ["No finished runs to report yet."])
+    if spec.design is not None and a.effects:
+        lines += ["**In short** (the screening design's decided effects):", "",
+                  *[f"- {line}" for line in design_summary(a.effects, a.interactions)], ""]
     lines += ["## Comparison", "",
               "Success rates in %. **Base** is the evaluation before the first update (iteration 0), **gain** the "
               "final evaluation minus the base, paired per seed: a configuration that gains nothing is told apart "
@@ -185,6 +191,8 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                              [[e.label, f"{100 * e.estimate:+.1f}", f"[{100 * e.low:+.1f}, {100 * e.high:+.1f}]",
                                str(e.n_pairs), f"{e.p_value:.3g}"] for e in a.interactions]), ""]
         lines += ["![factor effects](effects.png)", ""]
+        if spec.design is not None and any(e.p_holm < 0.05 and e.excludes_zero for e in a.interactions):
+            lines += ["![decided interactions](interactions.png)", ""]
     if len(a.improvement) > 1:
         names = list(a.improvement.index)
         lines += ["Probability of improvement P(row > column) on final success (per task, averaged; rliable):", "",
