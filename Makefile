@@ -34,7 +34,7 @@ quickstart: setup
 	$(BIN)/ript-ablate report studies/quickstart.yaml
 
 test: setup-dev
-	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
+	$(BIN)/python -m pytest -q --durations=15
 
 clean-cache:
 	rm -rf .ript_cache

@@ -12,6 +12,7 @@ from ript_ablate.report import stats
 from ript_ablate.report.collect import StudyData, series
 from ript_ablate.report.stability import Thresholds, config_health, run_health, verdict
 from ript_ablate.study.objective import reduce_points
+from ript_ablate.tracking import tags as tag
 from ript_ablate.tracking.tags import factor_key
 
 
@@ -207,7 +208,7 @@ def design_effects(runs: pd.DataFrame, data: StudyData,
 
     design = data.spec.design
     keys = list(design.keys)
-    columns = [f"factor.{k}" for k in keys]
+    columns = [tag.FACTOR_PREFIX + k for k in keys]
     used = runs.dropna(subset=["final"])
     if used.empty or not all(c in used for c in columns):
         return [], []

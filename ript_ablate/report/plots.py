@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ript_ablate.report.analysis import Analysis  # noqa: E402
+from ript_ablate.tracking import tags as tag  # noqa: E402
 from ript_ablate.report.collect import StudyData, series  # noqa: E402
 from ript_ablate.report.stats import Effect, seed_interval  # noqa: E402
 
@@ -263,8 +264,8 @@ def interaction_plot(runs: pd.DataFrame, spec: Any, labels: list[str], path: Pat
     for ax, (a, b) in zip(axes[0], pairs):
         ka, kb = keys[a], keys[b]
         for level_b, color in zip(spec.factors[kb], _colors(2)):
-            means = [100 * runs[(runs[f"factor.{ka}"] == level_a) & (runs[f"factor.{kb}"] == level_b)]["final"].mean()
-                     for level_a in spec.factors[ka]]
+            at_b = runs[runs[tag.FACTOR_PREFIX + kb] == level_b]
+            means = [100 * at_b[at_b[tag.FACTOR_PREFIX + ka] == level_a]["final"].mean() for level_a in spec.factors[ka]]
             ax.plot([0, 1], means, marker="o", color=color, label=f"{b} = {level_b}")
         ax.set_xticks([0, 1], [str(v) for v in spec.factors[ka]])
         ax.set_xlabel(a)
