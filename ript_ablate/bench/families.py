@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,14 @@ DEFAULT_SPEC = Path(__file__).resolve().parents[2] / "studies" / "families.yaml"
 
 
 def welch(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean difference a - b and its Welch t interval (nan when either has fewer than 2 values)."""
+    """Mean difference a - b and its Welch t interval (scipy's unequal-variance t-test; nan below 2 values each)."""
     from scipy import stats
 
     diff = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:
         return diff, float("nan"), float("nan")
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff, diff
-    dof = (va + vb) ** 2 / ((va ** 2) / (len(a) - 1) + (vb ** 2) / (len(b) - 1))
-    half = float(stats.t.ppf(1 - (1 - level) / 2, dof)) * se
-    return diff, diff - half, diff + half
+    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return diff, float(interval.low), float(interval.high)
 
 
 def cell_summary(history: list[dict[str, float]]) -> dict[str, float]:

@@ -10,6 +10,7 @@ that moves them also regenerates what was committed (or, if the cache key stayed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -114,13 +115,9 @@ def machine_signature() -> str:
     """What float results depend on beyond the code: the CPU's vendor and vector capability, and torch. Two CPUs
     run different kernels (AVX2 vs AVX-512 reductions), so the same code gives results that differ in the 5th digit."""
     vendor = "unknown-cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                vendor = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # no /proc/cpuinfo: an unknown kind, compared with the tolerance
+        vendor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("vendor_id")), vendor)
     return f"{vendor} {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
 
 

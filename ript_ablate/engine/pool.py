@@ -28,7 +28,7 @@ import torch
 
 from ript_ablate.engine.runner import EpisodeRunner, expand_rows, family_act, slice_record
 from ript_ablate.episodes import Episode, EpisodeJob, concat_observations
-from ript_ablate.families import ChunkFamily, build_family
+from ript_ablate.families import ActionDistribution, ChunkFamily, build_family
 
 BATCHES_IN_FLIGHT = 2  # per worker in central mode: one stepping while the policy computes the other
 
@@ -163,8 +163,6 @@ class RolloutEngine:
     def run(self, jobs: Sequence[EpisodeJob], family: ChunkFamily | None = None,
             on_batch: Callable[[list[Episode]], None] | None = None) -> list[Episode]:
         """All jobs' episodes, in job order, sampled by `family` (default: the one `set_policy` chose)."""
-        from ript_ablate.families import ActionDistribution
-
         distribution = family or self.family or ActionDistribution()
         batches = make_batches(jobs, self.envs_per_worker)
         results: list[Episode | None] = [None] * len(jobs)

@@ -186,17 +186,6 @@ def interactions(runs: pd.DataFrame, data: StudyData, reps: int) -> list[stats.E
     return out
 
 
-def same_level(value: object, level: object) -> bool:
-    """A factor value read back from MLflow against a spec level: as numbers when both are (a tag '1e-05' reads
-    back as a string, YAML 1.1 wants a dot in a float), else as text."""
-    if isinstance(value, bool) or isinstance(level, bool):
-        return str(value) == str(level)
-    try:
-        return float(value) == float(level)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return str(value) == str(level)
-
-
 def design_effects(runs: pd.DataFrame, data: StudyData,
                    level: float = 0.95) -> tuple[list[stats.Effect], list[stats.Effect]]:
     """Main effects and (at resolution V and above) two-factor interactions of a screening design: a least-squares fit
@@ -212,7 +201,7 @@ def design_effects(runs: pd.DataFrame, data: StudyData,
     used = runs.dropna(subset=["final"])
     if used.empty or not all(c in used for c in columns):
         return [], []
-    coded = np.column_stack([[1.0 if same_level(v, data.spec.factors[k][1]) else -1.0 for v in used[c]]
+    coded = np.column_stack([[1.0 if v == data.spec.factors[k][1] else -1.0 for v in used[c]]
                              for k, c in zip(keys, columns)])
     terms: list[tuple[int, ...]] = [(i,) for i in range(len(keys))]
     if (design.resolution or 99) >= 5:

@@ -175,8 +175,8 @@ class Trainer:
             torch.manual_seed(algo.model_seed + ranks.rank)  # model_seed + rank seeds each rank, as the original does
         inference = resolve_inference(cfg.suite.inference, policy, self.device)
         family = build_family(algo, policy)
-        for key, value, why in inert_switches(cfg, family.variant):  # carried by the config, not set: a note
-            if ranks.is_main:
+        if ranks.is_main:  # switches the config carries (not set explicitly) that mean nothing here: a note
+            for key, value, why in inert_switches(cfg, family.variant):
                 console.print(f"note: {key} = {value!r} has no effect on a {family.variant} policy ({why})")
         with RolloutEngine(cfg, world) as engine:
             updater = PPOUpdater(policy, algo, self.device, cfg.training.precision, ranks, family)

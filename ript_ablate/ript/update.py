@@ -176,14 +176,12 @@ class PPOUpdater:
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
-    def _step_positions(self, trajectories: list[Trajectory], orders: list[np.ndarray],
-                        steps_per_pass: int) -> list[list[float]] | None:
-        """With the family's `token` loss average: the counted positions of every optimizer step over all ranks
-        (one collective per update), so that every position of a step weighs the same; None otherwise."""
-        if self.family.loss_average != "token":
-            return None
+    def _step_positions(self, counted: list[float], orders: list[np.ndarray],
+                        steps_per_pass: int) -> list[list[float]]:
+        """For the family's `token` loss average: the counted positions of every optimizer step over all ranks
+        (one collective per update), so that every position of a step weighs the same."""
         ga = self.algo.gradient_accumulation_steps
-        local = [float(sum(float(trajectories[int(i)].mask.sum()) for i in order[s * ga:(s + 1) * ga]))
+        local = [float(sum(counted[int(i)] for i in order[s * ga:(s + 1) * ga]))
                  for order in orders for s in range(steps_per_pass)]
         total = [sum(v) for v in zip(*self.ranks.gather(local))] if self.ranks.size > 1 else local
         return [[max(total[e * steps_per_pass + s], 1.0) for s in range(steps_per_pass)] for e in range(len(orders))]
@@ -199,7 +197,9 @@ class PPOUpdater:
         steps_per_pass = max(math.ceil(n / ga) for n in counts)
         diverged = False
         orders = [rng.permutation(len(trajectories)) for _ in range(self.algo.num_ppo_epochs)]
-        positions = self._step_positions(trajectories, orders, steps_per_pass)
+        token_average = self.family.loss_average == "token"
+        counted = [float(t.mask.sum()) for t in trajectories] if token_average else []  # one read each
+        positions = self._step_positions(counted, orders, steps_per_pass) if token_average else None
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         for epoch, order in enumerate(orders):
@@ -209,7 +209,7 @@ class PPOUpdater:
                 before = stats["loss"].clone()
                 if len(group):
                     members = [trajectories[int(i)] for i in group]
-                    weights = ([float(t.mask.sum()) / positions[epoch][step] for t in members] if positions
+                    weights = ([counted[int(i)] / positions[epoch][step] for i in group] if positions
                                else [1.0 / in_step] * len(group))
                     self._micro_batch(members, weights, stats)
                 stats["step_loss"] = stats["loss"] - before

@@ -4,7 +4,8 @@ every main effect (and, at resolution V, every two-factor interaction) from a fr
 A fractional design is given by its generators, one word per factor in the spec's order ("a b c d abcd": the fifth
 factor's level is the product of the first four's, the textbook 2^(5-1) design with E = ABCD, resolution V), or by a
 resolution, which picks the textbook generators (Box, Hunter & Hunter, table 6.22) for the number of factors. The
-design matrix and its alias structure come from pyDOE3; level -1 is a factor's first value, +1 its second.
+design matrix comes from pyDOE3; the alias structure is read off it here (columns of effects that coincide up to
+sign), in the factors' own names. Level -1 is a factor's first value, +1 its second.
 """
 
 from __future__ import annotations

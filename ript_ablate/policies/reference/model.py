@@ -15,9 +15,11 @@ tokens (small initial weights, bias -3, as in the original).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -159,11 +161,17 @@ class _SharedBackbone:
     observe_demonstrations = ReferencePolicy.observe_demonstrations
     rollout_state = ReferencePolicy.rollout_state
 
-    def _build_backbone(self, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> None:
+    @contextlib.contextmanager
+    def _seeded_build(self, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> Iterator[None]:
+        """Build the shared part under `cfg.seed`; the heads built inside the block draw from the same stream
+        (same seed, same initial weights; the global RNG untouched)."""
         self.cfg, self.chunk_size, self.obs_dim, self.action_dim = cfg, cfg.chunk_size, obs_dim, action_dim
         self.register_buffer("obs_mean", torch.zeros(obs_dim))  # type: ignore[attr-defined]
         self.register_buffer("obs_std", torch.ones(obs_dim))  # type: ignore[attr-defined]
-        self.backbone = Backbone(cfg, obs_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.backbone = Backbone(cfg, obs_dim)
+            yield
 
     def prepare_for_rl(self, cfg) -> None:
         inject_lora(self, cfg.algo.lora_rank, cfg.policy.lora_alpha, cfg.algo.lora_dropout, cfg.policy.lora_targets,
@@ -178,9 +186,7 @@ class ReferenceTokenPolicy(_SharedBackbone, TokenPolicy):
     def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
         super().__init__()
         self.n_bins = cfg.n_bins
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self._build_backbone(cfg, obs_dim, action_dim)
+        with self._seeded_build(cfg, obs_dim, action_dim):
             self.action_head = nn.Linear(cfg.d_model, action_dim * cfg.n_bins)
 
     def forward(self, obs: dict[str, torch.Tensor], instr: torch.Tensor) -> torch.Tensor:
@@ -242,9 +248,7 @@ class ReferenceFlowPolicy(_SharedBackbone, FlowPolicy):
     def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
         super().__init__()
         self.denoise_steps = cfg.denoise_steps
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self._build_backbone(cfg, obs_dim, action_dim)
+        with self._seeded_build(cfg, obs_dim, action_dim):
             self.expert = FlowExpert(cfg.d_model, action_dim, cfg.n_heads, cfg.mlp_ratio)
             self.heads = FlowHeads(cfg.d_model, action_dim, cfg.scale_bias_init)
 
