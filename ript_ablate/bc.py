@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from ript_ablate import cache_keys, checkpoints
 from ript_ablate.cache_lock import cache_lock
 from ript_ablate.config import Config, pretrain_config, to_yaml
 from ript_ablate.device import autocast, resolve_device
+from ript_ablate.episodes import Demonstrations
 from ript_ablate.errors import CheckpointError, ConfigError
 from ript_ablate.families import bc_loss, scale_outputs
 from ript_ablate.interfaces.policy import Policy
@@ -87,6 +88,8 @@ def sft_key(cfg: Config, demo_key: str, pretrain_key: str | None = None) -> str:
     sft = asdict(cfg.sft)
     for key in ("cache_dir", *PRETRAIN_KEYS):  # the pre-training stage enters through its own key
         sft.pop(key)
+    if not sft["scale_demos_per_task"]:  # the original's scale fit: the bases built before the key existed
+        sft.pop("scale_demos_per_task")
     spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, **_policy_identity(cfg), "sft": sft}
     if pretrain_key is not None:
         spec["pretrain"] = pretrain_key
@@ -287,6 +290,31 @@ def _read_info(out: Path) -> dict:
     return json.loads((out / "info.json").read_text()) if (out / "info.json").is_file() else {}
 
 
+def _held_out_data(cfg: Config, world: Any, policy: Policy, demos: Any) -> BCData:
+    """`sft.scale_demos_per_task` further expert demonstrations per task, none of them a behaviour-cloning one:
+    the world asked for demos_per_task + N takes its candidates in the same order, so its first demos_per_task
+    per task are the behaviour-cloning ones and the rest are new (checked by initial state)."""
+    from ript_ablate.engine import RolloutEngine
+    from ript_ablate.plugins import build_world
+
+    n, extra = cfg.suite.demos_per_task, cfg.sft.scale_demos_per_task
+    wide_cfg = replace(cfg, suite=replace(cfg.suite, demos_per_task=n + extra))
+    wide_world = build_world(wide_cfg)
+    with RolloutEngine(wide_cfg, wide_world) as engine:
+        wide, _ = _collect_demonstrations(wide_cfg, wide_world, engine, "held-out demonstrations (scale head)")
+    held_out = {}
+    for task in world.tasks:
+        used = {s.state_id for s in demos.states[task]}
+        fresh = [(s, ep) for s, ep in zip(wide.states[task], wide.episodes[task]) if s.state_id not in used]
+        if len(fresh) < extra:
+            raise RuntimeError(f"{task}: the world gave {len(fresh)} demonstrations outside the behaviour-cloning "
+                               f"ones, {extra} wanted (sft.scale_demos_per_task)")
+        held_out[task] = fresh[:extra]
+    calibration = Demonstrations({t: [ep for _, ep in v] for t, v in held_out.items()},
+                                 {t: [s for s, _ in v] for t, v in held_out.items()})
+    return _bc_data(policy, world, calibration)
+
+
 def pretrained_model(cfg: Config, world: Any) -> tuple[Policy, dict]:
     """The pre-training stage: behaviour cloning on `sft.pretrain_tasks` (observation statistics from their
     demonstrations), cached under `pretrain-<key>`; built with its own rollout engine when absent."""
@@ -340,12 +368,13 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
     policy.to(device)
     t0 = time.perf_counter()
     bc_final = train_bc(policy, data, cfg, device)
-    nll = fit_scale_head(policy, data, cfg, device)
+    scale_data = _held_out_data(cfg, world, policy, demos) if cfg.sft.scale_demos_per_task else data
+    nll = fit_scale_head(policy, scale_data, cfg, device)
     policy.cpu().eval()
     info = {
         "key": out.name, "demo_key": demo_key(world),
         "inputs": {"demonstrations": cache_keys.demo_identity(world, world.run_config), **_policy_identity(cfg)},
-        "bc_l1": bc_final, "scale_nll": nll, "samples": len(data),
+        "bc_l1": bc_final, "scale_nll": nll, "samples": len(data), "scale_samples": len(scale_data),
         "demo_steps": demos.n_steps(), "demo_seconds": round(demo_seconds, 2),
         "train_seconds": round(time.perf_counter() - t0, 2), "device": str(device),
         "family": getattr(policy, "family", "laplace"),

@@ -102,6 +102,10 @@ class SFTConfig:
     weight_decay: float = _f(1e-4, "Behaviour-cloning AdamW weight decay.")
     scale_steps: int = _f(500, "Steps fitting the scale head alone by Laplace negative log-likelihood.")
     scale_lr: float = _f(1e-3, "Learning rate of the scale-head fit.")
+    scale_demos_per_task: int = _f(0, "Demonstrations the scale head is fitted on: 0, the behaviour-cloning ones "
+                                      "(the original's; the action head fits them almost exactly, so log_b comes "
+                                      "out tiny); N, N further expert demonstrations per task that the action "
+                                      "head never saw, so b measures its error on new states.")
     seed: int = _f(0, "Seed of batch sampling.")
     cache_dir: str = _f(".ript_cache", "Where demonstrations and behaviour-cloning bases are cached.")
     # --- optional multi-task pre-training stage before the target tasks (README "Pre-train, then few-shot") ---
@@ -605,6 +609,7 @@ UPPER_BOUNDS: dict[str, tuple[int, str]] = {
     "sft.scale_steps": (10_000_000, "scale-head steps"),
     "sft.batch_size": (1_000_000, "pairs per behaviour-cloning batch"),
     "sft.pretrain_demos_per_task": (1000, "each is a scripted episode run before pre-training"),
+    "sft.scale_demos_per_task": (1000, "each is a scripted episode run before the scale-head fit"),
     "sft.pretrain_steps": (10_000_000, "pre-training steps"),
     "algo.rloo_batch_size": (4096, "rollouts per context"),
     "algo.gradient_accumulation_steps": (1_000_000, "trajectories per optimizer step"),
@@ -678,6 +683,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, not unknown_targets, "policy.lora_targets", pol.lora_targets, "names among q, k, v, o, fc1, fc2")
     _check(p, sft.steps >= 0, "sft.steps", sft.steps, ">= 0")
     _check(p, sft.scale_steps >= 0, "sft.scale_steps", sft.scale_steps, ">= 0")
+    _check(p, sft.scale_demos_per_task >= 0, "sft.scale_demos_per_task", sft.scale_demos_per_task, ">= 0")
     _check(p, sft.batch_size >= 1, "sft.batch_size", sft.batch_size, ">= 1")
     _check(p, sft.pretrain_demos_per_task >= 1, "sft.pretrain_demos_per_task", sft.pretrain_demos_per_task, ">= 1")
     _check(p, sft.pretrain_steps >= 1, "sft.pretrain_steps", sft.pretrain_steps, ">= 1")

@@ -130,3 +130,37 @@ def test_ml45_presets_are_metaworlds_split():
 
     assert PRESETS["ml45_train"] == list(ML45_V3["train"]) and PRESETS["ml45_test"] == list(ML45_V3["test"])
     assert all(episode_length(t) < 250 for t in ["box-close-v3", "hand-insert-v3", "door-lock-v3", "door-unlock-v3"])
+
+
+def test_a_scale_head_fitted_on_held_out_demonstrations_measures_the_error_on_new_states(tiny_dict):
+    """The action head fits its own demonstrations almost exactly, so a scale head fitted on them says b is tiny;
+    fitted on further demonstrations it never saw, b is the size of its error on new states. The action weights are
+    the same either way, and the two bases are cached apart."""
+    tiny_dict["sft"].update(steps=150, scale_steps=100, scale_lr=3e-2)
+    own, held_out = config_from_dict(tiny_dict), config_from_dict(
+        dict(tiny_dict, sft=dict(tiny_dict["sft"], scale_demos_per_task=3)))
+    world = build_world(own)
+    with RolloutEngine(own, world) as engine:
+        fitted_on_own, _, own_info = get_base(own, world, engine)
+        fitted_on_new, _, new_info = get_base(held_out, build_world(held_out), engine)
+    assert base_key(own, world) != base_key(held_out, world)
+    assert (own_info["scale_samples"], new_info["samples"]) == (own_info["samples"], own_info["samples"])
+    assert new_info["scale_samples"] > own_info["samples"]  # 3 held-out episodes against 2 training ones
+    action_weights = {k: v for k, v in fitted_on_own.state_dict().items() if not k.startswith("scale_head")}
+    for key, value in action_weights.items():
+        torch.testing.assert_close(fitted_on_new.state_dict()[key], value, msg=key)
+
+    wide = build_world(config_from_dict(dict(tiny_dict, suite=dict(tiny_dict["suite"], demos_per_task=5))))
+    with RolloutEngine(own, wide) as engine:
+        demos = wide.demonstrations(engine, own.sft.cache_dir)
+    new_episodes = Demonstrations({"reach-v3": demos.episodes["reach-v3"][2:]}, {"reach-v3": demos.states["reach-v3"][2:]})
+    data = build_bc_data(new_episodes, ["reach-v3"], {"reach-v3": fitted_on_own.encode_instruction(
+        world.instruction("reach-v3"))}, own.policy.chunk_size)
+    with torch.no_grad():
+        mu, log_b_own = fitted_on_own(data.obs, data.instr)
+        _, log_b_new = fitted_on_new(data.obs, data.instr)
+    error = ((data.target - mu).abs().mean(-1) * data.mask).sum() / data.mask.sum()
+    b_own, b_new = log_b_own.exp().mean(), log_b_new.exp().mean()
+    print(float(b_own), float(b_new), float(error))
+    assert b_own < 0.5 * error, (float(b_own), float(error))  # far below the error the policy makes on new states
+    assert abs(b_new - error) < abs(b_own - error), (float(b_new), float(b_own), float(error))
