@@ -4,7 +4,7 @@ episode) on each task's fixed held-out initial states."""
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.table import Table
@@ -19,6 +19,7 @@ class EvalResult:
     per_task: dict[str, float]
     episodes: int
     env_steps: int
+    states: dict[str, int] = field(default_factory=dict)  # evaluation states per task: a rate's binomial noise
 
     @property
     def success_rate(self) -> float:
@@ -28,6 +29,7 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         out = {"eval/success_rate": self.success_rate}
         out.update({f"eval/success_rate/{t}": v for t, v in self.per_task.items()})
+        out.update({f"eval/states/{t}": float(n) for t, n in self.states.items()})
         return out
 
     def table(self, title: str = "evaluation") -> Table:
@@ -58,4 +60,5 @@ def evaluate(world: Any, engine: Any, tasks: list[str] | None = None, ranks: Ran
     for task, success, _ in outcomes:
         per_task[task] += success
         counts[task] += 1
-    return EvalResult({t: per_task[t] / counts[t] for t in tasks}, len(outcomes), sum(o[2] for o in outcomes))
+    return EvalResult({t: per_task[t] / counts[t] for t in tasks}, len(outcomes), sum(o[2] for o in outcomes),
+                      counts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
+from scipy import stats as scipy_stats
 
 from ript_ablate.cli import main
 from ript_ablate.report import stability, stats
@@ -131,6 +132,39 @@ def test_intervals_are_honest_for_few_seeds():
     assert stats.seed_interval(np.array([[0.4]]))[3] == "1 seed: no interval"
     assert np.isnan(stats.seed_interval(np.array([[0.4]]))[1])
     assert stats.seed_interval(np.linspace(0.1, 0.5, 5)[:, None])[3] == "bootstrap, 5 seeds"
+
+
+def test_intervals_count_the_evaluation_states_own_noise():
+    """Seeds that land on the same count of the same states still leave the states' binomial noise."""
+    assert stats.state_variance(np.array([0.5, 0.2]), np.array([50, 100])) == pytest.approx(
+        (0.25 / 50 + 0.16 / 100) / 4)
+    assert stats.state_variance(np.array([0.5, 0.2]), np.array([50, np.nan])) == 0.0  # counts unknown: none
+    same = np.full((3, 1), 58 / 90)
+    assert stats.seed_interval(same)[1:3] == (pytest.approx(58 / 90), pytest.approx(58 / 90))  # zero width before
+    var = (58 / 90) * (32 / 90) / 90
+    point, lo, hi, method = stats.seed_interval(same, state_var=var)
+    half = 1.959964 * np.sqrt(var)  # the seeds do not vary: the states' noise alone, a normal interval
+    assert (lo, hi) == (pytest.approx(point - half, abs=1e-6), pytest.approx(point + half, abs=1e-6))
+    assert method == "t, 3 seeds + evaluation states"
+    spread = np.array([[0.60], [0.64], [0.68]])  # Welch-Satterthwaite: seeds' variance of the mean plus the states'
+    a = spread.var(ddof=1) / 3
+    df = 2 * (a + var) ** 2 / a ** 2
+    half = scipy_stats.t.ppf(0.975, df) * np.sqrt(a + var)
+    _, lo, hi, _ = stats.seed_interval(spread, state_var=var)
+    assert (lo, hi) == (pytest.approx(0.64 - half), pytest.approx(0.64 + half))
+    assert stats.seed_interval(np.linspace(0.5, 0.7, 6)[:, None], state_var=var)[3] == (
+        "bootstrap, 6 seeds + evaluation states")
+    gain = stats.paired_effect("g", np.full(3, 0.1), state_var=0.05 ** 2)  # 2 standard errors: p = 0.0455
+    assert gain.p_value == pytest.approx(0.0455, abs=1e-4) and gain.low == pytest.approx(0.1 - 1.959964 * 0.05)
+
+
+def test_a_report_of_seeds_with_equal_counts_gives_a_configuration_an_interval(synthetic):
+    spec, _ = synthetic("counted", [0, 1, 2], effect=lambda v: 0.0, noise=0.0, eval_states=50)
+    configs = analyse(collect(spec)).configs
+    assert (configs["final_hi"] - configs["final_lo"] > 0.1).all()  # 3 equal seeds, 50 states: about +-0.14
+    assert set(configs["interval"]) == {"t, 3 seeds + evaluation states"}
+    bare, _ = synthetic("uncounted", [0, 1, 2], effect=lambda v: 0.0, noise=0.0)
+    assert set(analyse(collect(bare)).configs["interval"]) == {"t, 3 seeds"}  # no counts logged: seeds alone
 
 
 def test_report_shows_base_final_and_gain_per_configuration(synthetic, tmp_path):

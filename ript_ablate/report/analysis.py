@@ -37,6 +37,7 @@ def run_table(data: StudyData, th: Thresholds) -> pd.DataFrame:
     evals = series(data, data.success_metric)
     training = {m: series(data, m) for m in HEALTH_METRICS}
     per_task = {task: series(data, f"{data.success_metric}/{task}") for task in data.tasks}
+    states = {task: series(data, f"eval/states/{task}") for task in data.tasks}
     sampled = {task: series(data, f"train/success_rate/{task}") for task in data.tasks}
     equal_reward = series(data, "sampling/equal_reward_fraction")
     rows = []
@@ -52,11 +53,36 @@ def run_table(data: StudyData, th: Thresholds) -> pd.DataFrame:
                "auc": reduce_points(points, "auc"), **run_health(curve.values, metric, th)}
         for task, task_curve in per_task.items():
             row[f"final/{task}"] = _last(task_curve, cid)
+            row[f"base/{task}"] = _first(task_curve, cid)
+            row[f"states/{task}"] = _last(states[task], cid)
             row[f"sampled/{task}"] = _last(sampled[task], cid)  # the health table: sampled next to evaluated
         row["equal_reward"] = (float(equal_reward.loc[cid].dropna().mean())
                                if cid in equal_reward.index and equal_reward.loc[cid].notna().any() else np.nan)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _first(frame: pd.DataFrame, cid: str) -> float:
+    """The value at iteration 0 (the base's evaluation), nan when the run did not log one."""
+    if cid not in frame.index or 0 not in frame.columns:
+        return float("nan")
+    value = frame.loc[cid, 0]
+    return float(value) if value == value else float("nan")
+
+
+def state_noise(group: pd.DataFrame, tasks: list[str], columns: tuple[str, ...]) -> float:
+    """The evaluation states' own variance in a configuration's mean over tasks of `columns` ("final", or "final"
+    and "base" for a gain: their noises added, as if independent, which overstates it when the base and the final
+    policy succeed on mostly the same states); 0 when the runs did not log their state counts."""
+    states = np.array([group[f"states/{t}"].mean() if f"states/{t}" in group else np.nan for t in tasks])
+    total = 0.0
+    for column in columns:
+        rates = np.array([group[f"{column}/{t}"].mean() if f"{column}/{t}" in group else np.nan for t in tasks])
+        part = stats.state_variance(rates, states)
+        if part == 0.0 and not (np.isfinite(rates).all() and np.isfinite(states).all()):
+            return 0.0
+        total += part
+    return total
 
 
 def _last(frame: pd.DataFrame, cid: str) -> float:
@@ -98,14 +124,15 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
     for config, group in runs.groupby("config", sort=False):
         m = score_matrix(group, data.tasks)
         matrices[config] = m
-        final, flo, fhi, method = stats.seed_interval(m, reps)
+        final, flo, fhi, method = stats.seed_interval(m, reps, state_var=state_noise(group, data.tasks, ("final",)))
         best, blo, bhi, _ = stats.seed_interval(group[["best"]].to_numpy(float), reps)
         iqm_point = stats.iqm(m)
         ilo, ihi = (stats.interval_estimates({"iqm": m}, stats.iqm, min(reps, 1000))[1]["iqm"]
                     if len(group) >= stats.MIN_BOOTSTRAP_SEEDS else (float("nan"), float("nan")))  # none for few seeds
         auc, alo, ahi, _ = stats.seed_interval(group[["auc"]].to_numpy(float), reps)
         gains = group["gain"].dropna().to_numpy(float)
-        gain = stats.paired_effect(str(config), gains, reps)
+        gain = stats.paired_effect(str(config), gains, reps,
+                                   state_var=state_noise(group, data.tasks, ("final", "base")))
         rows.append({"config": config, "seeds": len(group), "interval": method,
                      "base": float(group["base"].mean()), "gain": gain.estimate, "gain_lo": gain.low,
                      "gain_hi": gain.high, "gain_p": gain.p_value,

@@ -22,6 +22,7 @@ REPORT_METRICS = ("eval/success_rate", "train/success_rate", "ppo/approx_kl", "p
                   "grad_norm/backbone", "grad_norm/header", "health/nonfinite_events", "scale/log_b_mean",
                   "sampling/contexts_tried", "sampling/accepted_groups", "sampling/equal_reward_fraction")
 SAMPLED_PREFIX = "train/success_rate/"  # per task: the sampled behaviour's success (the health table)
+STATES_PREFIX = "eval/states/"  # evaluation states per task: the binomial noise of a rate
 
 
 @dataclass
@@ -82,7 +83,7 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
         cell_rows.append(info)
         wanted = {*REPORT_METRICS, spec.success_metric, spec.objective.metric}
         per_task = spec.success_metric + "/"
-        names = [m for m in run.data.metrics if m in wanted or m.startswith((per_task, SAMPLED_PREFIX))]
+        names = [m for m in run.data.metrics if m in wanted or m.startswith((per_task, SAMPLED_PREFIX, STATES_PREFIX))]
         tasks.update(m[len(per_task):] for m in names if m.startswith(per_task))
         for name, points in metric_histories(tracking_uri, run.info.run_id, names).items():
             rows.extend({**info, "iteration": step, "metric": name, "value": value} for step, value in points.items())

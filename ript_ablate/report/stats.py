@@ -18,7 +18,8 @@ from scipy import stats
 from ript_ablate.study.objective import iqm
 
 __all__ = ["MIN_BOOTSTRAP_PAIRS", "MIN_BOOTSTRAP_SEEDS", "Effect", "holm", "interval_estimates", "iqm", "mean",
-           "paired_effect", "paired_t_p_value", "probability_of_improvement", "seed_interval", "t_interval"]
+           "paired_effect", "paired_t_p_value", "probability_of_improvement", "seed_interval", "state_variance",
+           "t_interval"]
 
 Aggregate = Callable[[np.ndarray], float]  # runs x tasks -> one number
 
@@ -67,22 +68,56 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(v.mean() - half), float(v.mean() + half)
 
 
+def state_variance(rates: np.ndarray, states: np.ndarray) -> float:
+    """The variance a finite set of evaluation states adds to a mean over tasks of success rates: each task's rate
+    is a count over `states[t]` states, p(1 - p) / n (an upper bound: states differ in how hard they are). The
+    seeds of a configuration share those states, so their spread does not contain it. 0 where counts are unknown."""
+    r, n = np.asarray(rates, float), np.asarray(states, float)
+    known = (n > 0) & np.isfinite(n) & np.isfinite(r)
+    if not known.all() or len(r) == 0:
+        return 0.0
+    return float(np.sum(r * (1 - r) / n) / len(r) ** 2)
+
+
+def _t_with_extra(values: np.ndarray, extra_var: float, level: float) -> tuple[float, float, float]:
+    """(low, high, two-sided p against 0) of the mean of `values` whose variance also carries `extra_var` (known):
+    Student-t with Welch-Satterthwaite degrees of freedom, a normal interval when the values do not vary."""
+    v = np.asarray(values, float)
+    spread = v.var(ddof=1) / len(v)
+    var = spread + extra_var
+    if var <= 0:
+        return float(v.mean()), float(v.mean()), 0.0 if abs(v.mean()) > 1e-12 else 1.0
+    df = (len(v) - 1) * var ** 2 / spread ** 2 if spread > 0 else np.inf
+    half = stats.t.ppf(1 - (1 - level) / 2, df) * np.sqrt(var)
+    p = 2 * stats.t.sf(abs(v.mean()) / np.sqrt(var), df)
+    return float(v.mean() - half), float(v.mean() + half), float(p)
+
+
 def seed_interval(matrix: np.ndarray, reps: int = 2000, level: float = 0.95,
-                  seed: int = 0) -> tuple[float, float, float, str]:
+                  seed: int = 0, state_var: float = 0.0) -> tuple[float, float, float, str]:
     """(mean, low, high, method) of a configuration's score, honest for the number of seeds it rests on: none for
     one seed; a Student-t interval over the seeds' scores (each the mean over tasks) below MIN_BOOTSTRAP_SEEDS;
     rliable's stratified bootstrap from there on. With 2 seeds the percentile bootstrap is the range of the two
-    numbers, far narrower than the t interval (t = 12.7 at one degree of freedom)."""
+    numbers, far narrower than the t interval (t = 12.7 at one degree of freedom). `state_var` (`state_variance`)
+    adds the evaluation states' own noise: three seeds that land on the same count no longer give a zero width."""
     m = _as_matrix(matrix)
     n = m.shape[0]
     point = float(m.mean())
+    states = " + evaluation states" if state_var > 0 else ""
     if n < 2:
         return point, float("nan"), float("nan"), "1 seed: no interval"
     if n < MIN_BOOTSTRAP_SEEDS:
-        lo, hi = t_interval(m.mean(axis=1), level)
-        return point, lo, hi, f"t, {n} seeds"
-    _, intervals = interval_estimates({"scores": m}, mean, reps, level, seed)
-    return point, *intervals["scores"], f"bootstrap, {n} seeds"
+        lo, hi, _ = _t_with_extra(m.mean(axis=1), state_var, level)
+        return point, lo, hi, f"t, {n} seeds{states}"
+    if state_var <= 0:
+        _, intervals = interval_estimates({"scores": m}, mean, reps, level, seed)
+        return point, *intervals["scores"], f"bootstrap, {n} seeds"
+    rng = np.random.default_rng(seed)
+    n_tasks = m.shape[1]
+    resampled = m[rng.integers(0, n, size=(reps, n, n_tasks)), np.arange(n_tasks)[None, None, :]].mean(axis=(1, 2))
+    values = resampled + rng.normal(0.0, np.sqrt(state_var), reps)  # the states' noise, drawn with each resample
+    lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return point, float(lo), float(hi), f"bootstrap, {n} seeds{states}"
 
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
@@ -113,17 +148,26 @@ class Effect:
         return bool(self.low > 0 or self.high < 0)
 
 
-def paired_effect(label: str, diffs: np.ndarray, reps: int = 5000, level: float = 0.95, seed: int = 0) -> Effect:
+def paired_effect(label: str, diffs: np.ndarray, reps: int = 5000, level: float = 0.95, seed: int = 0,
+                  state_var: float = 0.0) -> Effect:
     """Mean paired difference with a percentile bootstrap interval over the pairs, or a Student-t interval when
-    there are fewer than MIN_BOOTSTRAP_PAIRS pairs."""
+    there are fewer than MIN_BOOTSTRAP_PAIRS pairs. `state_var` (known) adds the evaluation states' noise to the
+    interval and the p-value (Welch-Satterthwaite degrees of freedom; a normal draw with each bootstrap resample)."""
     d = np.asarray(diffs, float)
     if len(d) == 0:
         return Effect(label, float("nan"), float("nan"), float("nan"), float("nan"), 0)
+    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    if state_var > 0 and len(d) > 1:
+        lo, hi, p = _t_with_extra(d, state_var, level)
+        if len(d) >= MIN_BOOTSTRAP_PAIRS:
+            rng = np.random.default_rng(seed)
+            values = d[rng.integers(0, len(d), size=(reps, len(d)))].mean(1) + rng.normal(0, np.sqrt(state_var), reps)
+            lo, hi = (float(q) for q in np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2]))
+        return Effect(label, float(d.mean()), lo, hi, p, len(d), sd=sd)
     if len(d) < MIN_BOOTSTRAP_PAIRS:
         lo, hi = t_interval(d, level)
     else:
         lo, hi = interval_estimates({label: d}, mean, reps, level, seed)[1][label]
-    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
     return Effect(label, float(d.mean()), float(lo), float(hi), paired_t_p_value(d), len(d), sd=sd)
 
 

@@ -18,9 +18,11 @@ EffectFn = Callable[[dict], float]
 def log_synthetic_study(spec: StudySpec, effect: EffectFn, tracking_uri: str | None = None, base: float = 0.4,
                         noise: float = 0.05, n_iterations: int = 15, eval_interval: int = 5,
                         collapse: set[str] | None = None, skip: set[str] | None = None, seed: int = 0,
-                        kl_spikes: dict[str, list[int]] | None = None, pruned: set[str] | None = None) -> str:
+                        kl_spikes: dict[str, list[int]] | None = None, pruned: set[str] | None = None,
+                        eval_states: int | None = None) -> str:
     """Log one FINISHED child run per grid cell (except `skip`); cells in `collapse` rise then fall to 0.05; cells
-    in `kl_spikes` get an approx-KL of 0.5 at the listed iterations; cells in `pruned` end KILLED as pruned."""
+    in `kl_spikes` get an approx-KL of 0.5 at the listed iterations; cells in `pruned` end KILLED as pruned. With
+    `eval_states`, each evaluation also logs its states per task (`eval/states/<task>`), as the trainer does."""
     rng = np.random.default_rng(seed)
     mlflow = client(tracking_uri)
     parent = ensure_parent_run(tracking_uri, spec.experiment_name, spec.name, None, {"study.name": spec.name})
@@ -47,6 +49,8 @@ def log_synthetic_study(spec: StudySpec, effect: EffectFn, tracking_uri: str | N
                     metrics.append(("eval/success_rate", value, it))
                     for task, offset in (("reach-v3", -0.05), ("push-v3", 0.05)):
                         metrics.append((f"eval/success_rate/{task}", float(np.clip(value + offset, 0, 1)), it))
+                        if eval_states:
+                            metrics.append((f"eval/states/{task}", float(eval_states), it))
                 if it > 0:
                     kl = 0.5 if kl_spikes and it in kl_spikes.get(cell, []) else float(abs(rng.normal(0.01, 0.002)))
                     metrics += [("ppo/approx_kl", kl, it),
