@@ -11,6 +11,8 @@ import pandas as pd
 from ript_ablate.report import stats
 from ript_ablate.report.collect import StudyData, series
 from ript_ablate.report.stability import Thresholds, config_health, run_health, verdict
+from ript_ablate.study.adaptive import design_label
+from ript_ablate.study.design import effect_terms, fit_effects
 from ript_ablate.study.objective import reduce_points
 from ript_ablate.tracking import tags as tag
 from ript_ablate.tracking.tags import factor_key
@@ -230,30 +232,17 @@ def design_effects(runs: pd.DataFrame, data: StudyData,
         return [], []
     coded = np.column_stack([[1.0 if v == data.spec.factors[k][1] else -1.0 for v in used[c]]
                              for k, c in zip(keys, columns)])
-    terms: list[tuple[int, ...]] = [(i,) for i in range(len(keys))]
-    if (design.resolution or 99) >= 5:
-        terms += [(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys))]
-    seeds = sorted(used["seed"].unique())
-    blocks = [(used["seed"].to_numpy() == s).astype(float) for s in seeds]
-    x = np.column_stack([*blocks, *[np.prod(coded[:, list(t)], axis=1) for t in terms]])
+    terms = effect_terms(design)
     y = used["final"].to_numpy(float)
-    dof = len(y) - x.shape[1]
-    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
-    resid = y - x @ beta
-    sigma2 = float(resid @ resid) / dof if dof > 0 else float("nan")
-    cov = np.linalg.pinv(x.T @ x) * sigma2
-    names = [k.split(".", 1)[-1] for k in keys]
+    effects, errors, dof = fit_effects(coded, used["seed"].to_numpy(), y, terms)
     out: list[stats.Effect] = []
     quantile = float(sps.t.ppf(1 - (1 - level) / 2, dof)) if dof > 0 else float("nan")
-    for index, term in enumerate(terms):
-        b = float(beta[len(seeds) + index])
-        se = float(np.sqrt(cov[len(seeds) + index, len(seeds) + index])) if dof > 0 else float("nan")
-        t = b / se if se > 0 else float("nan")
-        p = float(2 * sps.t.sf(abs(t), dof)) if se > 0 else (1.0 if b == 0 else 0.0)
-        label = " x ".join(names[i] for i in term) if len(term) > 1 else \
-            f"{names[term[0]]}: {data.spec.factors[keys[term[0]]][0]} -> {data.spec.factors[keys[term[0]]][1]}"
-        out.append(stats.Effect(label, 2 * b, 2 * (b - quantile * se), 2 * (b + quantile * se), p, len(y),
-                                sd=2 * se * np.sqrt(len(y)) if se == se else float("nan")))
+    for term, effect, se in zip(terms, effects, errors):
+        t = effect / se if se > 0 else float("nan")
+        p = float(2 * sps.t.sf(abs(t), dof)) if se > 0 else (1.0 if effect == 0 else 0.0)
+        label = design_label(data.spec, term)
+        out.append(stats.Effect(label, float(effect), float(effect - quantile * se), float(effect + quantile * se), p,
+                                len(y), sd=float(se * np.sqrt(len(y))) if se == se else float("nan")))
     mains = out[:len(keys)]
     pairs = out[len(keys):]
     for effect, p_holm in zip(out, stats.holm([e.p_value for e in out])):  # familywise over every effect

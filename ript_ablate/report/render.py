@@ -188,10 +188,13 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                            str(e.n_pairs), f"{e.p_value:.3g}", f"{e.p_holm:.3g}", _verdict(e, spec, a),
                            *_power(e, spec, a)] for e in a.effects]), ""]
         if a.interactions:
+            adaptive = bool(spec.seed_plan and spec.design is not None)
             lines += ["Interactions (difference of differences, paired):", "",
-                      _table(["factors", "interaction (points)", "95% interval", "pairs", "p"],
+                      _table(["factors", "interaction (points)", "95% interval", "pairs", "p",
+                              *(["decision"] if adaptive else [])],
                              [[e.label, f"{100 * e.estimate:+.1f}", f"[{100 * e.low:+.1f}, {100 * e.high:+.1f}]",
-                               str(e.n_pairs), f"{e.p_value:.3g}"] for e in a.interactions]), ""]
+                               str(e.n_pairs), f"{e.p_value:.3g}", *([_verdict(e, spec, a)] if adaptive else [])]
+                              for e in a.interactions]), ""]
         lines += ["![factor effects](effects.png)", ""]
         if spec.design is not None and any(e.p_holm < 0.05 and e.excludes_zero for e in a.interactions):
             lines += ["![decided interactions](interactions.png)", ""]
@@ -334,6 +337,9 @@ def _verdict(e, spec: StudySpec, a: Analysis) -> str:
     """Adaptive studies: the sequential verdict; otherwise the fixed-design decision."""
     if spec.seed_plan and e.label in a.sequential:
         d = a.sequential[e.label]
+        if " -> " not in e.label:  # a design's interaction: its sign, not a level to prefer
+            return d.sentence(f"{'+' if d.estimate > 0 else '-'}{abs(d.estimate):.1f} points",
+                              spec.seed_plan.min_effect).replace("prefer ", "")
         base, _, level = e.label.partition(": ")[2].partition(" -> ")
         maximize = spec.objective.direction == "maximize"
         return d.sentence(level if (d.estimate > 0) == maximize else base, spec.seed_plan.min_effect)
@@ -363,8 +369,9 @@ def _power_text(spec: StudySpec, a: Analysis) -> list[str]:
         decided = ", ".join(f"{label} at {d.seeds} seeds" for label, d in a.sequential.items()
                             if d.state in ("effect", "no_effect"))
         text += ["", (f"Adaptive seeds ({plan.initial} to {plan.max}, min effect {plan.min_effect:g} points; "
-                      f"O'Brien-Fleming alpha spending at {plan.alpha:.0%}, the repeated confidence interval for 'no "
-                      f"effect'): {ran} cells run of the {full} a fixed {plan.max}-seed design needs "
+                      f"O'Brien-Fleming alpha spending at {plan.alpha:.0%}"
+                      + (" on the largest |t| over every effect of the design, so familywise" if spec.design else "")
+                      + f", the repeated confidence interval for 'no effect'): {ran} cells run of the {full} a fixed {plan.max}-seed design needs "
                       f"({1 - ran / full:.0%} saved). Decided: {decided or 'none yet'}.")]
     return [*text, ""]
 

@@ -6,7 +6,7 @@ A comparison is one level of a factor against the factor's first level, paired o
 Looks happen at seeds initial, initial + 1, ...; a comparison stops at its first look that is not "continue"
 (deciding later would spend error rate the boundaries did not budget for). While any comparison continues and
 seeds < max, every configuration gets the next seed: in a full grid every configuration is in every factor's
-pairs.
+pairs. A screening design's effects are decided by its regression instead (`design_looks`).
 """
 
 from __future__ import annotations
@@ -48,10 +48,52 @@ def paired_diffs(spec: StudySpec, values: dict[str, float], key: str, base: Any,
     return np.asarray(out, float)
 
 
+def design_label(spec: StudySpec, term: tuple[int, ...]) -> str:
+    """As the report names a design's effect: 'ppo_clip_high: 0.2 -> 0.28', 'lr x header_lr'."""
+    keys = list(spec.design.keys)
+    names = [k.split(".", 1)[-1] for k in keys]
+    if len(term) > 1:
+        return " x ".join(names[i] for i in term)
+    key = keys[term[0]]
+    return f"{names[term[0]]}: {spec.factors[key][0]} -> {spec.factors[key][1]}"
+
+
+def design_looks(spec: StudySpec, values: dict[str, float], seeds_run: int) -> dict[str, Decision]:
+    """Each effect of a screening design at its first look that decided (else the last so far): the design's
+    regression with seeds as blocks (`fit_effects`), against boundaries on max |t| over all its effects
+    (`design_t_boundaries`), so the familywise error over every effect and look stays at alpha."""
+    from ript_ablate.study.design import effect_terms, fit_effects
+    from ript_ablate.study.sequential import decide_interval, design_t_boundaries
+
+    plan = spec.seed_plan
+    design = spec.design
+    terms = effect_terms(design)
+    rows = design.rows(spec.factors)
+    columns = tuple(tuple(int(v) for v in np.prod(design.matrix[:, list(t)], axis=1)) for t in terms)
+    bounds = design_t_boundaries(plan.initial, plan.max, columns, plan.alpha)
+    out: dict[str, Decision] = {}
+    for seeds in range(plan.initial, min(seeds_run, plan.max) + 1):
+        cells = [(row, coded, seed) for seed in range(seeds) for row, coded in zip(rows, design.matrix)
+                 if cell_id_for(config_id_for(row), seed) in values]
+        y = np.array([POINTS * values[cell_id_for(config_id_for(row), seed)] for row, _, seed in cells])
+        coded = np.array([c for _, c, _ in cells], float).reshape(len(cells), len(design.keys))
+        effects, errors, dof = fit_effects(coded, np.array([s for _, _, s in cells]), y, terms)
+        if dof < 1:  # failed cells left too few runs to estimate every effect: no look yet
+            continue
+        for term, effect, se in zip(terms, effects, errors):
+            name = design_label(spec, term)
+            if name in out and out[name].state != "continue":
+                continue  # stopped at an earlier look
+            out[name] = decide_interval(float(effect), float(se), bounds[seeds - plan.initial], seeds, len(y), plan)
+    return out
+
+
 def looks(spec: StudySpec, values: dict[str, float], seeds_run: int) -> dict[str, Decision]:
     """Each comparison's decision: at its first look that decided, else at the last look so far."""
     plan = spec.seed_plan
     assert plan is not None, "looks() is for adaptive-seed studies"
+    if spec.design is not None:
+        return design_looks(spec, values, seeds_run)
     out = {}
     for key, base, level in comparisons(spec):
         decision = None

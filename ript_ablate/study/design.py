@@ -137,3 +137,28 @@ def build_design(keys: list[str], kind: str, generators: str | None = None, reso
         return Design("full", tuple(keys), gens, np.asarray(pyDOE3.ff2n(n), dtype=int))
     gens = generators or STANDARD_GENERATORS[(n, int(resolution or 0))]
     return Design("fractional", tuple(keys), gens, np.asarray(pyDOE3.fracfact(gens), dtype=int))
+
+
+def effect_terms(design: Design) -> list[tuple[int, ...]]:
+    """The terms a design estimates clear of each other: every main effect and, at resolution V and above (or a
+    full design), every two-factor interaction."""
+    k = len(design.keys)
+    terms: list[tuple[int, ...]] = [(i,) for i in range(k)]
+    if (design.resolution or 99) >= 5:
+        terms += [(i, j) for i in range(k) for j in range(i + 1, k)]
+    return terms
+
+
+def fit_effects(coded: np.ndarray, seeds: np.ndarray, y: np.ndarray,
+                terms: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Least squares of y on the +-1 coded factors' `terms`, seeds as blocks: (effects, their standard errors,
+    residual degrees of freedom). An effect is the difference between the means of its high and low halves, twice
+    the coded coefficient; standard errors are nan without residual degrees of freedom."""
+    blocks = [(seeds == s).astype(float) for s in np.unique(seeds)]
+    x = np.column_stack([*blocks, *[np.prod(coded[:, list(t)], axis=1) for t in terms]])
+    dof = len(y) - x.shape[1]
+    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ beta
+    sigma2 = float(resid @ resid) / dof if dof > 0 else float("nan")
+    se = np.sqrt(np.diag(np.linalg.pinv(x.T @ x)) * sigma2)[len(blocks):]
+    return 2 * beta[len(blocks):], 2 * se, dof

@@ -68,6 +68,58 @@ def t_boundaries(initial: int, max_seeds: int, pairs_per_seed: int, alpha: float
     return tuple(bounds)
 
 
+@lru_cache(maxsize=16)
+def design_t_boundaries(initial: int, max_seeds: int, columns: tuple[tuple[int, ...], ...],
+                        alpha: float = 0.05, paths: int = 50_000) -> tuple[float, ...]:
+    """Critical values of max |t| over a screening design's effects, one per look after initial..max seeds (each
+    seed one replicate of the design, seeds as blocks), such that under no effect at all the chance that any effect
+    first crosses at look k is alpha(t_k) - alpha(t_{k-1}): familywise error over every effect and every look.
+    `columns` are the effects' +-1 columns over the design's runs (orthogonal and balanced). The t statistics do
+    not depend on the spread, so their joint null law is simulated once, seeded."""
+    x = np.asarray(columns, float).T  # runs x effects
+    runs, n_effects = x.shape
+    if initial * runs - initial - n_effects < 1:
+        raise ValueError(f"{initial} seed(s) of a {runs}-run design leave no degrees of freedom for {n_effects} "
+                         "effects: start with more seeds")
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    y = rng.standard_normal((paths, max_seeds, runs)).astype(np.float32)
+    contrasts = np.cumsum(y @ x, axis=1)  # paths x seeds x effects: sum of x_j y over the seeds so far
+    centred = np.cumsum(((y - y.mean(axis=2, keepdims=True)) ** 2).sum(axis=2), axis=1)  # within-seed SS
+    active = np.ones(paths, bool)
+    bounds, spent = [], 0.0
+    for seeds in range(initial, max_seeds + 1):
+        n = seeds * runs
+        explained = (contrasts[:, seeds - 1] ** 2).sum(axis=1) / n
+        dof = n - seeds - n_effects
+        sigma = np.sqrt(np.maximum(centred[:, seeds - 1] - explained, 1e-30) / dof)
+        t = np.abs(contrasts[:, seeds - 1]).max(axis=1) / (sigma * np.sqrt(n))
+        share = obrien_fleming_spending(seeds / max_seeds, alpha) - spent
+        hits = int(round(share * paths))
+        candidates = np.sort(t[active])[::-1]
+        c = float(candidates[hits - 1]) if 0 < hits <= len(candidates) else float(candidates[0]) * 1.0001
+        bounds.append(c)
+        crossed = active & (t >= c)
+        spent += crossed.sum() / paths
+        active &= ~crossed
+    return tuple(bounds)
+
+
+def decide_interval(estimate: float, se: float, c: float, seeds: int, n: int, plan: "SeedPlan") -> "Decision":
+    """A look's decision from an estimate, its standard error and the look's critical value."""
+    low, high = estimate - c * se, estimate + c * se
+    if not np.isfinite(se):
+        state = "continue" if seeds < plan.max else "undecided"
+    elif se == 0.0:
+        state = "effect" if estimate != 0 else "no_effect"
+    elif low > 0 or high < 0:
+        state = "effect"
+    elif -plan.min_effect < low and high < plan.min_effect:
+        state = "no_effect"
+    else:
+        state = "undecided" if seeds >= plan.max else "continue"
+    return Decision(state, estimate, low, high, seeds, n)
+
+
 @dataclass(frozen=True)
 class SeedPlan:
     """`seeds: {initial, max, min_effect}` of an adaptive study, and its error rate."""
@@ -112,17 +164,7 @@ def decide(diffs: np.ndarray, seeds: int, plan: SeedPlan) -> Decision:
     if n < 2:
         return Decision("continue" if seeds < plan.max else "undecided", mean, float("-inf"), float("inf"), seeds, n)
     se = float(d.std(ddof=1) / np.sqrt(n))
-    c = plan.boundary(seeds, n // seeds)
-    low, high = mean - c * se, mean + c * se
-    if se == 0.0:
-        state = "effect" if mean != 0 else "no_effect"
-    elif low > 0 or high < 0:
-        state = "effect"
-    elif -plan.min_effect < low and high < plan.min_effect:
-        state = "no_effect"
-    else:
-        state = "undecided" if seeds >= plan.max else "continue"
-    return Decision(state, mean, low, high, seeds, n)
+    return decide_interval(mean, se, plan.boundary(seeds, n // seeds), seeds, n, plan)
 
 
 def minimum_detectable_effect(sd: float, n_pairs: int, alpha: float = 0.05, power: float = 0.8) -> float:

@@ -365,8 +365,13 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         for key in ("search_space", "n_configs"):
             check.need(key not in raw, key, raw.get(key), "nothing in grid mode (it belongs to mode: optuna)")
         design = _parse_design(raw, factors, check)
-        check.need(design is None or seed_plan is None, "seeds", raw.get("seeds"),
-                   "a list with a fractional design (adaptive seeds decide the effects of full grids only, for now)")
+        if design is not None and seed_plan is not None:
+            from ript_ablate.study.design import effect_terms
+
+            spare = seed_plan.initial * (design.runs - 1) - len(effect_terms(design))
+            check.need(spare >= 1, "seeds.initial", seed_plan.initial,
+                       f"enough seeds that the {design.runs}-run design estimates its {len(effect_terms(design))} "
+                       f"effects with spare degrees of freedom (at least {_min_initial(design)})")
         configs = design.runs if design is not None else math.prod(len(v) for v in factors.values())
         cells = configs * (len(seeds) if seeds_ok else 1)
         check.need(cells <= MAX_CELLS, "factors", f"{cells:,} cells", f"at most {MAX_CELLS:,} cells (configurations x "
@@ -479,6 +484,12 @@ def _parse_seed_plan(raw: dict[str, Any], mode: str, check: _Checker) -> SeedPla
                      "the smallest effect worth finding, in points (> 0), e.g. 5")
     ok &= check.need(_finite(alpha) and 0 < alpha < 0.5, "seeds.alpha", alpha, "a false-decision rate in (0, 0.5)")
     return SeedPlan(initial, most, float(effect), float(alpha)) if ok else None
+
+
+def _min_initial(design: Any) -> int:
+    from ript_ablate.study.design import effect_terms
+
+    return len(effect_terms(design)) // (design.runs - 1) + 1
 
 
 def _parse_design(raw: dict[str, Any], factors: dict[str, list[Any]], check: _Checker) -> Any:
