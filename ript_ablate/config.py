@@ -694,8 +694,8 @@ def validate(cfg: Config) -> list[str]:
     _check(p, a.num_ppo_epochs >= 1, "algo.num_ppo_epochs", a.num_ppo_epochs, ">= 1")
     _check(p, 0 < a.ppo_clip_range < 1, "algo.ppo_clip_range", a.ppo_clip_range, "a number in (0, 1)")
     _check(p, a.ppo_clip_high > 0, "algo.ppo_clip_high", a.ppo_clip_high, "> 0")
-    _check(p, a.lr > 0, "algo.lr", a.lr, "> 0")
-    _check(p, a.header_lr > 0, "algo.header_lr", a.header_lr, "> 0")
+    _check(p, a.lr >= 0, "algo.lr", a.lr, ">= 0 (0: the adapters never move, a control)")
+    _check(p, a.header_lr >= 0, "algo.header_lr", a.header_lr, ">= 0 (0: the heads never move, a control)")
     _check(p, a.scale_factor > 0, "algo.scale_factor", a.scale_factor, "> 0")
     clip = a.log_scale_clip
     _check(p, clip is None or (len(clip) == 2 and clip[0] < clip[1]), "algo.log_scale_clip", clip,

@@ -182,3 +182,33 @@ def test_adaptive_design_boundaries_keep_the_familywise_error_over_effects_and_l
                 false += 1
                 break
     assert false / studies <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / studies), false
+
+
+def test_a_control_runs_beside_the_design_is_compared_and_stays_out_of_every_effect(tmp_path, tiny_yaml,
+                                                                                      monkeypatch):
+    from ript_ablate.report.analysis import analyse
+    from ript_ablate.report.collect import collect
+    from ript_ablate.report.synthetic import log_synthetic_study
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    spec = spec_with(tmp_path, tiny_yaml, seeds=[0, 1], controls={"no_learning": {"algo.lr": 0.0,
+                                                                                  "algo.header_lr": 0.0}})
+    configs = spec.grid_configs()
+    assert len(configs) == 17 and configs[-1]["control"] == "no_learning"
+    settings = spec.expand(configs[-1])
+    assert settings["algo.lr"] == 0.0 and settings["algo.header_lr"] == 0.0  # on top of the factors' first levels
+    assert settings["algo.ppo_clip_high"] == 0.2 and "control" not in settings
+    assert spec.cell_config(configs[-1], 0).algo.header_lr == 0.0
+
+    def effect(values: dict) -> float:  # clip-high helps by 10; the control scores far below everything
+        return -0.35 if values.get("control") else 0.1 * (values["algo.ppo_clip_high"] == 0.28)
+
+    log_synthetic_study(spec, effect, noise=0.01, n_iterations=2, eval_interval=2)
+    analysis = analyse(collect(spec))
+    assert len(analysis.runs) == 34 and len(analysis.configs) == 17
+    assert any("no_learning" in c for c in analysis.configs["config"])
+    effects = {e.label: e for e in [*analysis.effects, *analysis.interactions]}
+    assert effects["ppo_clip_high: 0.2 -> 0.28"].estimate == pytest.approx(0.10, abs=0.02)
+    assert all(abs(e.estimate) < 0.03 for k, e in effects.items() if k != "ppo_clip_high: 0.2 -> 0.28")
+    with pytest.raises(ConfigError, match="controls.bad.algo.lrr: not a config key"):
+        spec_with(tmp_path, tiny_yaml, controls={"bad": {"algo.lrr": 0.0}})

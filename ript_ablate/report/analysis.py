@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ript_ablate.report import stats
-from ript_ablate.report.collect import StudyData, series
+from ript_ablate.report.collect import CONTROL_COLUMN, StudyData, series
 from ript_ablate.report.stability import Thresholds, config_health, run_health, verdict
 from ript_ablate.study.adaptive import design_label
 from ript_ablate.study.design import effect_terms, fit_effects
@@ -148,11 +148,12 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
          for a in names], index=names, columns=names)
     logged = set(data.frame["metric"]) if not data.frame.empty else set()
     analysis = Analysis(configs, runs, improvement=improvement, missing=[m for m in HEALTH_METRICS if m not in logged])
+    in_effects = runs[runs[CONTROL_COLUMN].isna()] if CONTROL_COLUMN in runs else runs  # controls stand apart
     if data.spec.mode == "grid" and data.spec.design is not None:  # a fraction has no pairs: a regression
-        analysis.effects, analysis.interactions = design_effects(runs, data)
+        analysis.effects, analysis.interactions = design_effects(in_effects, data)
     elif data.spec.mode == "grid":  # a search's configurations share no levels to pair on: importances instead
-        analysis.effects = factor_effects(runs, data, reps)
-        analysis.interactions = interactions(runs, data, reps)
+        analysis.effects = factor_effects(in_effects, data, reps)
+        analysis.interactions = interactions(in_effects, data, reps)
     if data.spec.seed_plan and data.spec.mode == "grid":
         from ript_ablate.study.adaptive import looks
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ript_ablate.study.spec import StudySpec, cell_id_for, config_id_for, describe
+from ript_ablate.study.spec import CONTROL, StudySpec, cell_id_for, config_id_for, describe
 from ript_ablate.tracking import tags as tag
 from ript_ablate.tracking.runs import child_runs, find_parent_run, metric_histories
 
@@ -22,6 +22,7 @@ REPORT_METRICS = ("eval/success_rate", "train/success_rate", "ppo/approx_kl", "p
                   "grad_norm/backbone", "grad_norm/header", "health/nonfinite_events", "scale/log_b_mean",
                   "sampling/contexts_tried", "sampling/accepted_groups", "sampling/equal_reward_fraction")
 SAMPLED_PREFIX = "train/success_rate/"  # per task: the sampled behaviour's success (the health table)
+CONTROL_COLUMN = tag.FACTOR_PREFIX + CONTROL  # the runs of a control configuration (outside every effect)
 STATES_PREFIX = "eval/states/"  # evaluation states per task: the binomial noise of a rate
 
 
@@ -42,7 +43,8 @@ class StudyData:
 
     @property
     def factors(self) -> list[str]:
-        return [c for c in self.cells.columns if c.startswith(tag.FACTOR_PREFIX)]
+        """The factor columns (a control's name is not a factor)."""
+        return [c for c in self.cells.columns if c.startswith(tag.FACTOR_PREFIX) and c != CONTROL_COLUMN]
 
 
 def expected_cells(spec: StudySpec, configs: list[dict] | None = None) -> dict[str, str]:

@@ -38,7 +38,7 @@ def paired_diffs(spec: StudySpec, values: dict[str, float], key: str, base: Any,
     cells have a value."""
     out = []
     for seed in range(seeds):
-        for config in spec.grid_configs():
+        for config in spec.effect_configs():
             if config[key] != base:
                 continue
             a = values.get(cell_id_for(config_id_for(config), seed))

@@ -49,8 +49,9 @@ PARAM_TYPES = ("categorical", "float", "int")
 TOP_KEYS = ("name", "config", "set", "mode", "factors", "search_space", "sampler", "sampler_seed", "n_configs",
             "pruner", "seeds", "objective", "retries", "timeout_s", "storage", "output_dir", "tracking_uri",
             "experiment", "heartbeat_s", "lease_timeout_s", "description", "command", "report", "race",
-            "processes_per_cell", "configurations", "design")
+            "processes_per_cell", "configurations", "design", "controls")
 CONFIGURATION = "configuration"  # the factor whose levels are the spec's named `configurations`
+CONTROL = "control"  # the key naming a control configuration outside the grid or design (`controls`)
 REPORT_KEYS = ("success_metric",)
 
 
@@ -108,12 +109,17 @@ class StudySpec:
     #: settings that only make sense together (each policy family with its own exploration switch)
     configurations: dict[str, dict[str, Any]] = field(default_factory=dict)
     design: Any = None  # a fractional screening design over two-level factors (ript_ablate.study.design)
+    #: controls (grid): configurations outside the grid or design, each the factors' first levels with its own
+    #: settings on top (e.g. a learning rate of 0: a gain that must come out as none); compared, never in an effect
+    controls: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def expand(self, values: dict[str, Any]) -> dict[str, Any]:
         """A cell's factor values as dotted config keys: a named configuration replaced by its settings."""
-        out = {k: v for k, v in values.items() if k != CONFIGURATION}
+        out = {k: v for k, v in values.items() if k not in (CONFIGURATION, CONTROL)}
         if CONFIGURATION in values:
             out = {**self.configurations[values[CONFIGURATION]], **out}
+        if CONTROL in values:
+            out = {**out, **self.controls[values[CONTROL]]}
         return out
 
     def race_seeds(self, n: int) -> list[int]:
@@ -157,11 +163,19 @@ class StudySpec:
 
     def grid_configs(self) -> list[dict[str, Any]]:
         """Every combination of the factors' values, in a fixed order (the first factor varies slowest); with a
-        fractional design, its runs."""
+        fractional design, its runs; then the controls."""
+        return [*self.effect_configs(), *self.control_configs()]
+
+    def effect_configs(self) -> list[dict[str, Any]]:
+        """The grid's or the design's configurations: those the effects are estimated from."""
         if self.design is not None and self.design.type == "fractional":
             return self.design.rows(self.factors)
         keys = list(self.factors)
         return [dict(zip(keys, values)) for values in itertools.product(*self.factors.values())]
+
+    def control_configs(self) -> list[dict[str, Any]]:
+        """Each control: the factors' first levels, named (its own settings are applied by `expand`)."""
+        return [{**{k: v[0] for k, v in self.factors.items()}, CONTROL: name} for name in self.controls]
 
     def cell_config(self, values: dict[str, Any], seed: int) -> Config:
         from ript_ablate.plugins import checked_config_from_dict
@@ -178,6 +192,7 @@ class StudySpec:
         data = {"base": self.base, "mode": self.mode, "factors": self.factors, "seeds": seeds,
                 **({"configurations": self.configurations} if self.configurations else {}),
                 **({"design": self.design.generators} if self.design is not None else {}),
+                **({"controls": self.controls} if self.controls else {}),
                 "space": [p.__dict__ for p in self.search_space], "objective": self.objective.__dict__,
                 **({"command": self.command.to_json()} if self.command else {}),
                 **({"race": {"top": self.race.top, **self.race.plan.__dict__}} if self.race else {})}
@@ -345,6 +360,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
     factors: dict[str, list[Any]] = {}
     space: list[Param] = []
     configurations = _parse_configurations(raw, mode, known, seed_key, check)
+    controls = _parse_configurations(raw, mode, known, seed_key, check, "controls", 1)
     if configurations:
         factors[CONFIGURATION] = list(configurations)
     if mode == "grid":
@@ -372,7 +388,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
             check.need(spare >= 1, "seeds.initial", seed_plan.initial,
                        f"enough seeds that the {design.runs}-run design estimates its {len(effect_terms(design))} "
                        f"effects with spare degrees of freedom (at least {_min_initial(design)})")
-        configs = design.runs if design is not None else math.prod(len(v) for v in factors.values())
+        configs = (design.runs if design is not None else math.prod(len(v) for v in factors.values())) + len(controls)
         cells = configs * (len(seeds) if seeds_ok else 1)
         check.need(cells <= MAX_CELLS, "factors", f"{cells:,} cells", f"at most {MAX_CELLS:,} cells (configurations x "
                    "seeds): every cell is a training run, enqueued up front")
@@ -435,7 +451,7 @@ def load_study(path: str | Path, output_dir: str | Path | None = None) -> StudyS
         lease_timeout_s=float(lease) if lease is not None else None,
         description=str(raw.get("description", "")), command=command, success_metric=success_metric,
         seed_plan=seed_plan, race=race, processes_per_cell=processes if isinstance(processes, int) else 1,
-        configurations=configurations, design=design if mode == "grid" else None,
+        configurations=configurations, design=design if mode == "grid" else None, controls=controls,
     )
     if command is None:  # the built-in trainer checks every cell's config now; your trainer checks its own
         _check_cells(spec)
@@ -527,20 +543,23 @@ def _parse_design(raw: dict[str, Any], factors: dict[str, list[Any]], check: _Ch
 
 
 def _parse_configurations(raw: dict[str, Any], mode: str, known: set[str] | None, seed_key: str,
-                          check: _Checker) -> dict[str, dict[str, Any]]:
+                          check: _Checker, section: str = "configurations",
+                          at_least: int = 2) -> dict[str, dict[str, Any]]:
     """`configurations: {name: {dotted.key: value, ...}, ...}` (grid mode): settings that only make sense together
-    (each policy family with its own exploration switch), crossed with the factors and the seeds."""
-    if "configurations" not in raw:
+    (each policy family with its own exploration switch), crossed with the factors and the seeds. `controls:` has
+    the same shape: configurations outside the grid (the factors' first levels with these settings on top)."""
+    if section not in raw:
         return {}
-    value = raw["configurations"]
-    if not check.need(mode == "grid", "configurations", "...", "nothing in optuna mode (list them in a grid)"):
+    value = raw[section]
+    if not check.need(mode == "grid", section, "...", "nothing in optuna mode (list them in a grid)"):
         return {}
-    if not check.need(isinstance(value, dict) and len(value) >= 2, "configurations", value,
-                      "a mapping of at least two names to mappings of dotted config keys to values"):
+    if not check.need(isinstance(value, dict) and len(value) >= at_least, section, value,
+                      f"a mapping of at least {'two names' if at_least == 2 else 'one name'} to mappings of dotted "
+                      "config keys to values"):
         return {}
     out: dict[str, dict[str, Any]] = {}
     for name, settings in value.items():
-        where = f"configurations.{name}"
+        where = f"{section}.{name}"
         if not check.need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), where, name,
                           "a name of letters, digits, '-' and '_'"):
             continue
@@ -552,8 +571,9 @@ def _parse_configurations(raw: dict[str, Any], mode: str, known: set[str] | None
             elif known is not None and key not in known and not is_option_key(key):
                 check.problems.append(f"{where}.{key}: not a config key")
         out[name] = dict(settings)
-    overlap = set(raw.get("factors") or {}) & {k for c in out.values() for k in c}
-    check.need(not overlap, "configurations", sorted(overlap), "keys that no factor also sets")
+    if section == "configurations":  # a control may set a factor's key: it stands outside the grid
+        overlap = set(raw.get("factors") or {}) & {k for c in out.values() for k in c}
+        check.need(not overlap, "configurations", sorted(overlap), "keys that no factor also sets")
     return out
 
 
