@@ -26,7 +26,7 @@ def with_rollout(cfg, workers: int, envs: int, length: int | None):
 
 
 def test_presets_expand():
-    assert resolve_tasks(["quick"]) == ["reach-v3", "push-v3", "window-open-v3"]
+    assert resolve_tasks(["quick"]) == ["reach-v3", "push-v3", "pick-place-v3"]
     assert len(resolve_tasks(["mt10"])) == 10
     assert resolve_tasks(["reach-v3", "quick"])[0] == "reach-v3" and len(resolve_tasks(["reach-v3", "quick"])) == 3
 
