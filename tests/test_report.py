@@ -4,6 +4,7 @@ planted effect is found, a null factor is not, a planted collapse is flagged and
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from scipy import stats as scipy_stats
@@ -154,6 +155,13 @@ def test_intervals_count_the_evaluation_states_own_noise():
     assert (lo, hi) == (pytest.approx(0.64 - half), pytest.approx(0.64 + half))
     assert stats.seed_interval(np.linspace(0.5, 0.7, 6)[:, None], state_var=var)[3] == (
         "bootstrap, 6 seeds + evaluation states")
+    from ript_ablate.report.analysis import state_noise
+
+    group = pd.DataFrame({"final/a": [0.6, 0.7], "base/a": [0.4, 0.4], "states/a": [50, 50],
+                          "final/b": [0.2, 0.2], "base/b": [0.3, 0.3], "states/b": [100, 100]})
+    assert state_noise(group, ["a", "b"]) == pytest.approx((0.65 * 0.35 / 50 + 0.2 * 0.8 / 100) / 4)
+    # the gain: the base and the final share their states, so at least |d| - d^2 over n per task
+    assert state_noise(group, ["a", "b"], gain=True) == pytest.approx(((0.25 - 0.0625) / 50 + (0.1 - 0.01) / 100) / 4)
     gain = stats.paired_effect("g", np.full(3, 0.1), state_var=0.05 ** 2)  # 2 standard errors: p = 0.0455
     assert gain.p_value == pytest.approx(0.0455, abs=1e-4) and gain.low == pytest.approx(0.1 - 1.959964 * 0.05)
 

@@ -72,19 +72,21 @@ def _first(frame: pd.DataFrame, cid: str) -> float:
     return float(value) if value == value else float("nan")
 
 
-def state_noise(group: pd.DataFrame, tasks: list[str], columns: tuple[str, ...]) -> float:
-    """The evaluation states' own variance in a configuration's mean over tasks of `columns` ("final", or "final"
-    and "base" for a gain: their noises added, as if independent, which overstates it when the base and the final
-    policy succeed on mostly the same states); 0 when the runs did not log their state counts."""
-    states = np.array([group[f"states/{t}"].mean() if f"states/{t}" in group else np.nan for t in tasks])
-    total = 0.0
-    for column in columns:
-        rates = np.array([group[f"{column}/{t}"].mean() if f"{column}/{t}" in group else np.nan for t in tasks])
-        part = stats.state_variance(rates, states)
-        if part == 0.0 and not (np.isfinite(rates).all() and np.isfinite(states).all()):
-            return 0.0
-        total += part
-    return total
+def state_noise(group: pd.DataFrame, tasks: list[str], gain: bool = False) -> float:
+    """The evaluation states' own variance in a configuration's mean over tasks: of its final success (p(1 - p) / n
+    per task, an upper bound: states differ in difficulty) or of its gain (|d| - d^2 per task over n, d the final
+    minus the base: the least it can be, when the final policy succeeds wherever the base did; the base and the final
+    are evaluated on the same states, so most of their noise is shared). 0 when the runs did not log state counts."""
+    def column(name: str) -> np.ndarray:
+        return np.array([group[f"{name}/{t}"].mean() if f"{name}/{t}" in group else np.nan for t in tasks])
+
+    states, final = column("states"), column("final")
+    if not gain:
+        return stats.state_variance(final, states)
+    change = np.abs(final - column("base"))
+    if not (np.isfinite(change).all() and np.isfinite(states).all() and (states > 0).all()) or len(tasks) == 0:
+        return 0.0
+    return float(np.sum((change - change ** 2) / states) / len(tasks) ** 2)
 
 
 def _last(frame: pd.DataFrame, cid: str) -> float:
@@ -126,7 +128,7 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
     for config, group in runs.groupby("config", sort=False):
         m = score_matrix(group, data.tasks)
         matrices[config] = m
-        final, flo, fhi, method = stats.seed_interval(m, reps, state_var=state_noise(group, data.tasks, ("final",)))
+        final, flo, fhi, method = stats.seed_interval(m, reps, state_var=state_noise(group, data.tasks))
         best, blo, bhi, _ = stats.seed_interval(group[["best"]].to_numpy(float), reps)
         iqm_point = stats.iqm(m)
         ilo, ihi = (stats.interval_estimates({"iqm": m}, stats.iqm, min(reps, 1000))[1]["iqm"]
@@ -134,7 +136,7 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
         auc, alo, ahi, _ = stats.seed_interval(group[["auc"]].to_numpy(float), reps)
         gains = group["gain"].dropna().to_numpy(float)
         gain = stats.paired_effect(str(config), gains, reps,
-                                   state_var=state_noise(group, data.tasks, ("final", "base")))
+                                   state_var=state_noise(group, data.tasks, gain=True))
         rows.append({"config": config, "seeds": len(group), "interval": method,
                      "base": float(group["base"].mean()), "gain": gain.estimate, "gain_lo": gain.low,
                      "gain_hi": gain.high, "gain_p": gain.p_value,

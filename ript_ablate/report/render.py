@@ -164,8 +164,10 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
               f"interval over seeds below {stats.MIN_BOOTSTRAP_SEEDS} seeds (a bootstrap of 2-4 seeds is little more "
               "than their range), rliable's stratified bootstrap (seeds resampled within each task) from "
               f"{stats.MIN_BOOTSTRAP_SEEDS} seeds on; the IQM gets no interval below that. Where runs logged their "
-              "evaluation states per task (*+ evaluation states*), the final score's and the gain's intervals also "
-              "carry the states' binomial noise, p(1 - p) / n per task, which the seeds share and so do not show.", "",
+              "evaluation states per task (*+ evaluation states*), the final score's interval also carries the "
+              "states' binomial noise, p(1 - p) / n per task, which the seeds share and so do not show; the gain's, "
+              "the least the states can add, (|d| - d^2) / n for a change d (the base and the final share the states).",
+              "",
               _table(["configuration", "seeds", "base", "final", "gain", "best", "IQM", "AUC", "interval"],
                      [[r["config"], str(r["seeds"]), _pct(r["base"]), _ci(r["final"], r["final_lo"], r["final_hi"]),
                        _ci(r["gain"], r["gain_lo"], r["gain_hi"], signed=True),
