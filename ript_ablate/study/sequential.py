@@ -23,6 +23,7 @@ time), so each look has its own boundary:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -51,19 +52,30 @@ def t_boundaries(initial: int, max_seeds: int, pairs_per_seed: int, alpha: float
     rng = np.random.default_rng(CALIBRATION_SEED)
     x = rng.standard_normal((CALIBRATION_PATHS, max_seeds * pairs_per_seed))
     sums, squares = np.cumsum(x, axis=1), np.cumsum(x * x, axis=1)
-    active = np.ones(CALIBRATION_PATHS, bool)
-    bounds, spent = [], 0.0
-    for seeds in range(initial, max_seeds + 1):
+
+    def t_at(seeds: int) -> np.ndarray:
         n = seeds * pairs_per_seed
         mean = sums[:, n - 1] / n
-        t = np.abs(mean) / np.sqrt(np.maximum(squares[:, n - 1] - n * mean ** 2, 1e-300) / (n - 1) / n)
+        return np.abs(mean) / np.sqrt(np.maximum(squares[:, n - 1] - n * mean ** 2, 1e-300) / (n - 1) / n)
+
+    return _spend(t_at, initial, max_seeds, alpha)
+
+
+def _spend(statistic: Callable[[int], np.ndarray], initial: int, max_seeds: int, alpha: float) -> tuple[float, ...]:
+    """Each look's critical value from simulated null paths (`statistic(seeds)`: one value per path): the quantile
+    that makes the share of paths first crossing at that look exactly its O'Brien-Fleming share of alpha."""
+    active = None
+    bounds, spent = [], 0.0
+    for seeds in range(initial, max_seeds + 1):
+        t = statistic(seeds)
+        active = np.ones(len(t), bool) if active is None else active
         share = obrien_fleming_spending(seeds / max_seeds, alpha) - spent
-        hits = int(round(share * CALIBRATION_PATHS))
+        hits = int(round(share * len(t)))
         candidates = np.sort(t[active])[::-1]
         c = float(candidates[hits - 1]) if 0 < hits <= len(candidates) else float(candidates[0]) * 1.0001
         bounds.append(c)
         crossed = active & (t >= c)
-        spent += crossed.sum() / CALIBRATION_PATHS
+        spent += crossed.sum() / len(t)
         active &= ~crossed
     return tuple(bounds)
 
@@ -85,23 +97,14 @@ def design_t_boundaries(initial: int, max_seeds: int, columns: tuple[tuple[int, 
     y = rng.standard_normal((paths, max_seeds, runs)).astype(np.float32)
     contrasts = np.cumsum(y @ x, axis=1)  # paths x seeds x effects: sum of x_j y over the seeds so far
     centred = np.cumsum(((y - y.mean(axis=2, keepdims=True)) ** 2).sum(axis=2), axis=1)  # within-seed SS
-    active = np.ones(paths, bool)
-    bounds, spent = [], 0.0
-    for seeds in range(initial, max_seeds + 1):
+
+    def max_t_at(seeds: int) -> np.ndarray:
         n = seeds * runs
         explained = (contrasts[:, seeds - 1] ** 2).sum(axis=1) / n
-        dof = n - seeds - n_effects
-        sigma = np.sqrt(np.maximum(centred[:, seeds - 1] - explained, 1e-30) / dof)
-        t = np.abs(contrasts[:, seeds - 1]).max(axis=1) / (sigma * np.sqrt(n))
-        share = obrien_fleming_spending(seeds / max_seeds, alpha) - spent
-        hits = int(round(share * paths))
-        candidates = np.sort(t[active])[::-1]
-        c = float(candidates[hits - 1]) if 0 < hits <= len(candidates) else float(candidates[0]) * 1.0001
-        bounds.append(c)
-        crossed = active & (t >= c)
-        spent += crossed.sum() / paths
-        active &= ~crossed
-    return tuple(bounds)
+        sigma = np.sqrt(np.maximum(centred[:, seeds - 1] - explained, 1e-30) / (n - seeds - n_effects))
+        return np.abs(contrasts[:, seeds - 1]).max(axis=1) / (sigma * np.sqrt(n))
+
+    return _spend(max_t_at, initial, max_seeds, alpha)
 
 
 def decide_interval(estimate: float, se: float, c: float, seeds: int, n: int, plan: "SeedPlan") -> "Decision":
