@@ -27,7 +27,8 @@ from ript_ablate.study.store import StudyStore, with_driver
 PG_ADMIN = os.environ.get("RIPT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 # Cells train the example plug-in's point-mass world (examples/pointmass: no physics engine to start, so a cell is
-# mostly process start-up); the tests that must kill a cell mid-run use Meta-World, whose iterations are long enough.
+# mostly process start-up); the tests that must kill a cell mid-run slow its steps down with the plug-in's
+# `step_delay_s` (sleeping, so the cell's length does not depend on the load of the machine).
 CELL_CONFIG = {
     "suite": {"name": "pointmass", "tasks": ["reach"], "demos_per_task": 1, "contexts_per_task": 2,
               "eval_states_per_task": 2, "num_workers": 0, "envs_per_worker": 8},
@@ -37,7 +38,7 @@ CELL_CONFIG = {
     "training": {"n_iterations": 1, "contexts_per_iteration": 1, "eval_interval": 1, "save_interval": 1},
     "tracking": {"log_checkpoint": False},
 }
-METAWORLD_CELL_CONFIG = {
+METAWORLD_CELL_CONFIG = {  # the families' study cells (tests/test_families_runs.py)
     **CELL_CONFIG,
     "suite": {"tasks": ["reach-v3"], "demos_per_task": 1, "contexts_per_task": 2, "eval_states_per_task": 2,
               "num_workers": 0, "envs_per_worker": 8},
@@ -47,10 +48,12 @@ METAWORLD_CELL_CONFIG = {
 }
 
 
-def metaworld_cell(study_env: Path, n_iterations: int) -> None:
-    """The study's base config on Meta-World, `n_iterations` long: a cell that is still running when killed."""
-    config = json.loads(json.dumps(METAWORLD_CELL_CONFIG))
+def slow_cell(study_env: Path, n_iterations: int, step_delay_s: float = 0.004) -> None:
+    """The study's base config, `n_iterations` long, on a point mass whose steps sleep (the plug-in's stand-in for
+    a slow simulator): a cell still running when killed, whose length does not depend on how busy the CPU is."""
+    config = json.loads(json.dumps(CELL_CONFIG))
     config["sft"]["cache_dir"] = str(study_env / "cache")
+    config["suite"]["options"] = {"step_delay_s": step_delay_s}
     config["training"].update(n_iterations=n_iterations)
     (study_env / "tiny.yaml").write_text(yaml.safe_dump(config))
 
@@ -210,7 +213,7 @@ def test_eight_cells_four_workers_each_exactly_once_on_postgresql(study_env, pos
 
 
 def test_sigkill_mid_cell_then_rerun_completes_every_cell_once(study_env):
-    metaworld_cell(study_env, n_iterations=6)
+    slow_cell(study_env, n_iterations=6)
     path = write_spec(study_env, factors={"algo.ppo_clip_high": [0.2, 0.3]})
     spec = load_study(path)
     proc = subprocess.Popen([sys.executable, "-m", "ript_ablate.cli", "study", "run", str(path), "--workers", "1"],
@@ -471,7 +474,7 @@ def test_stale_worker_that_comes_back_writes_nothing(study_env):
     running, writes no history line once the lease is gone and closes its MLflow run KILLED; resumed (SIGCONT), the
     worker records nothing; one FINISHED run per cell. (Only the worker is paused: a paused cell could hold the SQLite
     tracking store's write lock, which stops every writer until it resumes.)"""
-    metaworld_cell(study_env, n_iterations=20)
+    slow_cell(study_env, n_iterations=12)
     path = write_spec(study_env, factors={"algo.ppo_clip_high": [0.2]}, heartbeat_s=1, lease_timeout_s=4)
     spec = load_study(path)
     first = subprocess.Popen([sys.executable, "-m", "ript_ablate.cli", "study", "run", str(path), "--workers", "1"],
@@ -492,7 +495,7 @@ def test_stale_worker_that_comes_back_writes_nothing(study_env):
     first.wait(timeout=120)
     cell_dir = spec.study_dir / "cells" / trial.user_attrs["cell_id"]
     iterations = [json.loads(line)["iteration"] for line in (cell_dir / "history.jsonl").read_text().splitlines()]
-    assert iterations == sorted(set(iterations)) and iterations[-1] == 20, iterations
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 12, iterations
     _, children = child_runs(path)
     statuses = Counter(r.info.status for r in children)
     assert statuses["FINISHED"] == 1 and statuses["RUNNING"] == 0, statuses

@@ -9,6 +9,7 @@ seeded streams per task (demonstration candidates, training contexts, evaluation
 from __future__ import annotations
 
 import difflib
+import time
 import zlib
 from typing import Any
 
@@ -17,7 +18,9 @@ import numpy as np
 from ript_ablate.interfaces import Demonstrations, InitialState, World, collect_demonstrations, demo_cache_path
 
 TASKS = {"reach": "move the point to the goal", "reach-mirror": "move the point to the mirror image of the goal"}
-OPTIONS = {"success_radius": 0.1, "episode_length": 60, "damping": 0.5, "max_speed": 0.05}
+# step_delay_s: seconds each step sleeps, standing in for a slow simulator without using the CPU (the tests that
+# must stop a cell mid-run use it); it changes no demonstration, so it stays out of the cache keys.
+OPTIONS = {"success_radius": 0.1, "episode_length": 60, "damping": 0.5, "max_speed": 0.05, "step_delay_s": 0.0}
 
 
 def closest(name: str, known: dict) -> str:
@@ -32,6 +35,7 @@ class PointMassEnv:
         self.sign = -1.0 if task == "reach-mirror" else 1.0
         self.radius, self.damping, self.max_speed = (options["success_radius"], options["damping"],
                                                      options["max_speed"])
+        self.delay = float(options["step_delay_s"])
         self.pos = self.vel = self.goal = np.zeros(2)
 
     def _obs(self) -> dict[str, np.ndarray]:
@@ -43,6 +47,8 @@ class PointMassEnv:
         return self._obs()
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
+        if self.delay:
+            time.sleep(self.delay)
         force = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         self.vel = self.damping * self.vel + (1.0 - self.damping) * self.max_speed * force
         self.pos = np.clip(self.pos + self.vel, -1.0, 1.0)
@@ -57,6 +63,7 @@ class PointMassEnv:
 class PointMassWorld(World):
     action_dim = 2
     observation_shapes = {"state": (6,)}  # noqa: RUF012 - the interface's class attribute
+    inert_options = frozenset({"step_delay_s"})
 
     def __init__(self, cfg: Any):
         unknown = [t for t in cfg.suite.tasks if t not in TASKS and t != "all"]
