@@ -2,7 +2,7 @@
 
 `suite.name` and `policy.name` accept, in this order:
   1. a name registered at run time with `register_world` / `register_policy`;
-  2. a built-in name (`metaworld`, `reference`);
+  2. a built-in name (`metaworld`, `libero` with its extra, `reference`);
   3. a name an installed package declares in the entry-point group `ript_ablate.worlds` or `ript_ablate.policies`
      (as pytest and gymnasium plug-ins do), e.g. in its pyproject.toml:
          [project.entry-points."ript_ablate.worlds"]
@@ -28,7 +28,7 @@ from ript_ablate.errors import ConfigError
 
 KINDS = {"world": ("suite.name", "ript_ablate.worlds"), "policy": ("policy.name", "ript_ablate.policies")}
 BUILTIN: dict[str, dict[str, str]] = {
-    "world": {"metaworld": "ript_ablate.worlds.metaworld:MetaWorld"},
+    "world": {"metaworld": "ript_ablate.worlds.metaworld:MetaWorld", "libero": "ript_ablate.worlds.libero:LiberoWorld"},
     "policy": {"reference": "ript_ablate.policies.reference:make_reference_policy"},
 }
 _registered: dict[str, dict[str, Callable[..., Any]]] = {"world": {}, "policy": {}}

