@@ -213,7 +213,7 @@ def test_eight_cells_four_workers_each_exactly_once_on_postgresql(study_env, pos
 
 
 def test_sigkill_mid_cell_then_rerun_completes_every_cell_once(study_env):
-    slow_cell(study_env, n_iterations=6)
+    slow_cell(study_env, n_iterations=6, step_delay_s=0.002)
     path = write_spec(study_env, factors={"algo.ppo_clip_high": [0.2, 0.3]})
     spec = load_study(path)
     proc = subprocess.Popen([sys.executable, "-m", "ript_ablate.cli", "study", "run", str(path), "--workers", "1"],
