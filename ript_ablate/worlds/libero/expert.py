@@ -1,8 +1,10 @@
 """A scripted pick-and-place expert for LIBERO from privileged object poses (LIBERO ships no demonstrations here).
 
-Phases: above the object at carry height, down to the grasp point, close, lift, carry over the goal keeping the
-grasp's offset, lower, open. Positions are steered with a proportional step on OSC_POSE's position deltas (one
-full action moves the gripper about 1 cm per step at 20 Hz); the orientation is left as it is (top-down).
+Phases: above the object at carry height, down to the grasp point (position first), close, lift (pulling the object
+towards the robot first if something above blocks it), carry over the goal keeping the grasp's offset, lower, open;
+a grasp that closed on nothing or lost the object starts again (at most twice). Positions are steered with a
+proportional step on OSC_POSE's position deltas (one full action moves the gripper about 1 cm per step at 20 Hz);
+the gripper stays top-down, turned about the vertical only where a plan asks.
 Where to grasp depends on the object: a bowl by its rim (its centre is too low and wide for the fingers), the
 grocery items of LIBERO-Object around their middle.
 """
