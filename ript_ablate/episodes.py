@@ -26,6 +26,17 @@ class InitialState:
     data: Any = field(compare=False)
 
 
+def check_states_disjoint(states: list[InitialState], decimals: int) -> None:
+    """Raise naming the first two of `states` whose data coincide to `decimals` places (e.g. a training context that
+    is also an evaluation state)."""
+    seen: dict[bytes, str] = {}
+    for state in states:
+        key = np.round(np.asarray(state.data), decimals).tobytes()
+        if key in seen:
+            raise RuntimeError(f"initial states {seen[key]} and {state.state_id} coincide")
+        seen[key] = state.state_id
+
+
 @dataclass
 class EpisodeJob:
     state: InitialState

@@ -19,6 +19,7 @@ OPEN, CLOSED = -1.0, 1.0
 POSITION_GAIN = 100.0  # action per metre of error: saturates (1.0) beyond 1 cm
 MISSED_GRASP_OPENING = 0.004  # finger joint (m) below which the gripper closed on nothing
 MAX_REGRASPS = 2
+CLOSE_STEPS = 12  # steps the gripper takes to close on an object
 WITHDRAW = np.array([-0.10, 0.0, 0.0])  # towards the robot's base
 DROPPED = 0.03  # the object moved this far (m) from where the hand holds it: it slipped out
 
@@ -120,7 +121,7 @@ class PickPlaceExpert:
         if self.phase == "close":
             target = grasp
             self.count += 1
-            if self.count >= 12:
+            if self.count >= CLOSE_STEPS:
                 if raw["robot0_gripper_qpos"][0] < MISSED_GRASP_OPENING and self.retries < MAX_REGRASPS:
                     self.phase, self.count, self.heights = "reopen", 0, []  # closed on nothing: try again
                     self.retries += 1

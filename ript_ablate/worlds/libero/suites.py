@@ -11,6 +11,7 @@ import difflib
 import io
 import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 INSTALL_HINT = "pip install -e '.[libero]'"
@@ -128,8 +129,6 @@ def suite_of(task: str) -> str:
 
 
 def bddl_path(task: str) -> str:
-    from pathlib import Path
-
     lib = require_libero()
     name, index = task_index()[task]
     t = suite(name).get_task(index)

