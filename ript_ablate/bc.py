@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ript_ablate import cache_keys, checkpoints
+from ript_ablate.augment import is_image, random_shift
 from ript_ablate.cache_lock import cache_lock
 from ript_ablate.config import Config, pretrain_config, to_yaml
 from ript_ablate.device import autocast, resolve_device
@@ -130,8 +131,13 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
     return torch.randint(0, n, (steps, min(batch_size, n)), generator=generator)
 
 
-def _batch_obs(data: BCData, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {k: v[b] for k, v in data.obs.items()}
+def _batch_obs(data: BCData, b: torch.Tensor, shift: int = 0,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The batch's observations; camera images randomly shifted by up to `shift` pixels (`generator` given)."""
+    obs = {k: v[b] for k, v in data.obs.items()}
+    if shift and generator is not None:
+        obs = {k: random_shift(v, shift, generator) if is_image(v) else v for k, v in obs.items()}
+    return obs
 
 
 def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device, pretraining: bool = False) -> float:
@@ -147,6 +153,7 @@ def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device, pr
     data = data.to(device)
     index = _batches(len(data), sft.batch_size, steps, sft.seed)
     noise = torch.Generator().manual_seed(sft.seed + 2)  # a flow policy's times and noises
+    shifts = torch.Generator().manual_seed(sft.seed + 3)  # the images' random shifts
     smoothed = float("nan")
     policy.train()
     with progress() as bar:
@@ -154,8 +161,8 @@ def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device, pr
                             status="")
         for step in range(steps):
             b = index[step].to(device)
-            loss = bc_loss(policy, _batch_obs(data, b), data.instr[b], data.target[b], data.mask[b],
-                           cfg.training.precision, noise)
+            obs = _batch_obs(data, b, sft.image_shift, shifts)
+            loss = bc_loss(policy, obs, data.instr[b], data.target[b], data.mask[b], cfg.training.precision, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

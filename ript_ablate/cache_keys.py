@@ -25,8 +25,11 @@ from typing import Any
 
 KEY_FORMAT = 3  # 3: keys include the producing code
 FRAMEWORK_DEMO_CODE = ("ript_ablate.demos", "ript_ablate.episodes")
-FRAMEWORK_BC_CODE = ("ript_ablate.bc", "ript_ablate.device", "ript_ablate.interfaces.policy", "ript_ablate.families")
-DEMO_SUITE_KEYS = ("name", "tasks", "demos_per_task", "seed", "options")  # what of `suite` shapes demonstrations
+FRAMEWORK_BC_CODE = ("ript_ablate.bc", "ript_ablate.augment", "ript_ablate.device", "ript_ablate.interfaces.policy",
+                     "ript_ablate.families")
+# what of `suite` shapes demonstrations (the cameras and image size only when images are observed)
+DEMO_SUITE_KEYS = ("name", "tasks", "demos_per_task", "seed", "options", "observation", "cameras", "image_size")
+IMAGE_KEYS = ("cameras", "image_size")
 SKIPPED_DIRS = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 
 
@@ -95,6 +98,8 @@ def without_inert(options: dict[str, Any], owner: Any) -> dict[str, Any]:
 def demo_identity(world: Any, cfg: Any) -> dict[str, Any]:
     """Everything the demonstration key hashes, named (printed on a cache hit and stored with the base)."""
     suite = {k: v for k, v in asdict(cfg.suite).items() if k in DEMO_SUITE_KEYS}
+    if suite["observation"] == "state":
+        suite = {k: v for k, v in suite.items() if k not in IMAGE_KEYS}
     suite["options"] = without_inert(suite["options"], type(world))
     return {"format": KEY_FORMAT, "world": world.describe(), "suite": suite,
             "world_code": code_digest(owning_package(type(world))),

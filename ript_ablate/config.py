@@ -30,6 +30,7 @@ FLOW_EVAL_NOISE = ("seeded", "zeros")
 LORA_INITS = ("gaussian", "kaiming_uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
 INFERENCE_MODES = ("auto", "replica", "central")
+OBSERVATIONS = ("state", "images", "both")
 RANK_SPLITS = ("tasks", "contexts")
 
 # Keys present in original RIPT configs that the original code never reads: accepted, with a warning.
@@ -65,6 +66,13 @@ class SuiteConfig:
     inference: str = _f("auto", "Rollout inference: replica (a policy copy in each worker), central (the policy "
                                 "stays on the trainer's device; workers only step environments) or auto (central "
                                 "on CUDA or for a policy that cannot be replicated).")
+    observation: str = _f("state", "What the policy sees: state (the world's state vector), images (camera images "
+                                   "and the robot's proprioception, nothing privileged) or both (images and the "
+                                   "state). Images need an OpenGL backend (README 'Camera images').")
+    cameras: list[str] = _f([], "Cameras rendered when suite.observation is images or both; empty: the world's "
+                                "default ones (Meta-World: corner, of topview, corner, corner2, corner3, corner4, "
+                                "behindGripper, gripperPOV; LIBERO: agentview and robot0_eye_in_hand).")
+    image_size: int = _f(64, "Side of the square uint8 RGB images, in pixels.")
 
 
 @dataclass
@@ -92,6 +100,9 @@ class PolicyConfig:
                               "action bins) or flow (a flow-matching action expert). docs/families.md.")
     n_bins: int = _f(256, "tokens: action bins per dimension over [-1, 1].")
     denoise_steps: int = _f(4, "flow: denoising steps K of a chunk (K forward passes of the expert).")
+    image_tokens: int = _f(2, "Tokens each camera's image is encoded into (suite.observation images or both).")
+    image_channels: int = _f(32, "Channels of each camera's convolutional encoder, and its spatial-softmax "
+                                 "keypoints.")
 
 
 @dataclass
@@ -106,6 +117,8 @@ class SFTConfig:
                                       "(the original's; the action head fits them almost exactly, so log_b comes "
                                       "out tiny); N, N further expert demonstrations per task that the action "
                                       "head never saw, so b measures its error on new states.")
+    image_shift: int = _f(4, "Random-shift augmentation of camera images in behaviour cloning: each image moved by up "
+                             "to this many pixels per axis (0: none). Never in the RL update.")
     seed: int = _f(0, "Seed of batch sampling.")
     cache_dir: str = _f(".ript_cache", "Where demonstrations and behaviour-cloning bases are cached.")
     # --- optional multi-task pre-training stage before the target tasks (README "Pre-train, then few-shot") ---
@@ -602,6 +615,8 @@ UPPER_BOUNDS: dict[str, tuple[int, str]] = {
     "policy.n_heads": (256, "attention heads"),
     "policy.mlp_ratio": (32, "the MLP's width multiple"),
     "policy.n_obs_tokens": (256, "tokens per observation"),
+    "policy.image_tokens": (256, "tokens per camera"),
+    "policy.image_channels": (1024, "channels of each camera's encoder"),
     "policy.chunk_size": (256, "actions per policy call"),
     "policy.max_instruction_tokens": (1024, "instruction tokens"),
     "policy.vocab_size": (1_000_000, "rows of the word embedding"),
@@ -663,6 +678,9 @@ def validate(cfg: Config) -> list[str]:
     _check(p, bool(s.name.strip()), "suite.name", s.name, "a world name or an import path")
     _check(p, bool(pol.name.strip()), "policy.name", pol.name, "a policy name or an import path")
     _check(p, s.inference in INFERENCE_MODES, "suite.inference", s.inference, "one of " + ", ".join(INFERENCE_MODES))
+    _check(p, s.observation in OBSERVATIONS, "suite.observation", s.observation, "one of " + ", ".join(OBSERVATIONS))
+    _check(p, len(set(s.cameras)) == len(s.cameras), "suite.cameras", s.cameras, "each camera once")
+    _check(p, 8 <= s.image_size <= 1024, "suite.image_size", s.image_size, "an integer in [8, 1024] (pixels)")
     _check(p, len(s.tasks) > 0, "suite.tasks", s.tasks, "at least one task or preset")
     _check(p, s.demos_per_task >= 1, "suite.demos_per_task", s.demos_per_task, ">= 1")
     _check(p, s.contexts_per_task >= 0, "suite.contexts_per_task", s.contexts_per_task, ">= 0")
@@ -670,7 +688,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, s.num_workers >= 0, "suite.num_workers", s.num_workers, ">= 0")
     _check(p, s.envs_per_worker >= 1, "suite.envs_per_worker", s.envs_per_worker, ">= 1")
     for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "n_obs_tokens", "chunk_size",
-                "max_instruction_tokens", "vocab_size"):
+                "max_instruction_tokens", "vocab_size", "image_tokens", "image_channels"):
         value = getattr(pol, key)
         _check(p, value >= 1, f"policy.{key}", value, ">= 1")
     _check(p, pol.n_heads >= 1 and pol.d_model % max(pol.n_heads, 1) == 0, "policy.n_heads", pol.n_heads,
@@ -685,6 +703,8 @@ def validate(cfg: Config) -> list[str]:
     _check(p, sft.scale_steps >= 0, "sft.scale_steps", sft.scale_steps, ">= 0")
     _check(p, sft.scale_demos_per_task >= 0, "sft.scale_demos_per_task", sft.scale_demos_per_task, ">= 0")
     _check(p, sft.batch_size >= 1, "sft.batch_size", sft.batch_size, ">= 1")
+    _check(p, 0 <= sft.image_shift < s.image_size // 2, "sft.image_shift", sft.image_shift,
+           f"an integer in [0, {s.image_size // 2 - 1}] (pixels; below half of suite.image_size)")
     _check(p, sft.pretrain_demos_per_task >= 1, "sft.pretrain_demos_per_task", sft.pretrain_demos_per_task, ">= 1")
     _check(p, sft.pretrain_steps >= 1, "sft.pretrain_steps", sft.pretrain_steps, ">= 1")
     for key in ("lr", "scale_lr", "pretrain_lr"):

@@ -76,6 +76,11 @@ class Episode:
     #: mu and log_b (unclamped), a token policy's sampled tokens, a flow policy's chain and stochastic step
     record: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def nbytes(self) -> int:
+        """Memory of the episode's arrays: observations (images dominate), actions, mask and the family's record."""
+        arrays = [*self.obs.values(), self.actions, self.valid, *self.record.values()]
+        return int(sum(a.nbytes for a in arrays))
+
     @property
     def mu(self) -> np.ndarray | None:
         return self.record.get("mu")

@@ -137,6 +137,10 @@ def config_problems(cfg: Config) -> list[str]:
             continue
         if kind == "policy":
             problems.extend(reference_only_problems(cfg))
+        observations = getattr(factory, "observations", ("state",)) if kind == "world" else None
+        if observations is not None and cfg.suite.observation not in observations:
+            problems.append(f"suite.observation: got {cfg.suite.observation!r}, but the world {name!r} gives "
+                            f"{' | '.join(observations)}")
         check = getattr(factory, "config_problems", None)
         if callable(check):
             problems.extend(check(cfg))

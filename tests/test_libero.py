@@ -143,3 +143,26 @@ def test_a_two_iteration_train_and_a_two_cell_study_run_on_libero(tmp_path, monk
     runs = client.search_runs([client.get_experiment_by_name("study-libero_two").experiment_id])
     finished = [r for r in runs if r.data.tags.get("ript.role") != "study" and r.info.status == "FINISHED"]
     assert len(finished) == 2
+
+
+def test_cameras_render_upright_images_that_follow_the_arm_and_repeat_for_a_state(tmp_path):
+    data = tiny(tmp_path)
+    data["suite"].update(observation="images", image_size=32)
+    world = build_world(checked_config_from_dict(data))
+    assert world.observation_shapes == {"proprio": (lb.PROPRIO_DIM,), "agentview_image": (32, 32, 3),
+                                        "robot0_eye_in_hand_image": (32, 32, 3)}
+    env = world.make_env(SPATIAL_0)
+    state = world.eval_states(SPATIAL_0)[0]
+    first = env.reset(state)
+    assert first["agentview_image"].dtype == np.uint8 and first["agentview_image"].std() > 5
+    moved = first
+    for _ in range(8):
+        moved, _ = env.step(np.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0]))  # up
+    assert np.abs(moved["robot0_eye_in_hand_image"].astype(int) - first["robot0_eye_in_hand_image"]).mean() > 1
+    np.testing.assert_array_equal(env.reset(state)["agentview_image"], first["agentview_image"])
+    data["suite"]["cameras"] = ["agentview", "wrist"]
+    from ript_ablate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"suite.cameras: \['wrist'\] not a LIBERO camera; its cameras are .*"
+                                          r"robot0_eye_in_hand"):
+        checked_config_from_dict(data)

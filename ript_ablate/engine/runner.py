@@ -68,13 +68,18 @@ class EpisodeBatch:
             valid = np.zeros(self.horizon, dtype=bool)
             kept = self.records[i]
             kept["obs"].append(self.obs[i])
+            env = self.envs[i]
+            unobserved = getattr(env, "step_unobserved", None)
             for h in range(self.horizon):
                 if self.done[i]:
                     break
-                obs, success = self.envs[i].step(np.asarray(action[h], dtype=np.float64))
+                step_action = np.asarray(action[h], dtype=np.float64)
+                if unobserved is not None and h < self.horizon - 1:  # nobody reads an observation inside a chunk
+                    success = unobserved(step_action)
+                else:
+                    self.obs[i], success = env.step(step_action)
                 valid[h] = True
                 self.steps[i] += 1
-                self.obs[i] = obs
                 if success:
                     self.success[i] = self.done[i] = True
                 elif self.steps[i] >= self.limit:

@@ -6,7 +6,8 @@ environments have a scripted expert (`ExpertEnv.expert_action`) gives demonstrat
 from ript_ablate.demos import collect_demonstrations, demo_cache_path
 from ript_ablate.episodes import Demonstrations, Episode, EpisodeJob, InitialState, Observation
 from ript_ablate.interfaces.policy import FlowPolicy, Policy, TokenPolicy
-from ript_ablate.interfaces.world import Env, ExpertEnv, World
+from ript_ablate.interfaces.world import Env, ExpertEnv, UnobservedStepEnv, World
 
 __all__ = ["Demonstrations", "Env", "Episode", "EpisodeJob", "ExpertEnv", "FlowPolicy", "InitialState", "Observation", "Policy", "TokenPolicy",
+           "UnobservedStepEnv",
            "World", "collect_demonstrations", "demo_cache_path"]

@@ -50,6 +50,15 @@ class Env(Protocol):
         """Apply one action (action_dim,); return the next observation and whether the task is now solved."""
 
 
+class UnobservedStepEnv(Env, Protocol):
+    """Optional: an environment whose observations are costly (rendered images) may step without making one. The
+    engine reads an observation only where the policy acts (the first step of each action chunk), so it calls this
+    for the other steps of a chunk; an environment without it is stepped with `step` and the observation dropped."""
+
+    def step_unobserved(self, action: np.ndarray) -> bool:
+        """Apply one action like `step`; return only whether the task is now solved."""
+
+
 class ExpertEnv(Env, Protocol):
     """An environment with a scripted expert, which the built-in demonstration collection uses."""
 
@@ -65,6 +74,9 @@ class World(ABC):
     observation_shapes: dict[str, tuple[int, ...]]  # each observation key's shape, e.g. {"state": (39,)}
     run_config: Config  # the config the world was built from, set by the framework (cache keys read it)
     inert_options: frozenset[str] = frozenset()  # `suite.options` that change no demonstration: not in cache keys
+    #: the `suite.observation` settings this world honours (state; images and both for a world that renders
+    #: `suite.cameras` at `suite.image_size` as uint8 (S, S, 3) arrays); any other is refused before compute
+    observations: tuple[str, ...] = ("state",)
 
     @abstractmethod
     def instruction(self, task: str) -> str:

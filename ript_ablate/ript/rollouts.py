@@ -63,6 +63,7 @@ class IterationRollouts:
         return {"tried": self.tried, "zero_variance": self.zero_variance, "accepted": len(self.accepted),
                 "quota": self.quota, "seconds": self.seconds, "group_size": self.group_size,
                 "busy_seconds": self.busy_seconds,
+                "episode_bytes": sum(e.nbytes() for e in self.all_episodes),
                 "episodes": [(e.task, bool(e.success), int(e.length)) for e in self.all_episodes],
                 "surplus": [(e.task, bool(e.success), int(e.length)) for e in self.surplus_episodes]}
 
@@ -93,6 +94,8 @@ def rollout_metrics(tallies: list[dict[str, Any]], tasks: list[str]) -> dict[str
         "perf/env_steps_per_s": env_steps / max(seconds, 1e-9),
         "perf/env_steps": float(env_steps),
         "perf/rollout_s": seconds,
+        # what the iteration's kept episodes hold in memory (observations at decision steps only; images dominate)
+        "perf/episode_mib": sum(t.get("episode_bytes", 0) for t in tallies) / 2**20,
     }
     if len(tallies) > 1:  # the busiest rank's rollout time over the least busy's: what the others wait for
         busy = [t["busy_seconds"] for t in tallies]

@@ -6,9 +6,11 @@ same backbone (`policy.head`):
              action-query states as its prefix, called once per denoising step (pi0-style); its scale-head module
              holds a noise head (flow_noise) and a Laplace scale head (laplace_ode)
 
-Tokens: instruction words (hashed vocabulary), the normalised observation projected into a few tokens, and H
-learned action queries (parallel decoding, as OpenVLA-OFT does). A pre-LN transformer whose linear layers
-(q, k, v, o, fc1, fc2) are plain `nn.Linear`, so LoRA adapters (peft) can be injected into them for RL.
+Tokens: instruction words (hashed vocabulary), the normalised flat observation projected into a few tokens, each
+camera's image encoded into a few tokens (`vision.ImageEncoder`: convolutions and spatial-softmax keypoints), and
+H learned action queries (parallel decoding, as OpenVLA-OFT does). A pre-LN transformer whose linear layers
+(q, k, v, o, fc1, fc2) are plain `nn.Linear`, so LoRA adapters (peft) can be injected into them for RL (the image
+encoders, like the rest of the base backbone, stay frozen in RL).
 The action head reads mu from the action-query tokens; a separate scale head reads log_b from the same
 tokens (small initial weights, bias -3, as in the original).
 """
@@ -28,6 +30,7 @@ from torch import nn
 
 from ript_ablate.config import PolicyConfig
 from ript_ablate.interfaces.policy import FlowPolicy, Policy, TokenPolicy
+from ript_ablate.policies.reference.vision import ImageEncoder
 
 
 def tokenize(text: str, vocab_size: int, max_tokens: int) -> list[int]:
@@ -66,31 +69,39 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: PolicyConfig, obs_dim: int):
+    """Instruction tokens, the normalised vector observation's tokens (when the world gives one), each camera's
+    image tokens, and the H action queries, through the transformer blocks."""
+
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, image_keys: tuple[str, ...] = ()):
         super().__init__()
         d = cfg.d_model
         self.cfg = cfg
+        self.n_obs_tokens = cfg.n_obs_tokens if obs_dim else 0
         self.word_emb = nn.Embedding(cfg.vocab_size, d)
-        self.obs_proj = nn.Linear(obs_dim, cfg.n_obs_tokens * d)
+        self.obs_proj = nn.Linear(obs_dim, cfg.n_obs_tokens * d) if obs_dim else None
         self.action_queries = nn.Parameter(torch.randn(cfg.chunk_size, d) * 0.02)
-        n_tokens = cfg.max_instruction_tokens + cfg.n_obs_tokens + cfg.chunk_size
+        n_tokens = (cfg.max_instruction_tokens + self.n_obs_tokens + len(image_keys) * cfg.image_tokens
+                    + cfg.chunk_size)
         self.pos_emb = nn.Parameter(torch.randn(n_tokens, d) * 0.02)
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
+        self.image_keys = image_keys
+        self.image_encoders = nn.ModuleDict(
+            {key: ImageEncoder(d, cfg.image_tokens, cfg.image_channels) for key in image_keys}) if image_keys else None
 
-    def forward(self, obs_norm: torch.Tensor, instr: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs_norm: torch.Tensor | None, instr: torch.Tensor,
+                images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states of the H action-query tokens, (B, H, d_model)."""
-        b = obs_norm.shape[0]
+        b = instr.shape[0]
         cfg = self.cfg
-        tokens = torch.cat(
-            [
-                self.word_emb(instr),
-                self.obs_proj(obs_norm).view(b, cfg.n_obs_tokens, cfg.d_model),
-                self.action_queries.expand(b, -1, -1),
-            ],
-            dim=1,
-        ) + self.pos_emb
-        keep = torch.cat([instr != 0, torch.ones(b, cfg.n_obs_tokens + cfg.chunk_size, dtype=torch.bool,
+        parts = [self.word_emb(instr)]
+        if self.obs_proj is not None:
+            parts.append(self.obs_proj(obs_norm).view(b, cfg.n_obs_tokens, cfg.d_model))
+        for key in self.image_keys:
+            parts.append(self.image_encoders[key](images[key]))  # type: ignore[index]
+        parts.append(self.action_queries.expand(b, -1, -1))
+        tokens = torch.cat(parts, dim=1) + self.pos_emb
+        keep = torch.cat([instr != 0, torch.ones(b, tokens.shape[1] - instr.shape[1], dtype=torch.bool,
                                                  device=instr.device)], dim=1)
         for block in self.blocks:
             tokens = block(tokens, keep)
@@ -98,21 +109,25 @@ class Backbone(nn.Module):
 
 
 class ReferencePolicy(Policy):
-    """obs {"state": (B, obs_dim)} + instruction ids (B, L) -> mu (B, H, D), log_b (B, H, D)."""
+    """obs {"state": (B, obs_dim)} (and cameras {key: (B, S, S, 3) uint8}) + instruction ids (B, L) -> mu (B, H, D),
+    log_b (B, H, D). `vector_keys` are the flat observations read (concatenated, normalised), `image_keys` the
+    cameras."""
 
     replicable = True
 
-    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int, image_keys: tuple[str, ...] = (),
+                 vector_keys: tuple[str, ...] = ("state",)):
         super().__init__()
         self.cfg = cfg
         self.chunk_size = cfg.chunk_size
         self.obs_dim = obs_dim
         self.action_dim = action_dim
+        self.vector_keys = vector_keys if obs_dim else ()
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
         with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; global RNG untouched
             torch.manual_seed(cfg.seed)
-            self.backbone = Backbone(cfg, obs_dim)
+            self.backbone = Backbone(cfg, obs_dim, image_keys)
             self.action_head = nn.Linear(cfg.d_model, action_dim)
             self.scale_head = nn.Linear(cfg.d_model, action_dim)
             nn.init.normal_(self.scale_head.weight, std=1e-3)
@@ -123,8 +138,16 @@ class ReferencePolicy(Policy):
         self.obs_mean.copy_(mean)
         self.obs_std.copy_(std.clamp_min(self.cfg.obs_std_floor))
 
+    def vector(self, obs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The flat observations, concatenated in `vector_keys` order (None when the policy reads none)."""
+        if not self.vector_keys:
+            return None
+        return torch.cat([obs[key] for key in self.vector_keys], -1)
+
     def hidden(self, obs: dict[str, torch.Tensor], instr: torch.Tensor) -> torch.Tensor:
-        return self.backbone((obs["state"] - self.obs_mean) / self.obs_std, instr)
+        vector = self.vector(obs)
+        normalised = None if vector is None else (vector - self.obs_mean) / self.obs_std
+        return self.backbone(normalised, instr, {key: obs[key] for key in self.backbone.image_keys})
 
     def forward(self, obs: dict[str, torch.Tensor], instr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.hidden(obs, instr)
@@ -138,8 +161,10 @@ class ReferencePolicy(Policy):
         return {"backbone": self.backbone, "action_head": self.action_head, "scale_head": self.scale_head}
 
     def observe_demonstrations(self, obs: dict[str, torch.Tensor]) -> None:
-        states = obs["state"].double()
-        self.set_obs_normalizer(states.mean(0).float(), states.std(0).nan_to_num(0.0).float())
+        vector = self.vector(obs)
+        if vector is not None:
+            states = vector.double()
+            self.set_obs_normalizer(states.mean(0).float(), states.std(0).nan_to_num(0.0).float())
 
     def prepare_for_rl(self, cfg) -> None:
         """LoRA on the backbone (frozen base), as RIPT's OpenVLA-OFT path."""
@@ -156,21 +181,24 @@ class _SharedBackbone:
     cfg: PolicyConfig
     backbone: Backbone
     set_obs_normalizer = ReferencePolicy.set_obs_normalizer
+    vector = ReferencePolicy.vector
     hidden = ReferencePolicy.hidden
     encode_instruction = ReferencePolicy.encode_instruction
     observe_demonstrations = ReferencePolicy.observe_demonstrations
     rollout_state = ReferencePolicy.rollout_state
 
     @contextlib.contextmanager
-    def _seeded_build(self, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> Iterator[None]:
+    def _seeded_build(self, cfg: PolicyConfig, obs_dim: int, action_dim: int, image_keys: tuple[str, ...],
+                      vector_keys: tuple[str, ...]) -> Iterator[None]:
         """Build the shared part under `cfg.seed`; the heads built inside the block draw from the same stream
         (same seed, same initial weights; the global RNG untouched)."""
         self.cfg, self.chunk_size, self.obs_dim, self.action_dim = cfg, cfg.chunk_size, obs_dim, action_dim
+        self.vector_keys = vector_keys if obs_dim else ()
         self.register_buffer("obs_mean", torch.zeros(obs_dim))  # type: ignore[attr-defined]
         self.register_buffer("obs_std", torch.ones(obs_dim))  # type: ignore[attr-defined]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.backbone = Backbone(cfg, obs_dim)
+            self.backbone = Backbone(cfg, obs_dim, image_keys)
             yield
 
     def prepare_for_rl(self, cfg) -> None:
@@ -183,10 +211,11 @@ class ReferenceTokenPolicy(_SharedBackbone, TokenPolicy):
 
     replicable = True
 
-    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int, image_keys: tuple[str, ...] = (),
+                 vector_keys: tuple[str, ...] = ("state",)):
         super().__init__()
         self.n_bins = cfg.n_bins
-        with self._seeded_build(cfg, obs_dim, action_dim):
+        with self._seeded_build(cfg, obs_dim, action_dim, image_keys, vector_keys):
             self.action_head = nn.Linear(cfg.d_model, action_dim * cfg.n_bins)
 
     def forward(self, obs: dict[str, torch.Tensor], instr: torch.Tensor) -> torch.Tensor:
@@ -245,10 +274,11 @@ class ReferenceFlowPolicy(_SharedBackbone, FlowPolicy):
 
     replicable = True
 
-    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int):
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int, image_keys: tuple[str, ...] = (),
+                 vector_keys: tuple[str, ...] = ("state",)):
         super().__init__()
         self.denoise_steps = cfg.denoise_steps
-        with self._seeded_build(cfg, obs_dim, action_dim):
+        with self._seeded_build(cfg, obs_dim, action_dim, image_keys, vector_keys):
             self.expert = FlowExpert(cfg.d_model, action_dim, cfg.n_heads, cfg.mlp_ratio)
             self.heads = FlowHeads(cfg.d_model, action_dim, cfg.scale_bias_init)
 
@@ -280,19 +310,25 @@ class ReferenceFlowPolicy(_SharedBackbone, FlowPolicy):
 HEADS = {"laplace": ReferencePolicy, "tokens": ReferenceTokenPolicy, "flow": ReferenceFlowPolicy}
 
 
-def build_policy(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> Policy:
-    return HEADS[cfg.head](cfg, obs_dim, action_dim)
+def build_policy(cfg: PolicyConfig, obs_dim: int, action_dim: int, image_keys: tuple[str, ...] = (),
+                 vector_keys: tuple[str, ...] = ("state",)) -> Policy:
+    return HEADS[cfg.head](cfg, obs_dim, action_dim, image_keys, vector_keys)
 
 
 def make_reference_policy(cfg, world) -> Policy:
-    """The `reference` plug-in: reads the world's {"state": (n,)} observation."""
-    shapes = world.observation_shapes
-    if "state" not in shapes or len(shapes["state"]) != 1:
-        from ript_ablate.errors import ConfigError
+    """The `reference` plug-in: reads every flat observation of the world ((n,), e.g. "state" or "proprio") and
+    every camera image ((S, S, 3) uint8)."""
+    from ript_ablate.errors import ConfigError
 
-        raise ConfigError([f"policy.name: 'reference' reads a flat 'state' observation; the world "
-                           f"{type(world).__name__} gives {shapes}"])
-    return build_policy(cfg.policy, shapes["state"][0], world.action_dim)
+    shapes = world.observation_shapes
+    vector_keys = tuple(k for k, shape in shapes.items() if len(shape) == 1)
+    image_keys = tuple(k for k, shape in shapes.items() if len(shape) == 3 and shape[2] == 3)
+    other = {k: shape for k, shape in shapes.items() if k not in vector_keys + image_keys}
+    if other or not (vector_keys or image_keys):
+        raise ConfigError([f"policy.name: 'reference' reads flat observations (n,) and camera images (S, S, 3); "
+                           f"the world {type(world).__name__} gives {shapes}"])
+    obs_dim = sum(shapes[k][0] for k in vector_keys)
+    return build_policy(cfg.policy, obs_dim, world.action_dim, image_keys, vector_keys)
 
 
 def default_lora_alpha(rank: int) -> float:

@@ -40,6 +40,10 @@ OBJECT_SLOTS: dict[str, int] = {
 PROPRIO_DIM = 39  # robot0_proprio-state: joint cos/sin/vel, eef pos/quat, gripper qpos/qvel
 OBJECT_DIM = 14  # per object, as LIBERO's own object-state: pos, quat, position and quat relative to the gripper
 ACTION_DIM = 7  # OSC_POSE deltas (xyz, axis-angle) and the gripper (-1 open, +1 closed)
+# The cameras of LIBERO's scenes; rendered with mujoco.Renderer they come out upright (robosuite's own offscreen
+# frames are upside down, which is why the OpenVLA and RIPT runners rotate them 180 degrees)
+CAMERAS = ("frontview", "birdview", "agentview", "sideview", "galleryview", "robot0_robotview", "robot0_eye_in_hand")
+DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")  # the two views LIBERO's policies read
 SETTLE_STEPS = 10  # no-op steps after each reset while objects settle (not counted in the episode)
 NOOP_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # the gripper stays open while objects settle
 

@@ -22,6 +22,7 @@ import numpy as np
 from ript_ablate.demos import collect_demonstrations, demo_cache_path
 from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation, check_states_disjoint
 from ript_ablate.interfaces.world import World
+from ript_ablate.rendering import CameraRenderer
 from ript_ablate.seeding import stream_seed
 from ript_ablate.worlds.libero import suites as lb
 from ript_ablate.worlds.libero.expert import PickPlaceExpert, grasp_plan
@@ -57,11 +58,17 @@ def numpy_global_state_kept() -> Iterator[None]:
 
 
 class LiberoEnv:
-    """One LIBERO environment behind the `Env` interface, reused across the episodes of its task."""
+    """One LIBERO environment behind the `Env` interface, reused across the episodes of its task.
 
-    def __init__(self, task: str, slots: int):
+    `observation` "state" gives {"state": ...} (see `state_dim`); "images" gives each camera's uint8 image under
+    "<camera>_image" (rendered upright) and LIBERO's proprioception {"proprio": (39,)}; "both" the images and the
+    state."""
+
+    def __init__(self, task: str, slots: int, observation: str = "state", cameras: tuple[str, ...] = (),
+                 image_size: int = 128):
         self.task = task
         self.slots = slots
+        self.observation = observation
         self.env = build_control_env(task)
         inner = self.env.env
         objects = list(inner.objects_dict)
@@ -72,9 +79,21 @@ class LiberoEnv:
         self.goal = inner.parsed_problem["goal_state"]
         self.expert: PickPlaceExpert | None = None
         self.raw: dict[str, np.ndarray] = {}
+        self.renderer: CameraRenderer | None = None
+        if observation != "state":
+            sim = inner.sim
+            self.renderer = CameraRenderer(sim.model._model, sim.data._data, cameras, image_size)
 
     def observe(self, raw: dict[str, np.ndarray]) -> Observation:
         self.raw = raw
+        if self.renderer is None:
+            return {"state": self.state(raw)}
+        images = {f"{camera}_image": image for camera, image in self.renderer.render().items()}
+        if self.observation == "images":
+            return {"proprio": np.asarray(raw["robot0_proprio-state"], dtype=np.float32), **images}
+        return {"state": self.state(raw), **images}
+
+    def state(self, raw: dict[str, np.ndarray]) -> np.ndarray:
         state = np.zeros(state_dim(self.slots), dtype=np.float32)
         state[:lb.PROPRIO_DIM] = raw["robot0_proprio-state"]
         for i, name in enumerate(self.order):
@@ -83,7 +102,7 @@ class LiberoEnv:
                 raw[f"{name}_pos"], raw[f"{name}_quat"], raw[f"{name}_to_robot0_eef_pos"],
                 raw[f"{name}_to_robot0_eef_quat"]])
         state[lb.PROPRIO_DIM + self.slots * lb.OBJECT_DIM:][:len(self.order)] = 1.0
-        return {"state": state}
+        return state
 
     def reset(self, state: InitialState) -> Observation:
         """Soft reset (3 ms, against 0.3-0.5 s for robosuite's hard reset), made exact: the gripper's action
@@ -103,6 +122,16 @@ class LiberoEnv:
     def step(self, action: np.ndarray) -> tuple[Observation, bool]:
         raw, _, done, _ = self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
         return self.observe(raw), bool(done)
+
+    def step_unobserved(self, action: np.ndarray) -> bool:
+        """A step inside an action chunk: no images rendered (the engine reads none there)."""
+        self.raw, _, done, _ = self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
+        return bool(done)
+
+    def close(self) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
+        self.env.close()
 
     def expert_action(self, obs: Observation) -> np.ndarray:
         if self.expert is None:
@@ -199,13 +228,20 @@ class LiberoWorld(World):
     with 7-D OSC_POSE actions; scripted experts for LIBERO-Spatial and LIBERO-Object."""
 
     action_dim = lb.ACTION_DIM
+    observations = ("state", "images", "both")
 
     def __init__(self, cfg: Any):
         lb.require_libero()
         self.cfg = cfg.suite
         self.tasks = lb.resolve(cfg.suite.tasks)
         self.slots = max(lb.OBJECT_SLOTS[lb.suite_of(t)] for t in self.tasks)
-        self.observation_shapes = {"state": (state_dim(self.slots),)}
+        self.cameras = tuple(cfg.suite.cameras) or lb.DEFAULT_CAMERAS
+        images = {f"{camera}_image": (cfg.suite.image_size, cfg.suite.image_size, 3) for camera in self.cameras}
+        self.observation_shapes = {
+            "state": {"state": (state_dim(self.slots),)},
+            "images": {"proprio": (lb.PROPRIO_DIM,), **images},
+            "both": {"state": (state_dim(self.slots),), **images},
+        }[cfg.suite.observation]
         self.episode_length_override = cfg.algo.max_episode_length
         self._samplers: dict[str, PlacementSampler] = {}
 
@@ -217,6 +253,9 @@ class LiberoWorld(World):
         except lb.LiberoMissing as exc:
             return [str(exc)]
         problems = lb.name_problems(cfg.suite.tasks, "suite.tasks")
+        unknown = [c for c in cfg.suite.cameras if c not in lb.CAMERAS]
+        if unknown and cfg.suite.observation != "state":
+            problems.append(f"suite.cameras: {unknown} not a LIBERO camera; its cameras are {', '.join(lb.CAMERAS)}")
         if problems:
             return problems
         tasks = lb.resolve(cfg.suite.tasks)
@@ -245,13 +284,14 @@ class LiberoWorld(World):
         return lb.EPISODE_LIMITS[lb.suite_of(task)]
 
     def make_env(self, task: str) -> LiberoEnv:
-        return LiberoEnv(task, self.slots)
+        return LiberoEnv(task, self.slots, self.cfg.observation, self.cameras, self.cfg.image_size)
 
     def _sampled(self, task: str, kind: str, n: int) -> list[InitialState]:
         if task not in self._samplers:
             cfg = getattr(self, "run_config", None)
             cache_dir = cfg.sft.cache_dir if cfg is not None else None
-            self._samplers[task] = PlacementSampler(task, self.make_env(task), cache_dir, self.placement_key())
+            self._samplers[task] = PlacementSampler(task, LiberoEnv(task, self.slots), cache_dir,
+                                                    self.placement_key())
         states = self._samplers[task].draw(kind, self.cfg.seed, n)
         return [InitialState(task, f"{task}/{kind}/{i}", states[i]) for i in range(n)]
 

@@ -17,10 +17,16 @@ import numpy as np
 from ript_ablate.demos import collect_demonstrations, demo_cache_path
 from ript_ablate.episodes import Demonstrations, Episode, InitialState, Observation, check_states_disjoint
 from ript_ablate.interfaces.world import World
+from ript_ablate.rendering import CameraRenderer
 from ript_ablate.worlds.metaworld import tasks as mw
 
 DEMO_FORMAT_VERSION = 2  # 2: observations stored by key (the world-agnostic cache layout)
 MAX_EPISODE_LENGTH = 500  # Meta-World's own step limit
+# The cameras of Meta-World's scene (every task's model has them); the corner cameras' raw renders are upside down
+CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
+UPSIDE_DOWN_CAMERAS = ("corner", "corner2", "corner3", "corner4")
+DEFAULT_CAMERAS = ("corner",)  # the whole table and arm in one upright view
+PROPRIO_DIM = 4  # hand position (3) and gripper opening (1): the first entries of the state vector
 
 
 def resolve_tasks(names: list[str]) -> list[str]:
@@ -46,42 +52,85 @@ def _unknown_tasks(names: list[str], key: str) -> list[str]:
 
 
 class MetaWorldEnv:
-    """One raw Meta-World environment behind the `Env` interface; reset switches the variation in place."""
+    """One raw Meta-World environment behind the `Env` interface; reset switches the variation in place.
 
-    def __init__(self, task: str):
+    `observation` "state" gives {"state": (39,)}; "images" gives each camera's upright uint8 image under
+    "<camera>_image" and the robot's proprioception {"proprio": (4,)} (hand position and gripper opening: what a VLA
+    reads besides its cameras, nothing privileged); "both" gives the images and the full state."""
+
+    def __init__(self, task: str, observation: str = "state", cameras: tuple[str, ...] = (), image_size: int = 64):
         self.task = task
         self.env = mw.make_env(task)
         self.expert: Any = None
+        self.observation = observation
+        self.state = np.zeros(mw.OBS_DIM)  # the last full state: the scripted expert reads it whatever is observed
+        self.renderer: CameraRenderer | None = None
+        if observation != "state":
+            self.renderer = CameraRenderer(self.env.model, self.env.data, cameras, image_size, UPSIDE_DOWN_CAMERAS)
+
+    def _observe(self, state: np.ndarray) -> Observation:
+        self.state = state
+        if self.renderer is None:
+            return {"state": state}
+        images = {f"{camera}_image": image for camera, image in self.renderer.render().items()}
+        if self.observation == "images":
+            return {"proprio": state[:PROPRIO_DIM].copy(), **images}
+        return {"state": state, **images}
 
     def reset(self, state: InitialState) -> Observation:
         mw.quiet()
         mw.set_variation(self.env, self.task, state.data)
         self.expert = None
-        return {"state": self.env.reset()[0]}
+        return self._observe(self.env.reset()[0])
 
     def step(self, action: np.ndarray) -> tuple[Observation, bool]:
         obs, _, _, _, info = self.env.step(action)
-        return {"state": obs}, bool(info["success"] > 0)
+        return self._observe(obs), bool(info["success"] > 0)
+
+    def step_unobserved(self, action: np.ndarray) -> bool:
+        """A step inside an action chunk: no images rendered (the engine reads none there)."""
+        obs, _, _, _, info = self.env.step(action)
+        self.state = obs
+        return bool(info["success"] > 0)
 
     def expert_action(self, obs: Observation) -> np.ndarray:
         if self.expert is None:
             from metaworld.policies import ENV_POLICY_MAP
 
             self.expert = ENV_POLICY_MAP[self.task]()
-        return np.clip(self.expert.get_action(obs["state"]), -1.0, 1.0)
+        return np.clip(self.expert.get_action(self.state), -1.0, 1.0)
+
+    def close(self) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
+        self.env.close()
+
+
+def observation_shapes(observation: str, cameras: list[str], size: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each observation key for `suite.observation` (see `MetaWorldEnv`)."""
+    images = {f"{camera}_image": (size, size, 3) for camera in cameras}
+    if observation == "images":
+        return {"proprio": (PROPRIO_DIM,), **images}
+    if observation == "both":
+        return {"state": (mw.OBS_DIM,), **images}
+    return {"state": (mw.OBS_DIM,)}
 
 
 class MetaWorld(World):
-    """Meta-World v3 tasks with state observations ({"state": (39,)}) and 4-D actions."""
+    """Meta-World v3 tasks, 4-D actions; state observations ({"state": (39,)}) or camera images (`suite.observation`,
+    `suite.cameras`, `suite.image_size`: see `MetaWorldEnv`)."""
 
     action_dim = mw.ACTION_DIM
     observation_shapes = {"state": (mw.OBS_DIM,)}
+    observations = ("state", "images", "both")
 
     def __init__(self, cfg: Any):
         self.cfg = cfg.suite
         self.tasks = resolve_tasks(cfg.suite.tasks)
         self.episode_length_override = cfg.algo.max_episode_length
         self._samplers: dict[str, object] = {}
+        self.cameras = tuple(cfg.suite.cameras) or DEFAULT_CAMERAS
+        self.observation_shapes = observation_shapes(cfg.suite.observation, list(self.cameras), cfg.suite.image_size)
 
     @classmethod
     def config_problems(cls, cfg: Any) -> list[str]:
@@ -94,6 +143,9 @@ class MetaWorld(World):
             if extra:
                 problems.append(f"algo.rollout_training_task_names: got {rollout_tasks!r}, expected a subset of the "
                                 f"suite's tasks {sorted(tasks)}")
+        unknown = [c for c in cfg.suite.cameras if c not in CAMERAS]
+        if unknown and cfg.suite.observation != "state":
+            problems.append(f"suite.cameras: {unknown} not a Meta-World camera; its cameras are {', '.join(CAMERAS)}")
         length = cfg.algo.max_episode_length
         if length is not None and length > MAX_EPISODE_LENGTH:
             problems.append(f"algo.max_episode_length: got {length}, expected null or 1..{MAX_EPISODE_LENGTH} "
@@ -107,7 +159,7 @@ class MetaWorld(World):
         return mw.episode_length(task, self.episode_length_override)
 
     def make_env(self, task: str) -> MetaWorldEnv:
-        return MetaWorldEnv(task)
+        return MetaWorldEnv(task, self.cfg.observation, self.cameras, self.cfg.image_size)
 
     def _states(self, task: str, kind: str, seed: int, n: int) -> list[InitialState]:
         env = self._samplers.setdefault(task, mw.make_env(task))
