@@ -272,8 +272,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ript_ablate.report.stability import Thresholds
 
     spec = _study(args)
+    metrics = Path(args.from_metrics) if args.from_metrics else None
     write_report(spec, Path(args.reports), args.storage, thresholds=Thresholds(collapse=args.collapse_threshold),
-                 upload=not args.no_upload)
+                 upload=not args.no_upload, metrics_csv=metrics)
     return 0
 
 
@@ -287,6 +288,9 @@ def add_report_command(sub) -> None:
     p.add_argument("--collapse-threshold", type=fraction_in_unit_interval, default=0.15,
                    help="a fall below the running best evaluation success that counts as collapse (default 0.15)")
     p.add_argument("--no-upload", action="store_true", help="do not attach the report to the study's MLflow run")
+    p.add_argument("--from-metrics", default=None, metavar="CSV",
+                   help="rebuild a grid study's report from the metrics.csv a report wrote (no MLflow read), e.g. "
+                        "a committed example's")
     p.set_defaults(func=cmd_report)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -97,6 +98,25 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
     missing = [f"{cid} ({desc})" for cid, desc in want.items() if cid not in chosen and cid not in pruned_ids]
     pruned = [f"{cid} ({want.get(cid, '?')})" for cid in sorted(pruned_ids) if cid not in chosen]
     return StudyData(spec, parent, frame, cells, missing, pruned, failed, sorted(tasks))
+
+
+def from_metrics_csv(spec: StudySpec, path: str | Path) -> StudyData:
+    """A study's data from the `metrics.csv` a report wrote (no MLflow needed): a committed report can be rebuilt
+    and checked from its own numbers. Failed attempts are not in the file and count as none."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        from ript_ablate.errors import RiptAblateError
+
+        raise RiptAblateError(f"cannot read the study metrics {path}: {exc}") from None
+    per_cell = [c for c in frame.columns if c not in ("iteration", "metric", "value")]
+    cells = frame[per_cell].drop_duplicates("cell_id").sort_values(["config", "seed"]).reset_index(drop=True)
+    cells = cells.astype(object).where(cells.notna(), None)
+    per_task = spec.success_metric + "/"
+    tasks = sorted({m[len(per_task):] for m in frame["metric"].unique() if m.startswith(per_task)})
+    done = set(cells["cell_id"])
+    missing = [f"{cid} ({desc})" for cid, desc in expected_cells(spec).items() if cid not in done]
+    return StudyData(spec, None, frame, cells, missing, [], 0, tasks)
 
 
 def _parse(text: str):

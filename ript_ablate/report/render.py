@@ -13,7 +13,7 @@ import pandas as pd
 from ript_ablate.progress import console
 from ript_ablate.report import plots, stats
 from ript_ablate.report.analysis import Analysis, analyse, design_summary, health_table
-from ript_ablate.report.collect import StudyData, collect, expected_cells
+from ript_ablate.report.collect import StudyData, collect, expected_cells, from_metrics_csv
 from ript_ablate.report.stability import Thresholds
 from ript_ablate.study.spec import StudySpec, describe, format_value
 
@@ -91,26 +91,38 @@ def optuna_section(spec: StudySpec, storage: str | None, out: Path) -> tuple[str
 
 def write_report(spec: StudySpec, out_root: Path = Path("reports"), storage: str | None = None,
                  tracking_uri: str | None = None, thresholds: Thresholds | None = None,
-                 upload: bool = True) -> Path:
+                 upload: bool = True, metrics_csv: Path | None = None) -> Path:
+    """The report of `spec` from its runs in MLflow, or (`metrics_csv`, a grid study's) from the metrics a report
+    wrote, with no MLflow: a committed report rebuilt from its own numbers."""
     from ript_ablate.tracking import check_tracking_store, describe_tracking_uri, resolve_tracking_uri
 
     start = time.perf_counter()
-    tracking_uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
-    check_tracking_store(tracking_uri)
     th = thresholds or Thresholds()
     out = out_root / spec.name
-    out.mkdir(parents=True, exist_ok=True)
     optuna_text, optuna_figs, expected = ("", [], None)
-    if spec.mode == "optuna":
-        optuna_text, optuna_figs, expected = optuna_section(spec, storage, out)
-    data = collect(spec, tracking_uri, expected if spec.mode == "optuna" else expected_cells(spec))
-    if data.parent_run_id is None:
-        from ript_ablate.errors import RiptAblateError
+    if metrics_csv is not None:
+        if spec.mode != "grid":
+            from ript_ablate.errors import RiptAblateError
 
-        raise RiptAblateError(f"no runs of study {spec.name!r} in MLflow experiment {spec.experiment_name!r} "
-                              f"at {describe_tracking_uri(tracking_uri)}; run `ript-ablate study run {spec.path}` "
-                              "with the same tracking URI")
-    data.frame.to_csv(out / "metrics.csv", index=False)
+            raise RiptAblateError(f"--from-metrics rebuilds a grid study's report; {spec.path} is a {spec.mode} study")
+        data = from_metrics_csv(spec, metrics_csv)
+        out.mkdir(parents=True, exist_ok=True)
+        upload = False
+    else:
+        tracking_uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
+        check_tracking_store(tracking_uri)
+        out.mkdir(parents=True, exist_ok=True)
+        if spec.mode == "optuna":
+            optuna_text, optuna_figs, expected = optuna_section(spec, storage, out)
+        data = collect(spec, tracking_uri, expected if spec.mode == "optuna" else expected_cells(spec))
+        if data.parent_run_id is None:
+            from ript_ablate.errors import RiptAblateError
+
+            raise RiptAblateError(f"no runs of study {spec.name!r} in MLflow experiment {spec.experiment_name!r} "
+                                  f"at {describe_tracking_uri(tracking_uri)}; run `ript-ablate study run "
+                                  f"{spec.path}` with the same tracking URI")
+    if metrics_csv is None or Path(metrics_csv).resolve() != (out / "metrics.csv").resolve():
+        data.frame.to_csv(out / "metrics.csv", index=False)
     analysis = analyse(data, th)
     figures = [f for f in (
         plots.learning_curves(data, analysis, out / "learning_curves.png"),
@@ -143,7 +155,9 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
               f"{spec.objective.reduction} `{spec.objective.metric}` ({spec.objective.aggregation} over seeds, "
               f"{spec.objective.direction}). {n_cells} cell(s) with a result"
               + (f", {data.failed_attempts} failed or killed attempt(s) left out" if data.failed_attempts else "")
-              + f"; tasks: {', '.join(data.tasks) or '-'}. MLflow parent run `{data.parent_run_id}`.", ""]
+              + f"; tasks: {', '.join(data.tasks) or '-'}. "
+              + (f"MLflow parent run `{data.parent_run_id}`." if data.parent_run_id
+                 else "Rebuilt from `metrics.csv` (not read from MLflow)."), ""]
     if data.missing:
         lines += [f"**Partial study: {len(data.missing)} cell(s) missing** (no finished run yet); the statistics "
                   "below use what exists:", ""] + [f"- {m}" for m in data.missing] + [""]
