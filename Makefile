@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: quickstart test setup setup-dev clean-cache
+.PHONY: quickstart test setup setup-dev clean-cache gpu-checks
 
 # Install torch first: on a CPU-only machine torch==$(TORCH_VERSION) is the CPU wheel; on a GPU machine the
 # same pin from the registry is the CUDA build. Installing the rest afterwards then pulls no other torch.
@@ -38,6 +38,13 @@ quickstart: setup
 # whole suite took 8.7 minutes on 2 cores, where one process took 10.5 before the LIBERO tests were added.
 test: setup-dev
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+
+# The figures only a GPU machine can take (docs/development.md, "Benchmarks"), each printed as it is measured.
+gpu-checks: setup
+	MUJOCO_GL=egl $(BIN)/python -m ript_ablate.bench.pixels --device cuda --sizes 64 128 --iterations 3 \
+		--set training.contexts_per_iteration=16
+	$(BIN)/python -m ript_ablate.bench.rollout_throughput configs/metaworld_quick.yaml --seconds 3 --rounds 1
+	$(BIN)/python -m ript_ablate.bench.distributed configs/metaworld_quick.yaml --nproc 1 4 --iterations 2
 
 clean-cache:
 	rm -rf .ript_cache

@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="stepping time per rendering measurement")
     parser.add_argument("--episodes", type=int, default=32, help="episodes per rollout measurement")
     parser.add_argument("--train", action="store_true", help="also the pixel and state bases' success")
-    parser.add_argument("--iterations", type=int, default=3, help="RIPT iterations from the pixel base")
+    parser.add_argument("--iterations", type=int, default=3, help="RIPT iterations from the pixel base (0: none)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long check of the whole script (CI)")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
@@ -166,11 +166,12 @@ def main() -> None:
         rendering(args, overrides)
         size = args.sizes[0]
         image_overrides = [*overrides, "suite.observation=images", f"suite.image_size={size}"]
-        cfg = load_config(args.config, [*image_overrides, f"training.n_iterations={args.iterations}"])
+        cfg = load_config(args.config, [*image_overrides, f"training.n_iterations={max(args.iterations, 1)}"])
         rollouts(args, cfg)
         if args.train or args.tiny:
             base_success(cfg, load_config(args.config, overrides))
-        ript_on_images(cfg, out / "ript")
+        if args.iterations > 0:
+            ript_on_images(cfg, out / "ript")
 
 
 if __name__ == "__main__":
