@@ -195,6 +195,10 @@ class TrainingConfig:
     n_iterations: int = _f(15, "RIPT iterations.")
     contexts_per_iteration: int = _f(8, "Accepted contexts (RLOO groups) per iteration.")
     eval_interval: int = _f(5, "Evaluate every N iterations (and before the first update).")
+    eval_subset_per_task: int = _f(0, "Evaluations between the first and the last use only the first N evaluation "
+                                      "states of each task (0: all of them); the evaluation before the first update "
+                                      "and the final one always use every state (LIBERO: a subset while training, "
+                                      "all 50 per task at the base and the end).")
     save_interval: int = _f(5, "Checkpoint every N iterations (and at the end).")
     output_dir: str = _f("runs", "Where run outputs (checkpoints, resolved config) go.")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N. CUDA trains with bf16 autocast.")
@@ -682,6 +686,8 @@ def validate(cfg: Config) -> list[str]:
     _check(p, len(set(s.cameras)) == len(s.cameras), "suite.cameras", s.cameras, "each camera once")
     _check(p, 8 <= s.image_size <= 1024, "suite.image_size", s.image_size, "an integer in [8, 1024] (pixels)")
     _check(p, len(s.tasks) > 0, "suite.tasks", s.tasks, "at least one task or preset")
+    _check(p, t.eval_subset_per_task >= 0, "training.eval_subset_per_task", t.eval_subset_per_task,
+           ">= 0 (0: every evaluation state)")
     _check(p, s.demos_per_task >= 1, "suite.demos_per_task", s.demos_per_task, ">= 1")
     _check(p, s.contexts_per_task >= 0, "suite.contexts_per_task", s.contexts_per_task, ">= 0")
     _check(p, s.eval_states_per_task >= 1, "suite.eval_states_per_task", s.eval_states_per_task, ">= 1")

@@ -67,6 +67,14 @@ def test_same_seed_same_history_and_parameters_move(shared_cache, tmp_path):
         assert key in first.history[1], key
 
 
+def test_evaluations_between_the_first_and_the_last_use_the_subset(shared_cache, tmp_path):
+    data = train_dict(shared_cache, str(tmp_path))
+    data["training"]["eval_subset_per_task"] = 1
+    result = Trainer(config_from_dict(data)).run(tmp_path / "run")
+    states = {int(h["iteration"]): h["eval/states/reach-v3"] for h in result.history if "eval/states/reach-v3" in h}
+    assert states == {0: 4.0, 1: 1.0, 2: 4.0}
+
+
 def _base_file(cache: str):
     from pathlib import Path
 

@@ -263,7 +263,7 @@ class Trainer:
         metrics["lr/header"] = algo.header_lr
         last = iteration == cfg.training.n_iterations or run.result.status == "diverged"
         if iteration % cfg.training.eval_interval == 0 or last:
-            self._evaluate(run, iteration, metrics)
+            self._evaluate(run, iteration, metrics, subset=0 if last else cfg.training.eval_subset_per_task)
         metrics["perf/iteration_s"] = time.perf_counter() - t_iter
         self._log(iteration, metrics, run.result)
         if run.result.status == "diverged":
@@ -286,15 +286,16 @@ class Trainer:
         self.tracker.flush()
 
     def _evaluate(self, run: RunState, iteration: int, metrics: dict[str, float] | None = None,
-                  cache_key: str | None = None) -> None:
-        """Evaluate and log (into `metrics` when given). With `cache_key` (the start policy's evaluation, see
-        `ript_ablate.eval_cache`), a cached result is used, and a computed one cached."""
+                  cache_key: str | None = None, subset: int = 0) -> None:
+        """Evaluate (on the first `subset` states of each task; 0: all) and log (into `metrics` when given). With
+        `cache_key` (the start policy's evaluation, see `ript_ablate.eval_cache`), a cached result is used, and a
+        computed one cached."""
         t0 = time.perf_counter()
         res = eval_cache.load(self.cfg, cache_key) if cache_key else None
         cached = res is not None
         if res is None:
             self._act(run)
-            res = evaluate(run.world, run.engine, ranks=self.ranks)
+            res = evaluate(run.world, run.engine, ranks=self.ranks, states_per_task=subset)
             if cache_key:
                 eval_cache.save(self.cfg, cache_key, res)
         values = {**res.metrics(), "perf/eval_s": time.perf_counter() - t0}
