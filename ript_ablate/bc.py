@@ -89,6 +89,8 @@ def sft_key(cfg: Config, demo_key: str, pretrain_key: str | None = None) -> str:
     sft = asdict(cfg.sft)
     for key in ("cache_dir", *PRETRAIN_KEYS):  # the pre-training stage enters through its own key
         sft.pop(key)
+    if cfg.suite.observation == "state":  # no image to shift
+        sft.pop("image_shift")
     if not sft["scale_demos_per_task"]:  # the original's scale fit: the bases built before the key existed
         sft.pop("scale_demos_per_task")
     spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, **_policy_identity(cfg), "sft": sft}
@@ -102,6 +104,8 @@ def pretrain_key(cfg: Config, demo_key: str) -> str:
     sft = cfg.sft
     settings = {"steps": sft.pretrain_steps, "lr": sft.pretrain_lr, "batch_size": sft.batch_size,
                 "weight_decay": sft.weight_decay, "seed": sft.seed}
+    if cfg.suite.observation != "state":
+        settings["image_shift"] = sft.image_shift
     return cache_keys.digest({"format": SFT_FORMAT_VERSION, "stage": "pretrain", "demos": demo_key,
                               **_policy_identity(cfg), "sft": settings})
 

@@ -18,6 +18,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +31,7 @@ FRAMEWORK_BC_CODE = ("ript_ablate.bc", "ript_ablate.augment", "ript_ablate.devic
 # what of `suite` shapes demonstrations (the cameras and image size only when images are observed)
 DEMO_SUITE_KEYS = ("name", "tasks", "demos_per_task", "seed", "options", "observation", "cameras", "image_size")
 IMAGE_KEYS = ("cameras", "image_size")
+POLICY_IMAGE_KEYS = ("image_tokens", "image_channels")
 SKIPPED_DIRS = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 
 
@@ -100,6 +102,9 @@ def demo_identity(world: Any, cfg: Any) -> dict[str, Any]:
     suite = {k: v for k, v in asdict(cfg.suite).items() if k in DEMO_SUITE_KEYS}
     if suite["observation"] == "state":
         suite = {k: v for k, v in suite.items() if k not in IMAGE_KEYS}
+    else:  # the cameras the world renders ([] means its defaults), and the OpenGL backend that renders them
+        suite["cameras"] = list(getattr(world, "cameras", suite["cameras"]))
+        suite["gl"] = os.environ.get("MUJOCO_GL", "")
     suite["options"] = without_inert(suite["options"], type(world))
     return {"format": KEY_FORMAT, "world": world.describe(), "suite": suite,
             "world_code": code_digest(owning_package(type(world))),
@@ -116,6 +121,9 @@ def policy_identity(cfg: Any, policy_factory: Any) -> dict[str, Any]:
 
     policy = asdict(cfg.policy)
     policy["options"] = without_inert(policy["options"], policy_factory)
+    if cfg.suite.observation == "state":  # the image encoder's settings shape nothing without images
+        for key in POLICY_IMAGE_KEYS:
+            policy.pop(key, None)
     return {"policy": policy, "policy_code": code_digest(owning_package(policy_factory)),
             "bc_code": code_digest(*FRAMEWORK_BC_CODE), "torch": torch.__version__,
             "precision": cfg.training.precision}

@@ -70,8 +70,8 @@ class SuiteConfig:
                                    "and the robot's proprioception, nothing privileged) or both (images and the "
                                    "state). Images need an OpenGL backend (README 'Camera images').")
     cameras: list[str] = _f([], "Cameras rendered when suite.observation is images or both; empty: the world's "
-                                "default ones (Meta-World: corner, of topview, corner, corner2, corner3, corner4, "
-                                "behindGripper, gripperPOV; LIBERO: agentview and robot0_eye_in_hand).")
+                                "default ones (Meta-World: corner; any of topview, corner, corner2, corner3, "
+                                "corner4, behindGripper, gripperPOV. LIBERO: agentview and robot0_eye_in_hand).")
     image_size: int = _f(64, "Side of the square uint8 RGB images, in pixels.")
 
 
@@ -84,7 +84,8 @@ class PolicyConfig:
     n_layers: int = _f(2, "Transformer blocks.")
     n_heads: int = _f(4, "Attention heads (must divide d_model).")
     mlp_ratio: int = _f(4, "Hidden width of each block's MLP as a multiple of d_model.")
-    n_obs_tokens: int = _f(2, "Tokens the state observation is projected into.")
+    n_obs_tokens: int = _f(2, "Tokens the flat observation (the state, or the proprioception next to images) is "
+                              "projected into.")
     chunk_size: int = _f(4, "H: actions per policy call (an action chunk, executed open-loop).")
     max_instruction_tokens: int = _f(10, "Instruction words kept (padded or truncated).")
     vocab_size: int = _f(512, "Hashed word vocabulary of the instruction embedding.")
@@ -187,7 +188,8 @@ class AlgoConfig:
     num_parallel_envs: int = _f(1, "Original's parallel envs per process; here suite.num_workers x envs_per_worker.")
     rollouts_per_env: int = _f(1, "Original's rollouts per env per call; here rollouts are scheduled per context.")
     rollout_stats_path: str | None = _f(None, "Original's rollout statistics dump path; not written here.")
-    frame_stack: int = _f(1, "Original's image frame stack; state observations here, must stay 1.")
+    frame_stack: int = _f(1, "Original's image frame stack; not implemented here (one observation a decision, "
+                             "images included), must stay 1.")
 
 
 @dataclass
@@ -741,7 +743,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, a.grad_norm_clip_header > 0, "algo.grad_norm_clip_header", a.grad_norm_clip_header, "> 0")
     _check(p, a.max_episode_length is None or a.max_episode_length >= 1, "algo.max_episode_length",
            a.max_episode_length, "null or >= 1")
-    _check(p, a.frame_stack == 1, "algo.frame_stack", a.frame_stack, "1 (state observations have no frames)")
+    _check(p, a.frame_stack == 1, "algo.frame_stack", a.frame_stack, "1 (frame stacking is not implemented)")
     _check(p, not a.mix_val_init_in_rloo or a.use_val_init, "algo.mix_val_init_in_rloo", a.mix_val_init_in_rloo,
            "false unless algo.use_val_init is true")
     _check_families(p, cfg)

@@ -63,7 +63,17 @@ def eval_key(cfg: Any, world: Any, probe: str, inference: str, device: torch.dev
                    "world_code": code_digest(owning_package(type(world))), "eval_code": code_digest(*EVAL_CODE),
                    "inference": inference, "batching": [suite.num_workers, suite.envs_per_worker],
                    "precision": cfg.training.precision, "device": device.type, "torch": torch.__version__,
-                   "threads": torch.get_num_threads()})
+                   "threads": torch.get_num_threads(), **_observation(cfg, world)})
+
+
+def _observation(cfg: Any, world: Any) -> dict[str, Any]:
+    """What the evaluated policy sees, when it is images: the cameras, their size and the OpenGL backend rendering
+    them (nothing for state observations, whose keys stay as they were)."""
+    suite = cfg.suite
+    if suite.observation == "state":
+        return {}
+    cameras = list(getattr(world, "cameras", suite.cameras))
+    return {"observation": [suite.observation, cameras, suite.image_size, os.environ.get("MUJOCO_GL", "")]}
 
 
 def _path(cfg: Any, key: str) -> Path:

@@ -1,7 +1,7 @@
 """A plug-in checked against its contract the moment it is built, before any demonstration, base or rollout.
 
 One reset of one environment checks the observation against the world's `observation_shapes` (keys, shapes, a
-numeric dtype); one forward of the policy on a batch of two such observations (stacked as the rollout engine stacks
+numeric dtype, uint8 for an (S, S, 3) image); one forward of the policy on a batch of two such observations (stacked as the rollout engine stacks
 them) checks its outputs against its family's contract: `(mu, log_b)`, both `(B, chunk_size, action_dim)`
 (laplace); logits `(B, chunk_size, action_dim, n_bins)` (tokens); a velocity `(B, chunk_size, action_dim)` from
 `velocity(prefix, x_t, t)` at t = 1 (flow); all finite. A failure is one message that
@@ -44,6 +44,9 @@ def observation_problems(world: Any, obs: Any, where: str) -> list[str]:
                             f"{declared[key]}")
         elif not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
             problems.append(f"{where} returned {key!r} of dtype {value.dtype}, expected a numeric array")
+        elif len(declared[key]) == 3 and declared[key][2] == 3 and value.dtype != np.uint8:
+            problems.append(f"{where} returned the image {key!r} as {value.dtype}, expected uint8 RGB (0-255): images "
+                            "stay uint8 until the policy's first layer")
     return problems
 
 

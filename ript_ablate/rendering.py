@@ -39,9 +39,17 @@ class RenderingError(RiptAblateError):
 
 def choose_gl_backend(environ: MutableMapping[str, str] | None = None, platform: str = sys.platform) -> str | None:
     """Set MUJOCO_GL for a machine without a display, when unset: egl if libEGL is installed, else osmesa if
-    libOSMesa is. Returns the backend set, or None when nothing was changed."""
+    libOSMesa is. A PyOpenGL platform already chosen (PYOPENGL_PLATFORM, e.g. by a robosuite set-up) is kept: MuJoCo
+    refuses to import with a backend that disagrees with it. Returns the backend set, or None when nothing was
+    changed."""
     env = os.environ if environ is None else environ
     if env.get("MUJOCO_GL") or not platform.startswith("linux") or env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"):
+        return None
+    chosen = env.get("PYOPENGL_PLATFORM", "").strip().lower()
+    if chosen:
+        if chosen in ("egl", "osmesa"):
+            env["MUJOCO_GL"] = chosen
+            return chosen
         return None
     for backend, library in (("egl", "EGL"), ("osmesa", "OSMesa")):
         if ctypes.util.find_library(library):
@@ -77,8 +85,9 @@ class CameraRenderer:
             self._renderer: Any = mujoco.Renderer(model, size, size)
         except Exception as exc:  # EGL/OSMesa/GLFW failures have many types; all mean the same to a user
             backend = os.environ.get("MUJOCO_GL", "unset")
-            raise RenderingError(f"cannot render (MUJOCO_GL={backend}: {type(exc).__name__}: {exc}); "
-                                 f"{SETUP_HINT}") from exc
+            raise RenderingError(f"cannot render (MUJOCO_GL={backend}: {type(exc).__name__}: {exc}); {SETUP_HINT} "
+                                 "(MuJoCo reads it when first imported: a program that imports mujoco before "
+                                 "ript_ablate must set it itself)") from exc
         for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION):
             self._renderer.scene.flags[flag] = 0
         self.data = data

@@ -38,3 +38,14 @@ def test_a_metrics_file_that_is_not_there_is_named(tmp_path, capsys):
     assert main(["report", str(ROOT / "studies" / "quickstart.yaml"), "--from-metrics",
                  str(tmp_path / "nothing.csv"), "--reports", str(tmp_path)]) != 0
     assert "nothing.csv" in capsys.readouterr().err
+
+
+def test_another_studys_metrics_are_refused_naming_the_study(tmp_path, capsys):
+    assert main(["report", str(ROOT / "studies" / "laplace_x_fix_scale.yaml"), "--from-metrics",
+                 str(ROOT / "reports" / "examples" / "quickstart" / "metrics.csv"), "--reports", str(tmp_path)]) != 0
+    assert "holds no configuration of study 'laplace_x_fix_scale'" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert main(["report", str(ROOT / "studies" / "quickstart.yaml"), "--from-metrics", str(bad),
+                 "--reports", str(tmp_path)]) != 0
+    assert "lacks the column(s) ['cell_id'" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def image_world(image_dict):
     return plugins.build_world(config_from_dict(image_dict))
 
 
-def test_images_are_upright_views_that_change_when_the_arm_moves_and_repeat_for_a_state(image_world):
+def test_images_are_turned_views_that_change_when_the_arm_moves_and_repeat_for_a_state(image_world):
     env = image_world.make_env("reach-v3")
     state = image_world.eval_states("reach-v3")[0]
     first = env.reset(state)
@@ -48,6 +48,13 @@ def test_images_are_upright_views_that_change_when_the_arm_moves_and_repeat_for_
     for _ in range(10):
         moved, _ = env.step(np.array([1.0, 0.0, 0.0, 0.0]))
     assert np.abs(moved["corner_image"].astype(int) - first["corner_image"]).mean() > 0.5
+    # the corner camera's raw render is upside down (checked by eye); the world turns it 180 degrees, the wrist
+    # camera it leaves as rendered
+    from ript_ablate.rendering import CameraRenderer
+
+    raw = CameraRenderer(env.env.model, env.env.data, ["corner", "gripperPOV"], SIZE).render()
+    np.testing.assert_array_equal(moved["corner_image"], raw["corner"][::-1, ::-1])
+    np.testing.assert_array_equal(moved["gripperPOV_image"], raw["gripperPOV"])
     np.testing.assert_array_equal(env.reset(state)["corner_image"], first["corner_image"])
     # a second image environment in the same process renders the same scene, not black frames, also once the
     # first is closed
@@ -127,6 +134,32 @@ def test_episodes_keep_uint8_images_only_at_decision_steps_and_modes_agree(image
     assert episode.obs["corner_image"].dtype == np.uint8
     assert episode.nbytes() >= 2 * chunks * SIZE * SIZE * 3
     assert len({ep.obs["corner_image"][0].tobytes() for ep in reference}) > 1  # different states, different images
+    assert not np.array_equal(episode.obs["corner_image"][0], episode.obs["corner_image"][-1])  # the arm moved
+
+
+def test_stepping_inside_a_chunk_without_rendering_changes_no_episode(image_dict, monkeypatch):
+    """`step_unobserved` (no image rendered inside an action chunk) gives exactly the episodes of rendering every
+    step: the same observations at every decision, actions and lengths."""
+    from ript_ablate.worlds.metaworld.world import MetaWorldEnv
+
+    image_dict["algo"]["max_episode_length"] = 22
+    cfg = config_from_dict(image_dict)
+    world = plugins.build_world(cfg)
+    policy = plugins.build_policy(cfg, world).eval()
+    jobs = [EpisodeJob(s, seed=5) for s in world.eval_states("reach-v3")[:2]]
+    distribution = ActionDistribution(scale_factor=5.0)
+    with RolloutEngine(cfg, world) as engine:
+        engine.set_policy(policy)
+        lean = engine.run(jobs, distribution)
+    monkeypatch.delattr(MetaWorldEnv, "step_unobserved")
+    with RolloutEngine(cfg, plugins.build_world(cfg)) as engine:
+        engine.set_policy(policy)
+        full = engine.run(jobs, distribution)
+    for a, b in zip(lean, full):
+        assert (a.length, a.success) == (b.length, b.success)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        for key in a.obs:
+            np.testing.assert_array_equal(a.obs[key], b.obs[key], err_msg=key)
 
 
 def test_behaviour_cloning_and_a_ript_iteration_run_on_images(image_dict, tmp_path):
@@ -142,7 +175,8 @@ def test_behaviour_cloning_and_a_ript_iteration_run_on_images(image_dict, tmp_pa
     ensure_base(cfg)
     base = checkpoints.load_tensors(base_dir(cfg, plugins.build_world(cfg)) / checkpoints.MODEL_FILE)
     encoder = [k for k in base if k.startswith("backbone.image_encoders.corner_image.conv.")]
-    assert encoder and not any(torch.all(base[k] == 0) for k in encoder)
+    fresh = plugins.build_policy(cfg, plugins.build_world(cfg)).state_dict()
+    assert encoder and all(not torch.equal(base[k], fresh[k]) for k in encoder)  # behaviour cloning trained it
     result = Trainer(cfg).run(tmp_path / "run")
     assert result.status == "finished"
     last = result.history[-1]
@@ -173,12 +207,47 @@ def test_spatial_softmax_finds_a_bright_spot():
     np.testing.assert_allclose(SpatialSoftmax()(features)[0, 0].tolist(), [-1.0, 1.0], atol=1e-4)
 
 
-def test_a_headless_backend_is_chosen_only_when_none_is_set():
+def test_a_headless_backend_is_chosen_only_when_none_is_set(monkeypatch):
     env = {"DISPLAY": ":0"}
     assert choose_gl_backend(env, "linux") is None and "MUJOCO_GL" not in env
     env = {"MUJOCO_GL": "osmesa"}
     assert choose_gl_backend(env, "linux") is None and env["MUJOCO_GL"] == "osmesa"
     assert choose_gl_backend({}, "darwin") is None
+    installed = {"EGL"}
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: f"lib{name}.so" if name in installed else None)
+    env = {}
+    assert choose_gl_backend(env, "linux") == "egl" and env == {"MUJOCO_GL": "egl"}
+    installed = {"OSMesa"}
+    env = {}
+    assert choose_gl_backend(env, "linux") == "osmesa" and env["PYOPENGL_PLATFORM"] == "osmesa"
+    installed = set()
+    assert choose_gl_backend({}, "linux") is None
+    env = {"PYOPENGL_PLATFORM": "osmesa"}  # a robosuite set-up's choice is followed, whatever is installed
+    installed = {"EGL"}
+    assert choose_gl_backend(env, "linux") == "osmesa" and env["MUJOCO_GL"] == "osmesa"
+    env = {"PYOPENGL_PLATFORM": "glx"}
+    assert choose_gl_backend(env, "linux") is None and "MUJOCO_GL" not in env
+
+
+def test_a_plug_in_image_that_is_not_uint8_is_named():
+    from ript_ablate.plugin_check import observation_problems
+
+    class World:
+        observation_shapes = {"state": (2,), "cam_image": (4, 4, 3)}
+
+    obs = {"state": np.zeros(2), "cam_image": np.zeros((4, 4, 3), np.float32)}
+    problems = observation_problems(World(), obs, "env.reset")
+    assert len(problems) == 1 and "'cam_image' as float32, expected uint8" in problems[0]
+    assert observation_problems(World(), {**obs, "cam_image": np.zeros((4, 4, 3), np.uint8)}, "env.reset") == []
+
+
+def test_camera_keys_with_dots_and_a_world_of_images_alone_build_a_policy(tiny_cfg):
+    from ript_ablate.policies.reference import build_policy
+
+    policy = build_policy(tiny_cfg.policy, 0, 4, image_keys=("cam.front_image",), vector_keys=())
+    obs = {"cam.front_image": torch.zeros(2, 16, 16, 3, dtype=torch.uint8)}
+    mu, log_b = policy(obs, policy.encode_instruction("reach").expand(2, -1))
+    assert mu.shape == log_b.shape == (2, tiny_cfg.policy.chunk_size, 4)
 
 
 def test_the_pixel_benchmark_runs_its_tiny_cpu_invocation(monkeypatch, capsys):

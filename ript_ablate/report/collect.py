@@ -25,6 +25,7 @@ REPORT_METRICS = ("eval/success_rate", "train/success_rate", "ppo/approx_kl", "p
 SAMPLED_PREFIX = "train/success_rate/"  # per task: the sampled behaviour's success (the health table)
 CONTROL_COLUMN = tag.FACTOR_PREFIX + CONTROL  # the runs of a control configuration (outside every effect)
 STATES_PREFIX = "eval/states/"  # evaluation states per task: the binomial noise of a rate
+METRICS_COLUMNS = ("cell_id", "config_id", "config", "seed", "run_id", "status", "iteration", "metric", "value")
 
 
 @dataclass
@@ -103,12 +104,20 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
 def from_metrics_csv(spec: StudySpec, path: str | Path) -> StudyData:
     """A study's data from the `metrics.csv` a report wrote (no MLflow needed): a committed report can be rebuilt
     and checked from its own numbers. Failed attempts are not in the file and count as none."""
+    from ript_ablate.errors import RiptAblateError
+
     try:
         frame = pd.read_csv(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        from ript_ablate.errors import RiptAblateError
-
         raise RiptAblateError(f"cannot read the study metrics {path}: {exc}") from None
+    missing_columns = [c for c in METRICS_COLUMNS if c not in frame.columns]
+    if missing_columns:
+        raise RiptAblateError(f"{path} is not a report's metrics.csv: it lacks the column(s) {missing_columns} "
+                              f"(expected {', '.join(METRICS_COLUMNS)} and the factor columns)")
+    ours = {config_id_for(v) for v in spec.grid_configs()}
+    if not ours & set(frame["config_id"]):
+        raise RiptAblateError(f"{path} holds no configuration of study {spec.name!r} ({spec.path}): it is another "
+                              "study's metrics, or the spec's factors changed since")
     per_cell = [c for c in frame.columns if c not in ("iteration", "metric", "value")]
     cells = frame[per_cell].drop_duplicates("cell_id").sort_values(["config", "seed"]).reset_index(drop=True)
     cells = cells.astype(object).where(cells.notna(), None)

@@ -94,7 +94,8 @@ def rollout_metrics(tallies: list[dict[str, Any]], tasks: list[str]) -> dict[str
         "perf/env_steps_per_s": env_steps / max(seconds, 1e-9),
         "perf/env_steps": float(env_steps),
         "perf/rollout_s": seconds,
-        # what the iteration's kept episodes hold in memory (observations at decision steps only; images dominate)
+        # what the episodes rolled out and judged this iteration hold in memory (observations at decision steps only;
+        # images dominate; groups discarded unseen past the quota are not counted)
         "perf/episode_mib": sum(t.get("episode_bytes", 0) for t in tallies) / 2**20,
     }
     if len(tallies) > 1:  # the busiest rank's rollout time over the least busy's: what the others wait for

@@ -86,8 +86,12 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.image_keys = image_keys
+        self.encoder_names = {key: module_name(key) for key in image_keys}
+        if len(set(self.encoder_names.values())) < len(image_keys):
+            raise ValueError(f"camera keys {list(image_keys)} collide once '.' is replaced (module names)")
         self.image_encoders = nn.ModuleDict(
-            {key: ImageEncoder(d, cfg.image_tokens, cfg.image_channels) for key in image_keys}) if image_keys else None
+            {self.encoder_names[key]: ImageEncoder(d, cfg.image_tokens, cfg.image_channels) for key in image_keys}
+        ) if image_keys else None
 
     def forward(self, obs_norm: torch.Tensor | None, instr: torch.Tensor,
                 images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -98,7 +102,7 @@ class Backbone(nn.Module):
         if self.obs_proj is not None:
             parts.append(self.obs_proj(obs_norm).view(b, cfg.n_obs_tokens, cfg.d_model))
         for key in self.image_keys:
-            parts.append(self.image_encoders[key](images[key]))  # type: ignore[index]
+            parts.append(self.image_encoders[self.encoder_names[key]](images[key]))  # type: ignore[index]
         parts.append(self.action_queries.expand(b, -1, -1))
         tokens = torch.cat(parts, dim=1) + self.pos_emb
         keep = torch.cat([instr != 0, torch.ones(b, tokens.shape[1] - instr.shape[1], dtype=torch.bool,
@@ -106,6 +110,11 @@ class Backbone(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, keep)
         return self.ln_f(tokens[:, -cfg.chunk_size:])
+
+
+def module_name(key: str) -> str:
+    """An observation key as a submodule name (torch forbids '.' in one)."""
+    return key.replace(".", "_")
 
 
 class ReferencePolicy(Policy):

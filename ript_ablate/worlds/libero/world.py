@@ -6,8 +6,9 @@ Three kinds of initial state per task, each a flattened MuJoCo state that `env.s
 - demonstration candidates and extra RL contexts: new placements drawn by the scene's own placement sampler, one
   seed per state from separate named streams, so RL never trains on an evaluation state (checked: disjoint).
 Every reset is followed by 10 no-op steps while objects settle (not counted), as the original's runner does.
-Observations are states: proprioception (39), then one 14-value slot per object (the task's object and its goal
-first, the rest in scene order, empty slots zero), then one mask value per slot.
+Observations are states by default: proprioception (39), then one 14-value slot per object (the task's object and
+its goal first, the rest in scene order, empty slots zero), then one mask value per slot; or camera images
+(`suite.observation`; see `LiberoEnv`).
 """
 
 from __future__ import annotations
@@ -224,8 +225,8 @@ class PlacementSampler:
 
 
 class LiberoWorld(World):
-    """LIBERO's suites (libero_spatial, libero_object, libero_goal, libero_10, libero_90) on state observations
-    with 7-D OSC_POSE actions; scripted experts for LIBERO-Spatial and LIBERO-Object."""
+    """LIBERO's suites (libero_spatial, libero_object, libero_goal, libero_10, libero_90) on state observations or
+    camera images, with 7-D OSC_POSE actions; scripted experts for LIBERO-Spatial and LIBERO-Object."""
 
     action_dim = lb.ACTION_DIM
     observations = ("state", "images", "both")
