@@ -1,6 +1,6 @@
 """Camera images through the whole pipeline, on tiny images: the world renders them, the reference policy reads them,
 rollouts carry them as uint8 at decision steps only, both inference modes act identically on them, and behaviour
-cloning and a RIPT iteration run on them."""
+cloning and a RIPT iteration run on them (tests/test_pixels_training.py)."""
 
 from __future__ import annotations
 
@@ -162,31 +162,6 @@ def test_stepping_inside_a_chunk_without_rendering_changes_no_episode(image_dict
             np.testing.assert_array_equal(a.obs[key], b.obs[key], err_msg=key)
 
 
-def test_behaviour_cloning_and_a_ript_iteration_run_on_images(image_dict, tmp_path):
-    from ript_ablate import checkpoints
-    from ript_ablate.bc import base_dir, ensure_base
-    from ript_ablate.ript.trainer import Trainer
-
-    image_dict["training"] = {"n_iterations": 1, "contexts_per_iteration": 2, "eval_interval": 1,
-                              "save_interval": 1, "output_dir": str(tmp_path / "out")}
-    image_dict["algo"].update(rloo_batch_size=2, max_step_batch_size=64, enable_dynamic_sampling=False)
-    image_dict["suite"].update(cameras=["corner"], eval_states_per_task=1)
-    cfg = config_from_dict(image_dict)
-    ensure_base(cfg)
-    base = checkpoints.load_tensors(base_dir(cfg, plugins.build_world(cfg)) / checkpoints.MODEL_FILE)
-    encoder = [k for k in base if k.startswith("backbone.image_encoders.corner_image.conv.")]
-    fresh = plugins.build_policy(cfg, plugins.build_world(cfg)).state_dict()
-    assert encoder and all(not torch.equal(base[k], fresh[k]) for k in encoder)  # behaviour cloning trained it
-    result = Trainer(cfg).run(tmp_path / "run")
-    assert result.status == "finished"
-    last = result.history[-1]
-    assert 0.0 <= last["eval/success_rate"] <= 1.0
-    assert last["perf/episode_mib"] > 0
-    final = checkpoints.load_tensors(result.final_checkpoint / checkpoints.MODEL_FILE)
-    assert all(torch.equal(base[k], final[k]) for k in encoder)  # the encoder stays frozen (LoRA: transformer)
-    assert any(not torch.equal(base[k], final[k]) for k in base if k.startswith("action_head."))
-
-
 def test_random_shift_moves_each_image_by_its_own_offset_with_edges_repeated():
     images = torch.arange(2 * 5 * 5, dtype=torch.uint8).view(2, 5, 5, 1).expand(2, 5, 5, 3).contiguous()
     generator = torch.Generator().manual_seed(0)
@@ -248,15 +223,3 @@ def test_camera_keys_with_dots_and_a_world_of_images_alone_build_a_policy(tiny_c
     obs = {"cam.front_image": torch.zeros(2, 16, 16, 3, dtype=torch.uint8)}
     mu, log_b = policy(obs, policy.encode_instruction("reach").expand(2, -1))
     assert mu.shape == log_b.shape == (2, tiny_cfg.policy.chunk_size, 4)
-
-
-def test_the_pixel_benchmark_runs_its_tiny_cpu_invocation(monkeypatch, capsys):
-    """The same script a GPU machine runs with --device cuda: every section prints its figures."""
-    from ript_ablate.bench import pixels
-
-    monkeypatch.setattr("sys.argv", ["pixels", "--tiny", "--device", "cpu"])
-    pixels.main()
-    out = capsys.readouterr().out
-    for line in ("state only", "16 px, corner", "central / replica", "base on images", "base on states",
-                 "RIPT from the pixel base, 1 iteration(s)", "peak resident memory"):
-        assert line in out, line
