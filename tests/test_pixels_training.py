@@ -28,7 +28,7 @@ def test_behaviour_cloning_and_a_ript_iteration_run_on_images(image_dict, tmp_pa
     image_dict["training"] = {"n_iterations": 1, "contexts_per_iteration": 2, "eval_interval": 1,
                               "save_interval": 1, "output_dir": str(tmp_path / "out")}
     image_dict["algo"].update(rloo_batch_size=2, max_step_batch_size=64, enable_dynamic_sampling=False)
-    image_dict["suite"].update(cameras=["corner"], eval_states_per_task=1)
+    image_dict["suite"].update(eval_states_per_task=1, demos_per_task=2)  # 2: this seed's groups have mixed rewards
     cfg = config_from_dict(image_dict)
     ensure_base(cfg)
     base = checkpoints.load_tensors(base_dir(cfg, plugins.build_world(cfg)) / checkpoints.MODEL_FILE)
