@@ -91,6 +91,26 @@ def test_planted_main_effects_and_an_interaction_are_found_with_their_signs(tmp_
     assert found["fix_scale_head x header_lr"].estimate == pytest.approx(0.09, abs=0.03)
 
 
+def test_a_design_missing_a_configuration_decides_nothing(tmp_path, tiny_yaml):
+    """A resolution V half-fraction is saturated: without one configuration its terms cannot be told apart, and a
+    least-squares fit would return one of many solutions with tiny errors (a partial study once reported -25-point
+    "effects" from finals that all lay within 37-49%)."""
+    from ript_ablate.report.analysis import design_summary
+
+    spec = spec_with(tmp_path, tiny_yaml)
+    planted = {("algo.ppo_clip_high",): 0.10}
+    runs = synthetic(spec, np.random.default_rng(2), planted)
+    first = runs.iloc[0]
+    keys = [c for c in runs.columns if c.startswith("factor.")]
+    partial = runs[~(runs[keys] == first[keys]).all(axis=1)]
+    assert len(partial) == len(runs) - 3
+    mains, pairs = design_effects(partial, SimpleNamespace(spec=spec))
+    assert all(np.isnan(e.estimate) and e.p_holm == 1.0 for e in [*mains, *pairs]) and not decided([*mains, *pairs])
+    assert design_summary(mains, pairs)[0].startswith("Not estimable yet")
+    one_seed = pd.concat([partial, runs.iloc[[0]]])  # one seed of it is enough
+    assert decided(design_effects(one_seed, SimpleNamespace(spec=spec))[0])
+
+
 def test_with_nothing_planted_the_familywise_false_decision_rate_is_at_most_5_percent(tmp_path, tiny_yaml):
     spec = spec_with(tmp_path, tiny_yaml)
     rng = np.random.default_rng(7)

@@ -242,7 +242,10 @@ def design_effects(runs: pd.DataFrame, data: StudyData,
     quantile = float(sps.t.ppf(1 - (1 - level) / 2, dof)) if dof > 0 else float("nan")
     for term, effect, se in zip(terms, effects, errors):
         t = effect / se if se > 0 else float("nan")
-        p = float(2 * sps.t.sf(abs(t), dof)) if se > 0 else (1.0 if effect == 0 else 0.0)
+        if not (np.isfinite(effect) and se == se):  # not estimable (or no residual freedom): nothing is decided
+            p = 1.0
+        else:
+            p = float(2 * sps.t.sf(abs(t), dof)) if se > 0 else (1.0 if effect == 0 else 0.0)
         label = design_label(data.spec, term)
         out.append(stats.Effect(label, float(effect), float(effect - quantile * se), float(effect + quantile * se), p,
                                 len(y), sd=float(se * np.sqrt(len(y))) if se == se else float("nan")))
@@ -257,6 +260,9 @@ def design_summary(mains: list[stats.Effect], pairs: list[stats.Effect]) -> list
     """Plain-language sentences for a screening design's decided effects (Holm p < 0.05, interval excluding 0): a
     main effect alone, or, where one of its interactions is decided, the effect at each level of the other factor
     (main +- interaction: each half's difference of means)."""
+    if any(not np.isfinite(e.estimate) for e in mains):
+        return ["Not estimable yet: a configuration of the design has no result, so the switches' effects cannot be "
+                "told apart; nothing is decided until every configuration has at least one seed."]
     decided = [e for e in [*mains, *pairs] if e.p_holm < 0.05 and e.excludes_zero]
     if not decided:
         return ["No effect of the design is decided at the 5% familywise level: with these seeds, none of the "

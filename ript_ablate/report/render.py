@@ -196,7 +196,7 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                   "when there are fewer than 20 pairs, where the percentile bootstrap is too narrow); p-value of a "
                   "paired t-test, Holm-corrected across all main-effect comparisons. Decision: keep or drop when the "
                   "interval excludes 0 and the corrected p < 0.05.", "",
-                  *_design_text(spec),
+                  *_design_text(spec, a),
                   *_power_text(spec, a),
                   _table(["factor", "effect (points)", "95% interval", "pairs", "p", "p (Holm)", "decision",
                           "MDE 80% (points)", f"seeds for {_min_effect(spec):g} points"],
@@ -362,16 +362,21 @@ def _verdict(e, spec: StudySpec, a: Analysis) -> str:
     return f"{decision(e)} ({_seeds_of(a)} seeds)"
 
 
-def _design_text(spec: StudySpec) -> list[str]:
+def _design_text(spec: StudySpec, a: Analysis) -> list[str]:
     """A screening design: what it is, how its effects are estimated, and what is aliased with what."""
     if spec.design is None:
         return []
     aliased = spec.design.aliases(2)
-    return [f"Design: {spec.design.describe()}. Its effects come from a least-squares fit of final success on the "
+    text = [f"Design: {spec.design.describe()}. Its effects come from a least-squares fit of final success on the "
             "+-1 coded factors (and, at resolution V, their pairwise products) with seeds as blocks: each effect is "
             "the difference between the means of its high and low halves, with the fit's t interval; the Holm "
             "correction runs over every effect of the design, interactions included. Aliased: "
             + ("; ".join(aliased) if aliased else "nothing up to two-factor interactions") + ".", ""]
+    if any(not np.isfinite(e.estimate) for e in a.effects):
+        text += ["**Not estimable yet**: a configuration of the design has no result, so its effects cannot be told "
+                 "apart (the table shows nan and decides nothing); they are estimated once every configuration has "
+                 "at least one seed.", ""]
+    return text
 
 
 def _power_text(spec: StudySpec, a: Analysis) -> list[str]:
@@ -394,6 +399,8 @@ def _power_text(spec: StudySpec, a: Analysis) -> list[str]:
 
 def decision(e) -> str:
     """In the terms of the switch's values: which level to keep ('prefer X'), or that the data cannot tell."""
+    if not np.isfinite(e.estimate):
+        return "not estimable yet"
     if not np.isfinite(e.low):
         return "too few pairs"
     baseline, _, treatment = e.label.split(": ", 1)[-1].partition(" -> ")

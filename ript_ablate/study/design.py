@@ -153,9 +153,15 @@ def fit_effects(coded: np.ndarray, seeds: np.ndarray, y: np.ndarray,
                 terms: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, int]:
     """Least squares of y on the +-1 coded factors' `terms`, seeds as blocks: (effects, their standard errors,
     residual degrees of freedom). An effect is the difference between the means of its high and low halves, twice
-    the coded coefficient; standard errors are nan without residual degrees of freedom."""
+    the coded coefficient; standard errors are nan without residual degrees of freedom, and everything is nan (0
+    degrees of freedom) when the terms are not all estimable."""
     blocks = [(seeds == s).astype(float) for s in np.unique(seeds)]
     x = np.column_stack([*blocks, *[np.prod(coded[:, list(t)], axis=1) for t in terms]])
+    if len(y) == 0 or np.linalg.matrix_rank(x) < x.shape[1]:
+        # a configuration without any result: a resolution V half-fraction is saturated (16 runs, 16 terms), so its
+        # terms are no longer separable; least squares would return one of many fits, with tiny errors
+        missing = np.full(len(terms), np.nan)
+        return missing, missing.copy(), 0
     dof = len(y) - x.shape[1]
     beta, *_ = np.linalg.lstsq(x, y, rcond=None)
     resid = y - x @ beta
