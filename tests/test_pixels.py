@@ -4,8 +4,6 @@ cloning and a RIPT iteration run on them (tests/test_pixels_training.py)."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from ript_ablate.errors import ConfigError
 from ript_ablate.families import ActionDistribution
 from ript_ablate.policies.reference.vision import SpatialSoftmax
 from ript_ablate.rendering import choose_gl_backend
+from tests.test_plugins import episodes_by_layout
 
 SIZE = 24
 
@@ -113,14 +112,7 @@ def test_episodes_keep_uint8_images_only_at_decision_steps_and_modes_agree(image
     states = world.eval_states("reach-v3")
     jobs = [EpisodeJob(states[i % len(states)], seed=20 + i) for i in range(2)]
     distribution = ActionDistribution(scale_factor=5.0)
-    runs = {}
-    for workers in (0, 1):
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.suite.num_workers = workers
-        with RolloutEngine(run_cfg, world) as engine:
-            for mode in ("replica", "central"):
-                engine.set_policy(policy, mode)
-                runs[(workers, mode)] = engine.run(jobs, distribution)
+    runs = episodes_by_layout(cfg, world, policy, jobs, distribution, (0, 1))
     reference = runs[(0, "replica")]
     for key, episodes in runs.items():
         for a, b in zip(reference, episodes):

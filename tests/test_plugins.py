@@ -296,6 +296,21 @@ def checkpoints_of(directory: Path) -> dict:
     return load_file(directory / "model.safetensors")
 
 
+def episodes_by_layout(cfg, world, policy, jobs, distribution, worker_counts, envs_per_worker=None) -> dict:
+    """{(workers, mode): episodes} of the same jobs for each worker count and both inference modes."""
+    runs = {}
+    for workers in worker_counts:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.suite.num_workers = workers
+        if envs_per_worker is not None:
+            run_cfg.suite.envs_per_worker = envs_per_worker
+        with RolloutEngine(run_cfg, world) as engine:
+            for mode in ("replica", "central"):
+                engine.set_policy(policy, mode)
+                runs[(workers, mode)] = engine.run(jobs, distribution)
+    return runs
+
+
 def test_replica_and_central_episodes_are_identical_on_meta_world(tiny_cfg):
     """Same weights, same jobs: every length and success identical across the modes and process layouts, and every
     action bitwise where the forward passes see the same batches (within 1e-3 where they do not)."""
@@ -307,14 +322,7 @@ def test_replica_and_central_episodes_are_identical_on_meta_world(tiny_cfg):
     jobs = [EpisodeJob(states[i % len(states)], seed=10 + i) for i in range(7)]
     jobs += [EpisodeJob(states[0], seed=0, mode="mean")]
     distribution = ActionDistribution(scale_factor=5.0)
-    runs = {}
-    for workers in (0, 2):
-        cfg = copy.deepcopy(tiny_cfg)
-        cfg.suite.num_workers, cfg.suite.envs_per_worker = workers, 3
-        with RolloutEngine(cfg, world) as engine:
-            for mode in ("replica", "central"):
-                engine.set_policy(policy, mode)
-                runs[(workers, mode)] = engine.run(jobs, distribution)
+    runs = episodes_by_layout(tiny_cfg, world, policy, jobs, distribution, (0, 2), envs_per_worker=3)
     reference = runs[(0, "replica")]
     for key, episodes in runs.items():
         # the same batches in one forward each (in-process, or a replica per worker): bitwise; the central forward

@@ -37,20 +37,12 @@ TINY = ["suite.tasks=[reach-v3]", "suite.demos_per_task=1", "suite.contexts_per_
         "training.eval_interval=1", "training.save_interval=1", "tracking.enabled=false"]
 
 
-def step_rate(world: Any, task: str, seconds: float) -> float:
-    """Env steps/s of one environment of `task` under random actions, reset every episode length."""
-    env = world.make_env(task)
-    states = world.eval_states(task)
-    rng = np.random.default_rng(0)
-    limit = world.episode_length(task)
-    env.reset(states[0])
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        env.step(rng.uniform(-1, 1, world.action_dim))
-        count += 1
-        if count % limit == 0:
-            env.reset(states[(count // limit) % len(states)])
-    return count / (time.perf_counter() - start)
+def step_rate(cfg: Any, world: Any, task: str, seconds: float) -> float:
+    """Env steps/s of one environment of `task` under random actions (the rollout engine's raw-stepping ceiling)."""
+    from ript_ablate.engine.runner import EpisodeRunner
+
+    count, elapsed = EpisodeRunner(cfg, world).raw_steps(task, 1, seconds, world.eval_states(task))
+    return count / elapsed
 
 
 def rendering(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -62,7 +54,7 @@ def rendering(args: argparse.Namespace, overrides: list[str]) -> None:
         world = build_world(cfg)
         task = task or world.tasks[0]
         rates["state only" if size is None else f"{size} px, {'+'.join(cfg.suite.cameras)}"] = step_rate(
-            world, task, args.seconds)
+            cfg, world, task, args.seconds)
     state = rates["state only"]
     print(f"rendering ({task}, one environment, random actions, {args.seconds:g} s each):")
     for name, rate in rates.items():
