@@ -5,12 +5,12 @@ behaviour-cloning base and a short RIPT run from it, next to the state base. One
     python -m ript_ablate.bench.pixels --device cuda --sizes 64 128 224 --train    # a GPU machine
     python -m ript_ablate.bench.pixels --device cpu --tiny                         # seconds (CI runs this)
 
-Rendering: one environment stepped with random actions, state-only against each image size, side by side in one run
-(`--seconds` each). Rollouts: the config's policy on images, replica against central inference (central keeps the
-policy on `--device`), env steps/s. RIPT: `--iterations` iterations from the pixel base (its gain in points, seconds
-an iteration, the MiB an iteration's kept episodes hold (`perf/episode_mib`), the growth of this process's peak
-resident memory over the run, and on CUDA the peak GPU memory). `--train` first prints the base's held-out success on
-images next to the state base's (both trained if not cached: long on CPU).
+Rendering: one environment stepped with random actions, state-only against each image size, interleaved in one run
+(`--seconds` each, the median of `--rounds` rounds). Rollouts: the config's policy on images, replica against central
+inference (central keeps the policy on `--device`), env steps/s. RIPT: `--iterations` iterations from the pixel base
+(its gain in points, seconds an iteration, the MiB an iteration's kept episodes hold (`perf/episode_mib`), the growth
+of this process's peak resident memory over the run, and on CUDA the peak GPU memory). `--train` first prints the
+base's held-out success on images next to the state base's (both trained if not cached: long on CPU).
 """
 
 from __future__ import annotations
@@ -46,19 +46,26 @@ def step_rate(cfg: Any, world: Any, task: str, seconds: float) -> float:
 
 
 def rendering(args: argparse.Namespace, overrides: list[str]) -> None:
-    task = None
-    rates = {}
+    """State-only stepping against each image size, interleaved over `--rounds` rounds (median reported), so that a
+    slow spell of a noisy machine falls on every setting alike rather than on one."""
+    settings = {}
     for size in [None, *args.sizes]:
         extra = [] if size is None else ["suite.observation=images", f"suite.image_size={size}"]
         cfg = load_config(args.config, [*overrides, *extra])
-        world = build_world(cfg)
-        task = task or world.tasks[0]
-        rates["state only" if size is None else f"{size} px, {'+'.join(cfg.suite.cameras)}"] = step_rate(
-            cfg, world, task, args.seconds)
-    state = rates["state only"]
-    print(f"rendering ({task}, one environment, random actions, {args.seconds:g} s each):")
-    for name, rate in rates.items():
-        print(f"  {name:<24} {rate:8,.0f} env steps/s  ({rate / state:.3f} of state-only)")
+        name = "state only" if size is None else f"{size} px, {'+'.join(cfg.suite.cameras)}"
+        settings[name] = (cfg, build_world(cfg))
+    task = next(iter(settings.values()))[1].tasks[0]
+    rates: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(args.rounds):
+        for name, (cfg, world) in settings.items():
+            rates[name].append(step_rate(cfg, world, task, args.seconds))
+    state = float(np.median(rates["state only"]))
+    print(f"rendering ({task}, one environment, random actions, {args.seconds:g} s each, median of {args.rounds} "
+          f"interleaved round(s)):")
+    for name, values in rates.items():
+        rate = float(np.median(values))
+        spread = f"  [{min(values):,.0f}-{max(values):,.0f}]" if len(values) > 1 else ""
+        print(f"  {name:<24} {rate:8,.0f} env steps/s  ({rate / state:.3f} of state-only){spread}")
 
 
 def rollouts(args: argparse.Namespace, cfg: Any) -> None:
@@ -143,6 +150,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--cameras", nargs="+", default=["corner"])
     parser.add_argument("--seconds", type=float, default=5.0, help="stepping time per rendering measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the rendering measurement")
     parser.add_argument("--episodes", type=int, default=32, help="episodes per rollout measurement")
     parser.add_argument("--train", action="store_true", help="also the pixel and state bases' success")
     parser.add_argument("--iterations", type=int, default=3, help="RIPT iterations from the pixel base (0: none)")
@@ -154,7 +162,7 @@ def main() -> None:
         overrides = [*args.set, f"training.device={args.device}", f"suite.cameras=[{','.join(args.cameras)}]"]
         if args.tiny:  # nothing cached outside the temporary directory
             overrides = [*TINY, f"sft.cache_dir={out / 'cache'}", *overrides]
-            args.sizes, args.seconds, args.episodes, args.iterations = [16], 0.5, 2, 1
+            args.sizes, args.seconds, args.rounds, args.episodes, args.iterations = [16], 0.5, 1, 2, 1
         rendering(args, overrides)
         size = args.sizes[0]
         image_overrides = [*overrides, "suite.observation=images", f"suite.image_size={size}"]
