@@ -11,6 +11,27 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import pytest
 import yaml
 
+
+def _keep_xdist_worker_to_its_cores() -> None:
+    """Under pytest-xdist, each worker (and every process it starts: study workers, cells, ranks) keeps to its own
+    share of the cores, with that many torch threads. Without this, two workers on 2 cores each run 2-thread torch
+    and 2-thread cells, and the oversubscribed OpenMP threads spin-wait for one another."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:
+        return
+    share = set(cores[int(worker.removeprefix("gw")) % count::count])
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(len(share))
+    import torch
+
+    torch.set_num_threads(len(share))
+
+
+_keep_xdist_worker_to_its_cores()
+
 from ript_ablate.config import Config, config_from_dict
 
 TINY = {
