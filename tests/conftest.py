@@ -12,6 +12,9 @@ import pytest
 import yaml
 
 
+ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def _keep_xdist_worker_to_its_cores() -> None:
     """Under pytest-xdist, each worker (and every process it starts: study workers, cells, ranks) keeps to its own
     share of the cores, with that many torch threads. Without this, two workers on 2 cores each run 2-thread torch
@@ -19,7 +22,7 @@ def _keep_xdist_worker_to_its_cores() -> None:
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
         return
-    cores = sorted(os.sched_getaffinity(0))
+    cores = ALL_CORES
     if len(cores) < count:
         return
     share = set(cores[int(worker.removeprefix("gw")) % count::count])
@@ -41,6 +44,21 @@ TINY = {
     "sft": {"steps": 20, "scale_steps": 10, "batch_size": 32},
     "algo": {"max_episode_length": 40},
 }
+
+
+@pytest.fixture
+def all_cores():
+    """For a test whose cells run several processes (the runner refuses more processes than it has cores): every
+    core of the machine for the test's duration, as a user's run would have."""
+    if not ALL_CORES:
+        yield
+        return
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(ALL_CORES))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
 
 
 @pytest.fixture

@@ -140,6 +140,7 @@ def test_a_two_rank_run_tracks_one_run_survives_a_killed_rank_and_resumes_to_the
     assert all(r.data.tags.get("processes") == "2" for r in runs)
 
 
+@pytest.mark.usefixtures("all_cores")  # 2-process cells: the runner refuses more processes than cores
 def test_a_study_runs_two_process_cells_each_once_and_a_killed_rank_resumes_the_cell(tmp_path, monkeypatch):
     from ript_ablate.cli import main
     from ript_ablate.study.spec import config_id_for, load_study
