@@ -35,8 +35,8 @@ quickstart: setup
 	$(BIN)/ript-ablate report studies/quickstart.yaml
 
 # Test files run on 2 processes, each kept to its own core (tests/conftest.py): on this project's slowest 2-core
-# machine so far the suite took 11.7 and 14.3 minutes that way (two runs), against 18.9 with both processes on both
-# cores.
+# machine so far the suite took 14.3 and 15.4 minutes that way (two fresh-clone runs), against 18.9 with both
+# processes on both cores.
 test: setup-dev
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
