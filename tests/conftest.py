@@ -22,10 +22,9 @@ def _keep_xdist_worker_to_its_cores() -> None:
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
         return
-    cores = ALL_CORES
-    if len(cores) < count:
+    if len(ALL_CORES) < count:
         return
-    share = set(cores[int(worker.removeprefix("gw")) % count::count])
+    share = set(ALL_CORES[int(worker.removeprefix("gw")) % count::count])
     os.sched_setaffinity(0, share)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(len(share))
     import torch

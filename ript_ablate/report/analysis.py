@@ -242,13 +242,13 @@ def design_effects(runs: pd.DataFrame, data: StudyData,
     quantile = float(sps.t.ppf(1 - (1 - level) / 2, dof)) if dof > 0 else float("nan")
     for term, effect, se in zip(terms, effects, errors):
         t = effect / se if se > 0 else float("nan")
-        if not (np.isfinite(effect) and se == se):  # not estimable (or no residual freedom): nothing is decided
+        if not (np.isfinite(effect) and np.isfinite(se)):  # not estimable, or no residual freedom: nothing decided
             p = 1.0
         else:
             p = float(2 * sps.t.sf(abs(t), dof)) if se > 0 else (1.0 if effect == 0 else 0.0)
         label = design_label(data.spec, term)
         out.append(stats.Effect(label, float(effect), float(effect - quantile * se), float(effect + quantile * se), p,
-                                len(y), sd=float(se * np.sqrt(len(y))) if se == se else float("nan")))
+                                len(y), sd=float(se * np.sqrt(len(y))) if np.isfinite(se) else float("nan")))
     mains = out[:len(keys)]
     pairs = out[len(keys):]
     for effect, p_holm in zip(out, stats.holm([e.p_value for e in out])):  # familywise over every effect
