@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: quickstart test setup setup-dev clean-cache gpu-checks
+.PHONY: quickstart test test-times setup setup-dev clean-cache gpu-checks
 
 # Install torch first: on a CPU-only machine torch==$(TORCH_VERSION) is the CPU wheel; on a GPU machine the
 # same pin from the registry is the CUDA build. Installing the rest afterwards then pulls no other torch.
@@ -34,11 +34,17 @@ quickstart: setup
 	$(BIN)/ript-ablate study run studies/quickstart.yaml --workers 2
 	$(BIN)/ript-ablate report studies/quickstart.yaml
 
-# Test files run on 2 processes, each kept to its own core (tests/conftest.py): on this project's slowest 2-core
-# machine so far the suite took 14.3 and 15.4 minutes that way (two fresh-clone runs), against 18.9 with both
-# processes on both cores.
+# Test files run on 2 processes, each kept to its own core (tests/conftest.py), heaviest file first by the seconds
+# in tests/file_seconds.json (xdist's own order sorts files by their number of tests, which started long files
+# last). On this project's slowest 2-core machine so far the suite took 14.3 and 15.4 minutes (fresh clones);
+# figures by machine in docs/development.md, "Tests".
+PYTEST_PARALLEL := -n 2 --dist loadfile --no-loadscope-reorder
 test: setup-dev
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15
+
+# Measure each test file's seconds anew into tests/file_seconds.json (the order `make test` hands files out in).
+test-times: setup-dev
+	RIPT_RECORD_FILE_SECONDS=1 $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
 # The figures only a GPU machine can take (docs/development.md, "Benchmarks"), each printed as it is measured.
 gpu-checks: setup

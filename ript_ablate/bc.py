@@ -401,18 +401,23 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
     return policy, weights, {**info, "cache_hit": False, "pretrain_cache_hit": (pretrain_info or {}).get("cache_hit")}
 
 
-def ensure_base(cfg: Config, world: Any = None) -> Path:
+def ensure_base(cfg: Config, world: Any = None, check_cached: bool = True) -> Path:
     """The explicit behaviour-cloning step: the plug-ins' contract check, then this config's base, built with its
     own rollout engine when absent (nothing to build when the run starts from `algo.checkpoint_path`). Returns the
-    weights file."""
+    weights file.
+
+    `check_cached=False` skips the check when the base is already cached: a study's cells pass it, since the runner
+    checked the plug-ins when it prepared the bases (the check builds an environment: 2-3 s on LIBERO, per cell);
+    a cell that must build its base itself still checks first."""
     from ript_ablate.engine import RolloutEngine
     from ript_ablate.plugins import build_world
 
     world = world or build_world(cfg)
-    check_plugins(cfg, world)  # a policy or world off its contract is named now, not after a base is cached
-    if cfg.algo.checkpoint_path:
+    weights = None if cfg.algo.checkpoint_path else base_dir(cfg, world) / "model.safetensors"
+    if check_cached or weights is None or not weights.is_file():
+        check_plugins(cfg, world)  # a policy or world off its contract is named now, not after a base is cached
+    if weights is None:
         return Path(cfg.algo.checkpoint_path)
-    weights = base_dir(cfg, world) / "model.safetensors"
     if weights.is_file():
         return weights
     with RolloutEngine(cfg, world) as engine:

@@ -3,8 +3,10 @@ that is a copy of one created once (creating an MLflow sqlite store takes about 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -33,6 +35,32 @@ def _keep_xdist_worker_to_its_cores() -> None:
 
 
 _keep_xdist_worker_to_its_cores()
+
+# Each test file's measured seconds (tests/file_seconds.json): `make test` hands files to its 2 processes heaviest
+# first (with --no-loadscope-reorder, xdist keeps this order), so that a long file is not the last one started while
+# the other process sits idle. `make test-times` measures them anew.
+FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
+RECORD_ENV = "RIPT_RECORD_FILE_SECONDS"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    seconds = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.is_file() else {}
+    items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))  # stable: a file's own order is kept
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    if os.environ.get(RECORD_ENV):
+        name = report.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        _measured[name] = _measured.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    if os.environ.get(RECORD_ENV) and _measured and not os.environ.get("PYTEST_XDIST_WORKER"):
+        rounded = {name: round(s, 1) for name, s in sorted(_measured.items(), key=lambda kv: -kv[1])}
+        FILE_SECONDS.write_text(json.dumps(rounded, indent=1) + "\n")
 
 from ript_ablate.config import Config, config_from_dict
 

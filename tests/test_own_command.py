@@ -204,22 +204,22 @@ def test_metrics_stream_placement_and_pruning_rules(tmp_path):
 
 
 def test_adaptive_seeds_decide_one_factor_at_the_initial_seeds_and_add_a_seed_for_the_other(own_env):
-    """A factor that changes nothing (a 1 ms pause per step) is settled at the 3 initial seeds as "no effect of 5
-    points or more"; Laplace vs Gaussian is not, so every configuration gets a 4th seed (the limit here)."""
+    """A factor that changes nothing (a 1 ms pause per step) is settled at the 2 initial seeds as "no effect of 5
+    points or more"; Laplace vs Gaussian is not, so every configuration gets a 3rd seed (the limit here)."""
     path = write_spec(own_env, factors={"algo.use_laplace_sampling": [True, False],
                                         "training.step_delay_s": [0.0, 0.001]},
-                      seeds={"initial": 3, "max": 4, "min_effect": 5})
+                      seeds={"initial": 2, "max": 3, "min_effect": 5})
     assert main(["study", "run", str(path), "--workers", "2"]) == 0
     complete = Counter(t.user_attrs["seed"] for t in trials(path) if t.state.name == "COMPLETE")
-    assert complete == {0: 4, 1: 4, 2: 4, 3: 4}  # 4 configurations x (3 initial seeds + the one added)
+    assert complete == {0: 4, 1: 4, 2: 4}  # 4 configurations x (2 initial seeds + the one added)
     assert main(["study", "run", str(path), "--workers", "1"]) == 0  # a second run: nothing more to do
-    assert len(trials(path)) == 16
+    assert len(trials(path)) == 12
     assert main(["report", str(path), "--reports", str(own_env / "reports"), "--no-upload"]) == 0
     text = (own_env / "reports" / load_study(path).name / "report.md").read_text()
-    assert "no effect of 5 points or more (at 3 seeds)" in text
+    assert "no effect of 5 points or more (at 2 seeds)" in text
     laplace = next(line for line in text.splitlines() if line.startswith("| use_laplace_sampling: True -> False"))
-    assert "(at 4 seeds)" in laplace or "undecided at the 4-seed limit" in laplace
-    assert "16 cells run of the 16 a fixed 4-seed design needs" in text
+    assert "(at 3 seeds)" in laplace or "undecided at the 3-seed limit" in laplace
+    assert "12 cells run of the 12 a fixed 3-seed design needs" in text
 
 
 def test_race_after_an_optuna_search_adds_seeds_to_the_best_two(own_env):

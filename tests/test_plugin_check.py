@@ -90,3 +90,19 @@ def test_a_world_whose_observation_differs_from_its_declaration_is_refused_namin
 def test_a_plug_in_on_its_contract_passes_the_check(config, capsys):
     assert main(["validate", config()]) == 0
     assert "world and policy checked" in capsys.readouterr().err
+
+
+def test_a_cell_checks_only_a_base_it_must_build_and_a_run_always_checks(config, monkeypatch):
+    """A study's cells skip the check on a cached base (the runner checked when it built it: an environment build
+    saved per cell); a base still to build is checked first, and `train` checks every time."""
+    import ript_ablate.bc as bc
+    from ript_ablate.plugins import load_checked_config
+
+    checked = []
+    real = bc.check_plugins
+    monkeypatch.setattr(bc, "check_plugins", lambda cfg, world=None: checked.append(1) or real(cfg, world))
+    cfg = load_checked_config(config(), [])
+    built = bc.ensure_base(cfg, check_cached=False)  # nothing cached: checked, then built
+    assert built.is_file() and len(checked) == 1
+    assert bc.ensure_base(cfg, check_cached=False) == built and len(checked) == 1  # cached: no second check
+    assert bc.ensure_base(cfg) == built and len(checked) == 2  # the default (train, the runner) checks

@@ -197,7 +197,7 @@ def run_job_on(job: dict[str, Any], ranks: Any) -> dict[str, Any]:
     start = time.perf_counter()
     result: dict[str, Any] = {"resumed_from": checkpoint}
     try:
-        ensure_base(cfg)  # normally a cache hit: the runner builds the bases before its workers start
+        ensure_base(cfg, check_cached=False)  # normally a cache hit: the runner built and checked the bases
         ranks.barrier()
         trained = Trainer(cfg, tracker, on_eval=on_eval, prior_history=prior, guard=guard, ranks=ranks).run(out)
         history = trained.history

@@ -49,6 +49,9 @@ PRELOAD_LIGHT = ("numpy", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sq
                  "ript_ablate.study.cell", "ript_ablate.study.command_cell", "ript_ablate.study.objective",
                  "ript_ablate.tracking.tracker", "ript_ablate.study.runner", "ript_ablate.cli")
 PRELOAD = (*PRELOAD_LIGHT, "torch", "torch._dynamo", "ript_ablate.ript.trainer", "ript_ablate.bc", "ript_ablate.engine")
+# What a built-in policy imports only when its cell starts RL: the reference policy's LoRA adapters come from peft,
+# 2-3 s of imports that every cell paid on its own before.
+POLICY_PRELOAD = {"reference": ("peft",)}
 ZYGOTE_ENV = "RIPT_ABLATE_ZYGOTE"  # set in a cell forked by a zygote: its parent is not its worker
 COLD_CELLS_ENV = "RIPT_ABLATE_COLD_CELLS"  # "1": every cell a new interpreter, as before (for comparison)
 REAP_S = 0.05
@@ -57,7 +60,7 @@ REAP_S = 0.05
 def preload(world: str | None, policy: str | None) -> None:
     """Import what cells need, without running any of it (no torch op, no client, no thread). Without a world and
     a policy (a study of your own trainer) the light set: the cell only watches your command."""
-    for module in PRELOAD if world or policy else PRELOAD_LIGHT:
+    for module in (*PRELOAD, *POLICY_PRELOAD.get(policy or "", ())) if world or policy else PRELOAD_LIGHT:
         importlib.import_module(module)
     from ript_ablate.plugins import resolve
 

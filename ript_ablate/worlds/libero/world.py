@@ -169,10 +169,13 @@ class PlacementSampler:
     so the object lands beside it, or falls off the table (measured: every soft-reset draw of LIBERO-Spatial's
     'on the stove' task). A draw whose initial conditions about the task's object (those true of the suite's first
     official state) fail after settling is replaced by the next seed. Hard resets cost about a second each, so states are cached in `cache_dir`.
+    Both environments are built only when a state must be drawn (a build costs 2-3 s): a study cell whose
+    placements are all cached builds neither.
     """
 
-    def __init__(self, task: str, env: LiberoEnv, cache_dir: str | None, key: str):
-        self.task, self.env = task, env
+    def __init__(self, task: str, make_env: Callable[[], LiberoEnv], cache_dir: str | None, key: str):
+        self.task, self._make_env = task, make_env
+        self._env: LiberoEnv | None = None
         self.path = Path(cache_dir) / "libero_states" / key / f"{task}.npz" if cache_dir else None
         self.hard: Any = None
         self.states: dict[str, np.ndarray] = {}
@@ -205,6 +208,13 @@ class PlacementSampler:
             if predicates_hold(self.env, self.required()):
                 return state
         raise RuntimeError(f"LIBERO task {self.task!r}: no valid placement in {MAX_PLACEMENT_DRAWS} draws")
+
+    @property
+    def env(self) -> LiberoEnv:
+        """The soft-reset environment that settles and checks each draw."""
+        if self._env is None:
+            self._env = self._make_env()
+        return self._env
 
     def required(self) -> list[list[str]]:
         """The conditions about the task's object that hold on the suite's first official state (LIBERO's region
@@ -291,7 +301,7 @@ class LiberoWorld(World):
         if task not in self._samplers:
             cfg = getattr(self, "run_config", None)
             cache_dir = cfg.sft.cache_dir if cfg is not None else None
-            self._samplers[task] = PlacementSampler(task, LiberoEnv(task, self.slots), cache_dir,
+            self._samplers[task] = PlacementSampler(task, lambda: LiberoEnv(task, self.slots), cache_dir,
                                                     self.placement_key())
         states = self._samplers[task].draw(kind, self.cfg.seed, n)
         return [InitialState(task, f"{task}/{kind}/{i}", states[i]) for i in range(n)]
