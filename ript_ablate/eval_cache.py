@@ -87,7 +87,8 @@ def load(cfg: Any, key: str) -> EvalResult | None:
     try:
         data = json.loads(path.read_text())
         return EvalResult({k: float(v) for k, v in data["per_task"].items()}, int(data["episodes"]),
-                          int(data["env_steps"]), {k: int(v) for k, v in data.get("states", {}).items()})
+                          int(data["env_steps"]), {k: int(v) for k, v in data.get("states", {}).items()},
+                          {k: str(v) for k, v in data.get("outcomes", {}).items()})
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged entry is evaluated again and rewritten
 
@@ -97,5 +98,6 @@ def save(cfg: Any, key: str, result: EvalResult) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"per_task": result.per_task, "episodes": result.episodes,
-                               "env_steps": result.env_steps, "states": result.states}))
+                               "env_steps": result.env_steps, "states": result.states,
+                               "outcomes": result.outcomes}))
     tmp.replace(path)

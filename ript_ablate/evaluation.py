@@ -20,6 +20,9 @@ class EvalResult:
     episodes: int
     env_steps: int
     states: dict[str, int] = field(default_factory=dict)  # evaluation states per task: a rate's binomial noise
+    # per task, each evaluation state's success in the world's state order ("0110..."): what lets a report pair
+    # the base and the final policy state by state (report/analysis.py, per-state gain)
+    outcomes: dict[str, str] = field(default_factory=dict)
 
     @property
     def success_rate(self) -> float:
@@ -55,12 +58,17 @@ def evaluate(world: Any, engine: Any, tasks: list[str] | None = None, ranks: Ran
     with progress() as bar:
         task_id = bar.add_task("evaluation", total=len(jobs), status="")
         episodes = engine.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps))) if jobs else []
-    outcomes = [o for part in ranks.gather([(e.task, float(e.success), int(e.length)) for e in episodes])
+    outcomes = [o for part in ranks.gather([(e.task, e.state_id, float(e.success), int(e.length)) for e in episodes])
                 for o in part]
     per_task = {t: 0.0 for t in tasks}
     counts = {t: 0 for t in tasks}
-    for task, success, _ in outcomes:
+    by_state: dict[tuple[str, str], float] = {}
+    for task, state_id, success, _ in outcomes:
         per_task[task] += success
         counts[task] += 1
-    return EvalResult({t: per_task[t] / counts[t] for t in tasks}, len(outcomes), sum(o[2] for o in outcomes),
-                      counts)
+        by_state[task, state_id] = success
+    in_order = {t: "".join("1" if by_state[t, s.state_id] else "0"
+                           for s in world.eval_states(t)[:states_per_task or None] if (t, s.state_id) in by_state)
+                for t in tasks}
+    return EvalResult({t: per_task[t] / counts[t] for t in tasks}, len(outcomes), sum(o[3] for o in outcomes),
+                      counts, in_order)

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -187,6 +188,18 @@ def test_eight_cells_four_workers_each_exactly_once_on_journal(study_env, capsys
     capsys.readouterr()
     assert main(["study", "status", str(path)]) == 0
     assert "8/8 ended" in capsys.readouterr().out
+    # every cell tagged each evaluation state's outcome at iterations 0 and 1: the gain paired per state (one task)
+    # is then the seeds' mean gain exactly, and the report gives it its own table
+    from ript_ablate.report.analysis import analyse
+    from ript_ablate.report.collect import collect
+    from ript_ablate.report.render import _state_gain_lines
+
+    analysis = analyse(collect(load_study(path)), reps=200)
+    configs = analysis.configs
+    assert list(configs["state_gain_states"]) == [2] * 4
+    assert np.allclose(configs["state_gain"], configs["gain"])
+    assert (configs["state_gain_lo"] <= configs["state_gain"]).all() and (configs["state_gain"] <= configs["state_gain_hi"]).all()
+    assert _state_gain_lines(analysis)[0].startswith("**Gain paired per evaluation state**")
 
 
 @pytest.fixture

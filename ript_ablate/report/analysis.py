@@ -110,6 +110,30 @@ def health_table(runs: pd.DataFrame, tasks: list[str]) -> list[list[str]]:
     return rows
 
 
+def state_gain(data: StudyData, cell_ids: list[str], reps: int) -> dict[str, float]:
+    """The gain paired per evaluation state (stats.state_paired_gain) from the iteration-0 and the last full
+    evaluation of every run of a configuration, when all of them tagged each state's outcome on the same tasks and states; NaN
+    otherwise (older runs, a metrics.csv, a task with more states than a tag holds)."""
+    nan = {"state_gain": float("nan"), "state_gain_lo": float("nan"), "state_gain_hi": float("nan"),
+           "state_gain_states": 0}
+    pairs = []
+    for cell in cell_ids:
+        found = data.outcomes.get(cell, {})
+        if 0 not in found or len(found) < 2:  # the base is the iteration-0 evaluation (a resumed run has none)
+            return nan
+        pairs.append((found[0], found[max(found)]))
+    tasks = sorted(pairs[0][0]) if pairs else []
+    shapes = {t: len(pairs[0][0][t]) for t in tasks}
+    if not tasks or any(sorted(b) != tasks or sorted(f) != tasks or any(len(b[t]) != shapes[t] or len(f[t]) != shapes[t]
+                                                                        for t in tasks) for b, f in pairs):
+        return nan
+    bits = lambda text: np.frombuffer(text.encode(), np.uint8) - ord("0")  # noqa: E731
+    base = {t: np.stack([bits(b[t]) for b, _ in pairs]) for t in tasks}
+    final = {t: np.stack([bits(f[t]) for _, f in pairs]) for t in tasks}
+    gain, lo, hi = stats.state_paired_gain(base, final, reps)
+    return {"state_gain": gain, "state_gain_lo": lo, "state_gain_hi": hi, "state_gain_states": sum(shapes.values())}
+
+
 def score_matrix(runs: pd.DataFrame, tasks: list[str], column: str = "final") -> np.ndarray:
     """seeds x tasks of final per-task success (the overall score when per-task values are absent)."""
     cols = [f"{column}/{t}" for t in tasks if f"{column}/{t}" in runs]
@@ -137,9 +161,10 @@ def analyse(data: StudyData, th: Thresholds | None = None, reps: int = 2000) -> 
         gains = group["gain"].dropna().to_numpy(float)
         gain = stats.paired_effect(str(config), gains, reps,
                                    state_var=state_noise(group, data.tasks, gain=True))
+        by_state = state_gain(data, list(group["cell_id"]), reps)
         rows.append({"config": config, "seeds": len(group), "interval": method,
                      "base": float(group["base"].mean()), "gain": gain.estimate, "gain_lo": gain.low,
-                     "gain_hi": gain.high, "gain_p": gain.p_value,
+                     "gain_hi": gain.high, "gain_p": gain.p_value, **by_state,
                      "final": final, "final_lo": flo, "final_hi": fhi,
                      "best": best, "best_lo": blo, "best_hi": bhi, "iqm": iqm_point, "iqm_lo": ilo, "iqm_hi": ihi,
                      "auc": auc, "auc_lo": alo, "auc_hi": ahi, **config_health(group, th)})

@@ -38,6 +38,8 @@ class StudyData:
     pruned: list[str] = field(default_factory=list)  # cell ids (with their configuration) stopped by the pruner
     failed_attempts: int = 0
     tasks: list[str] = field(default_factory=list)
+    # cell id -> {iteration: {task: "0110..."}}: each state's success at the run's full evaluations (its tags)
+    outcomes: dict[str, dict[int, dict[str, str]]] = field(default_factory=dict)
 
     @property
     def success_metric(self) -> str:
@@ -73,8 +75,10 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
             continue
         chosen[tags[tag.CELL_ID]] = run  # the latest usable run of a cell wins
     rows, cell_rows, tasks = [], [], set()
+    outcomes: dict[str, dict[int, dict[str, str]]] = {}
     for cell_id, run in chosen.items():
         tags = run.data.tags
+        outcomes[cell_id] = state_outcomes(tags)
         order = [tag.FACTOR_PREFIX + k for k in spec.factors] or [tag.FACTOR_PREFIX + p.key for p in spec.search_space]
         found = [k for k in tags if k.startswith(tag.FACTOR_PREFIX)]
         factors = {k: _parse(tags[k]) for k in [*[o for o in order if o in tags], *sorted(set(found) - set(order))]}
@@ -98,7 +102,18 @@ def collect(spec: StudySpec, tracking_uri: str | None = None, expected: dict[str
     want = expected if expected is not None else expected_cells(spec)
     missing = [f"{cid} ({desc})" for cid, desc in want.items() if cid not in chosen and cid not in pruned_ids]
     pruned = [f"{cid} ({want.get(cid, '?')})" for cid in sorted(pruned_ids) if cid not in chosen]
-    return StudyData(spec, parent, frame, cells, missing, pruned, failed, sorted(tasks))
+    return StudyData(spec, parent, frame, cells, missing, pruned, failed, sorted(tasks), outcomes)
+
+
+def state_outcomes(tags: dict[str, str]) -> dict[int, dict[str, str]]:
+    """{iteration: {task: "0110..."}} from a run's `ript.outcomes.<iteration>.<task>` tags."""
+    found: dict[int, dict[str, str]] = {}
+    for key, bits in tags.items():
+        if key.startswith(tag.OUTCOMES_PREFIX):
+            iteration, _, task = key[len(tag.OUTCOMES_PREFIX):].partition(".")
+            if iteration.isdigit() and task and set(bits) <= {"0", "1"}:
+                found.setdefault(int(iteration), {})[task] = bits
+    return found
 
 
 def from_metrics_csv(spec: StudySpec, path: str | Path) -> StudyData:

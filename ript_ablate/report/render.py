@@ -187,7 +187,7 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
                        _ci(r["gain"], r["gain_lo"], r["gain_hi"], signed=True),
                        _ci(r["best"], r["best_lo"], r["best_hi"]), _ci(r["iqm"], r["iqm_lo"], r["iqm_hi"]),
                        _ci(r["auc"], r["auc_lo"], r["auc_hi"]), r["interval"]] for _, r in a.configs.iterrows()]),
-              "", _gain_sentence(a), "",
+              "", _gain_sentence(a), "", *_state_gain_lines(a),
               "![learning curves](learning_curves.png)", "", "![final success](final_success.png)", ""]
     if a.effects:
         lines += ["## Which switches matter", "",
@@ -269,6 +269,20 @@ def _not_computed(a: Analysis) -> list[str]:
     listed = ", ".join(f"`{m}`" for m in a.missing)
     return [f"Not computed (no run logged these metrics; shown as '-'): {listed}. Log them under these names to get "
             "the corresponding columns.", ""]
+
+
+def _state_gain_lines(a: Analysis) -> list[str]:
+    """The gain paired per evaluation state, where the runs tagged each state's outcome (none otherwise)."""
+    if "state_gain" not in a.configs or not np.isfinite(a.configs["state_gain"]).any():
+        return []
+    rows = [[r["config"], str(r["seeds"]), str(int(r["state_gain_states"])),
+             _ci(r["state_gain"], r["state_gain_lo"], r["state_gain_hi"], signed=True)]
+            for _, r in a.configs.iterrows() if np.isfinite(r["state_gain"])]
+    return ["**Gain paired per evaluation state**: each state's change from the base to the final evaluation, "
+            "averaged over the seeds, then over the states of a task and over tasks; the 95% interval resamples the "
+            "states within each task, so it is the evaluation states' noise for these seeds' runs (the seeds' own "
+            "spread is in the gain column above).", "",
+            _table(["configuration", "seeds", "states", "gain"], rows), ""]
 
 
 def _gain_sentence(a: Analysis) -> str:

@@ -44,6 +44,7 @@ from ript_ablate.ript.update import PPOUpdater, build_trajectories
 from ript_ablate.seeding import stream_seed
 from ript_ablate.switch_table import inert_switches
 from ript_ablate.tracking import Tracker, git_commit
+from ript_ablate.tracking import tags as tag
 
 HISTORY_LOG = "history.jsonl"  # one line per logged iteration, appended as the run goes (read when resuming)
 
@@ -301,6 +302,8 @@ class Trainer:
         values = {**res.metrics(), "perf/eval_s": time.perf_counter() - t0}
         if cache_key:
             values["perf/eval_cached"] = float(cached)
+        if not subset and res.outcomes:
+            self._on_main(lambda: self.tracker.set_tags(tag.outcome_state_tags(iteration, res.outcomes)))
         if metrics is None:
             self._log(iteration, values, run.result)
         else:

@@ -25,6 +25,15 @@ METRICS_LINES_SKIPPED = "ript.metrics_lines_skipped"  # a command's metrics-file
 
 FACTOR_PREFIX = "factor."  # factor.<config key> = the value this cell sets
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value
+# ript.outcomes.<iteration>.<task> = "0110...": each evaluation state's success at a full evaluation, in the world's
+# state order (a per-state paired gain in the report)
+OUTCOMES_PREFIX = "ript.outcomes."
+
+
+def outcome_state_tags(iteration: int, outcomes: dict[str, str]) -> dict[str, str]:
+    """A tag per task; a task with more states than a tag holds is left out (the report then pairs by seed only)."""
+    return {f"{OUTCOMES_PREFIX}{iteration}.{task}": bits for task, bits in outcomes.items()
+            if bits and len(bits) <= MAX_TAG_CHARS}
 
 
 def factor_tags(values: Mapping[str, Any]) -> dict[str, str]:

@@ -39,6 +39,9 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Untracked: artifacts stay in the run directory only."""
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Untracked: nothing to tag."""
+
     def end(self, status: str) -> None:
         self.flush()
 
@@ -78,8 +81,14 @@ class MlflowTracker(Tracker):
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v)[:tag.MAX_TAG_CHARS])
+        """log_batch calls of at most 100 tags (MLflow's limit for one call)."""
+        from mlflow.entities import RunTag
+
+        if self.run_id is None:
+            return
+        items = [RunTag(k, str(v)[:tag.MAX_TAG_CHARS]) for k, v in tags.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[start:start + 100])
 
     def end(self, status: str) -> None:
         """status: FINISHED | FAILED | KILLED; 'diverged' runs end FAILED with their status tag
