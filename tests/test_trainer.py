@@ -392,3 +392,19 @@ def test_the_start_evaluation_is_computed_once_per_start_policy(tmp_path, monkey
     monkeypatch.setattr(model.ReferencePolicy, "prepare_for_rl", moved)
     third = Trainer(config_from_dict(data)).run(tmp_path / "d")
     assert third.history[0]["perf/eval_cached"] == 0.0
+
+
+def test_ript_gain_prints_the_seed_and_the_per_state_intervals():
+    from ript_ablate.bench.ript_gain import gain_intervals
+
+    # 2 seeds, one task of 4 states: changes per state averaged over seeds 1, 0.5, 0, -0.5 -> +25.0 paired per state
+    tags = [{"ript.outcomes.0.t": "0011", "ript.outcomes.5.t": "1011"},
+            {"ript.outcomes.0.t": "0011", "ript.outcomes.5.t": "1110"}]
+    histories = [[{"iteration": 0, "eval/states/t": 4.0}, {"iteration": 5, "eval/states/t": 4.0}]] * 2
+    text = gain_intervals([0.25, 0.25], [{"t": 0.25}, {"t": 0.25}], histories, tags)
+    # equal seeds: the interval is the states' least noise alone, (|d| - d^2) / n = 0.1875 / 4, a known variance
+    # (Welch-Satterthwaite: infinite degrees of freedom, a normal quantile)
+    half = 1.959964 * (0.1875 / 4) ** 0.5
+    assert f"[{25 - 100 * half:+.1f}, {25 + 100 * half:+.1f}]" in text
+    assert "paired per evaluation state (4 states) +25.0 [" in text
+    assert "paired per evaluation state" not in gain_intervals([0.25], [{"t": 0.25}], histories[:1], [{}])

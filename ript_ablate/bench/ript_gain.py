@@ -12,7 +12,8 @@ into rollout, update and evaluation, and rollout env steps/s as a fraction of ra
 same invocation: random-action stepping of each task on a rollout pool of the same shape (workers x envs per
 worker), weighted by the steps the run spent on each task. It is given twice: against pure stepping (resets only
 at the env's own limit) and against stepping that resets onto a new variation at the run's mean episode length
-per task (so the resets a rollout cannot avoid are in the ceiling too). With --overhead N, runs seed 0 for N
+per task (so the resets a rollout cannot avoid are in the ceiling too). The seeds' mean gain comes with the report's two intervals: a t over seeds with the evaluation states' least noise
+added, and the gain paired per evaluation state (docs/reports.md). With --overhead N, runs seed 0 for N
 iterations tracked in MLflow (a temporary sqlite store) and untracked, side by side, and prints the ratio of wall times.
 """
 
@@ -40,6 +41,45 @@ def run(cfg: Config, tracker: Tracker, out: str) -> tuple[list[dict], float]:
     result = Trainer(cfg, tracker).run(out)
     tracker.end("FINISHED")
     return result.history, time.perf_counter() - start
+
+
+class OutcomeTracker(Tracker):
+    """Untracked, but keeps the per-state outcomes the trainer tags at its full evaluations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: dict[str, str] = {}
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+
+
+def gain_intervals(gains: list[float], per_task: list[dict[str, float]], histories: list[list[dict]],
+                   outcomes: list[dict[str, str]]) -> str:
+    """The seeds' mean gain with the report's two intervals: a t over seeds with the evaluation states' least
+    noise added (report/analysis.py), and the one paired per evaluation state (states resampled within tasks)."""
+    import numpy as np
+
+    from ript_ablate.report import stats
+    from ript_ablate.report.collect import state_outcomes
+
+    tasks = list(per_task[0])
+    counts = [next((h[f"eval/states/{t}"] for h in reversed(histories[0]) if f"eval/states/{t}" in h), 0.0)
+              for t in tasks]
+    change = np.abs([statistics.fmean(p[t] for p in per_task) for t in tasks])
+    state_var = (float(np.sum((change - change ** 2) / np.asarray(counts)) / len(tasks) ** 2)
+                 if all(c > 0 for c in counts) else 0.0)
+    seeds = stats.paired_effect("gain", np.asarray(gains), state_var=state_var)
+    text = f"interval over seeds (+ evaluation states) [{100 * seeds.low:+.1f}, {100 * seeds.high:+.1f}]"
+    found = [state_outcomes(tags) for tags in outcomes]
+    if all(0 in f and len(f) > 1 for f in found):
+        bits = lambda s: np.frombuffer(s.encode(), np.uint8) - ord("0")  # noqa: E731
+        base = {t: np.stack([bits(f[0][t]) for f in found]) for t in found[0][0]}
+        final = {t: np.stack([bits(f[max(f)][t]) for f in found]) for t in found[0][0]}
+        gain, lo, hi = stats.state_paired_gain(base, final)
+        states = sum(len(v[0]) for v in base.values())
+        text += f"; paired per evaluation state ({states} states) {100 * gain:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return text
 
 
 class TimedTracker(MlflowTracker):
@@ -143,18 +183,22 @@ def main() -> None:
     for name, overrides in variants.items():
         if len(variants) > 1:
             print(f"--- variant {name}: {' '.join(overrides) or '(the config as it is)'}", flush=True)
-        gains, per_task = [], []
+        gains, per_task, histories, outcomes = [], [], [], []
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.set, *overrides, f"algo.model_seed={seed}"])
-            history, wall = run(cfg, Tracker(), f"{tmp}/{name}/seed{seed}")
+            tracker = OutcomeTracker()
+            history, wall = run(cfg, tracker, f"{tmp}/{name}/seed{seed}")
             lengths = mean_episode_lengths(history)
             gain, tasks = describe(seed, history, wall, raw, raw_rates(cfg, args.raw_seconds, lengths), lengths)
             gains.append(gain)
             per_task.append(tasks)
+            histories.append(history)
+            outcomes.append(tracker.tags)
         spread = f" (sd {100 * statistics.stdev(gains):.1f})" if len(gains) > 1 else ""
         line = (f"mean gain over {len(gains)} seeds: {100 * statistics.fmean(gains):+.1f} points{spread}; per task: "
                 + ", ".join(f"{t} {100 * statistics.fmean(p[t] for p in per_task):+.1f}" for t in per_task[0])
-                + "; per seed: " + " ".join(f"{100 * g:+.1f}" for g in gains))
+                + "; per seed: " + " ".join(f"{100 * g:+.1f}" for g in gains)
+                + "\n  " + gain_intervals(gains, per_task, histories, outcomes))
         print(line, flush=True)
         summary.append(f"{name}: {line}")
     if len(variants) > 1:
