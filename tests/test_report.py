@@ -277,3 +277,15 @@ def test_gain_paired_per_state_against_hand_computed_values():
     flipped = start | (rng.random((1, 300)) < 0.2).repeat(3, 0)
     gain, lo, hi = state_paired_gain({"t": start}, {"t": flipped}, reps=2000)
     assert lo > 0.05 and gain == pytest.approx((flipped[0].astype(float) - start[0]).mean())
+
+
+def test_outcome_tags_are_all_or_nothing_and_read_back():
+    from ript_ablate.report.collect import state_outcomes
+    from ript_ablate.tracking.tags import outcome_state_tags
+
+    tags = outcome_state_tags(5, {"reach-v3": "0110", "pick_up_the_bowl": "1"})
+    assert tags == {"ript.outcomes.5.reach-v3": "0110", "ript.outcomes.5.pick_up_the_bowl": "1"}
+    assert state_outcomes({**tags, "ript.seed": "0"}) == {5: {"reach-v3": "0110", "pick_up_the_bowl": "1"}}
+    # a name MLflow refuses in a key, or more states than a tag holds: no task is tagged (a pairing needs them all)
+    assert outcome_state_tags(5, {"reach-v3": "01", "a:b": "1"}) == {}
+    assert outcome_state_tags(5, {"reach-v3": "0" * 5001}) == {}

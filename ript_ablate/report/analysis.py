@@ -124,7 +124,7 @@ def state_gain(data: StudyData, cell_ids: list[str], reps: int) -> dict[str, flo
         pairs.append((found[0], found[max(found)]))
     tasks = sorted(pairs[0][0]) if pairs else []
     shapes = {t: len(pairs[0][0][t]) for t in tasks}
-    if not tasks or any(sorted(b) != tasks or sorted(f) != tasks or any(len(b[t]) != shapes[t] or len(f[t]) != shapes[t]
+    if not tasks or (data.tasks and tasks != sorted(data.tasks)) or any(sorted(b) != tasks or sorted(f) != tasks or any(len(b[t]) != shapes[t] or len(f[t]) != shapes[t]
                                                                         for t in tasks) for b, f in pairs):
         return nan
     bits = lambda text: np.frombuffer(text.encode(), np.uint8) - ord("0")  # noqa: E731

@@ -4,6 +4,7 @@ them listed here."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,10 +31,15 @@ MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value
 OUTCOMES_PREFIX = "ript.outcomes."
 
 
+_TAGGABLE_TASK = re.compile(r"[\w\-. /]{1,200}")  # what MLflow accepts in a tag key
+
+
 def outcome_state_tags(iteration: int, outcomes: dict[str, str]) -> dict[str, str]:
-    """A tag per task; a task with more states than a tag holds is left out (the report then pairs by seed only)."""
-    return {f"{OUTCOMES_PREFIX}{iteration}.{task}": bits for task, bits in outcomes.items()
-            if bits and len(bits) <= MAX_TAG_CHARS}
+    """A tag per task; none at all when a task has more states than a tag holds or a name MLflow refuses in a key
+    (the report then has no per-state pairing: it needs every task)."""
+    if not all(bits and len(bits) <= MAX_TAG_CHARS and _TAGGABLE_TASK.fullmatch(task) for task, bits in outcomes.items()):
+        return {}
+    return {f"{OUTCOMES_PREFIX}{iteration}.{task}": bits for task, bits in outcomes.items()}
 
 
 def factor_tags(values: Mapping[str, Any]) -> dict[str, str]:
