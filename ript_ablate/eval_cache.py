@@ -86,9 +86,11 @@ def load(cfg: Any, key: str) -> EvalResult | None:
         return None
     try:
         data = json.loads(path.read_text())
+        if "outcomes" not in data:
+            return None  # written before per-state outcomes were kept: evaluated once more, so runs can tag them
         return EvalResult({k: float(v) for k, v in data["per_task"].items()}, int(data["episodes"]),
                           int(data["env_steps"]), {k: int(v) for k, v in data.get("states", {}).items()},
-                          {k: str(v) for k, v in data.get("outcomes", {}).items()})
+                          {k: str(v) for k, v in data["outcomes"].items()})
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged entry is evaluated again and rewritten
 

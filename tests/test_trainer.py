@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -408,3 +409,16 @@ def test_ript_gain_prints_the_seed_and_the_per_state_intervals():
     assert f"[{25 - 100 * half:+.1f}, {25 + 100 * half:+.1f}]" in text
     assert "paired per evaluation state (4 states) +25.0 [" in text
     assert "paired per evaluation state" not in gain_intervals([0.25], [{"t": 0.25}], histories[:1], [{}])
+
+
+def test_an_evaluation_cached_without_state_outcomes_is_evaluated_again(tiny_cfg):
+    from ript_ablate import eval_cache
+    from ript_ablate.evaluation import EvalResult
+
+    eval_cache.save(tiny_cfg, "k", EvalResult({"t": 0.5}, 2, 10, {"t": 2}, {"t": "01"}))
+    assert eval_cache.load(tiny_cfg, "k").outcomes == {"t": "01"}
+    path = eval_cache._path(tiny_cfg, "k")
+    older = json.loads(path.read_text())
+    del older["outcomes"]  # as written before outcomes were kept
+    path.write_text(json.dumps(older))
+    assert eval_cache.load(tiny_cfg, "k") is None
