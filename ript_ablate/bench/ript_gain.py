@@ -61,6 +61,7 @@ def gain_intervals(gains: list[float], per_task: list[dict[str, float]], histori
     import numpy as np
 
     from ript_ablate.report import stats
+    from ript_ablate.report.analysis import outcome_matrices
     from ript_ablate.report.collect import state_outcomes
 
     tasks = list(per_task[0])
@@ -71,13 +72,10 @@ def gain_intervals(gains: list[float], per_task: list[dict[str, float]], histori
                  if all(c > 0 for c in counts) else 0.0)
     seeds = stats.paired_effect("gain", np.asarray(gains), state_var=state_var)
     text = f"interval over seeds (+ evaluation states) [{100 * seeds.low:+.1f}, {100 * seeds.high:+.1f}]"
-    found = [state_outcomes(tags) for tags in outcomes]
-    if all(0 in f and len(f) > 1 for f in found):
-        bits = lambda s: np.frombuffer(s.encode(), np.uint8) - ord("0")  # noqa: E731
-        base = {t: np.stack([bits(f[0][t]) for f in found]) for t in found[0][0]}
-        final = {t: np.stack([bits(f[max(f)][t]) for f in found]) for t in found[0][0]}
-        gain, lo, hi = stats.state_paired_gain(base, final)
-        states = sum(len(v[0]) for v in base.values())
+    matrices = outcome_matrices([state_outcomes(tags) for tags in outcomes])
+    if matrices is not None:
+        gain, lo, hi = stats.state_paired_gain(*matrices)
+        states = sum(m.shape[1] for m in matrices[0].values())
         text += f"; paired per evaluation state ({states} states) {100 * gain:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
     return text
 

@@ -110,28 +110,38 @@ def health_table(runs: pd.DataFrame, tasks: list[str]) -> list[list[str]]:
     return rows
 
 
-def state_gain(data: StudyData, cell_ids: list[str], reps: int) -> dict[str, float]:
-    """The gain paired per evaluation state (stats.state_paired_gain) from the iteration-0 and the last full
-    evaluation of every run of a configuration, when all of them tagged each state's outcome on the same tasks and states; NaN
-    otherwise (older runs, a metrics.csv, a task with more states than a tag holds)."""
-    nan = {"state_gain": float("nan"), "state_gain_lo": float("nan"), "state_gain_hi": float("nan"),
-           "state_gain_states": 0}
+def outcome_matrices(runs: list[dict[int, dict[str, str]]], tasks: list[str] | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """Per task, seeds x states of 0/1 at iteration 0 and at each run's last full evaluation, from the runs'
+    outcome tags (collect.state_outcomes); None unless every run has both on the same tasks (`tasks` when given)
+    and states."""
     pairs = []
-    for cell in cell_ids:
-        found = data.outcomes.get(cell, {})
+    for found in runs:
         if 0 not in found or len(found) < 2:  # the base is the iteration-0 evaluation (a resumed run has none)
-            return nan
+            return None
         pairs.append((found[0], found[max(found)]))
-    tasks = sorted(pairs[0][0]) if pairs else []
-    shapes = {t: len(pairs[0][0][t]) for t in tasks}
-    if not tasks or (data.tasks and tasks != sorted(data.tasks)) or any(sorted(b) != tasks or sorted(f) != tasks or any(len(b[t]) != shapes[t] or len(f[t]) != shapes[t]
-                                                                        for t in tasks) for b, f in pairs):
-        return nan
+    names = sorted(pairs[0][0]) if pairs else []
+    shapes = {t: len(pairs[0][0][t]) for t in names}
+    if not names or (tasks and names != sorted(tasks)) or any(
+            sorted(b) != names or sorted(f) != names or any(len(b[t]) != shapes[t] or len(f[t]) != shapes[t]
+                                                            for t in names) for b, f in pairs):
+        return None
     bits = lambda text: np.frombuffer(text.encode(), np.uint8) - ord("0")  # noqa: E731
-    base = {t: np.stack([bits(b[t]) for b, _ in pairs]) for t in tasks}
-    final = {t: np.stack([bits(f[t]) for _, f in pairs]) for t in tasks}
-    gain, lo, hi = stats.state_paired_gain(base, final, reps)
-    return {"state_gain": gain, "state_gain_lo": lo, "state_gain_hi": hi, "state_gain_states": sum(shapes.values())}
+    return ({t: np.stack([bits(b[t]) for b, _ in pairs]) for t in names},
+            {t: np.stack([bits(f[t]) for _, f in pairs]) for t in names})
+
+
+def state_gain(data: StudyData, cell_ids: list[str], reps: int) -> dict[str, float]:
+    """The gain paired per evaluation state (stats.state_paired_gain) of a configuration's runs, where their
+    outcome tags allow it (outcome_matrices, over every task of the study); NaN otherwise (older runs, a
+    metrics.csv, a task with more states than a tag holds)."""
+    matrices = outcome_matrices([data.outcomes.get(cell, {}) for cell in cell_ids], data.tasks)
+    if matrices is None:
+        return {"state_gain": float("nan"), "state_gain_lo": float("nan"), "state_gain_hi": float("nan"),
+                "state_gain_states": 0}
+    gain, lo, hi = stats.state_paired_gain(*matrices, reps)
+    return {"state_gain": gain, "state_gain_lo": lo, "state_gain_hi": hi,
+            "state_gain_states": sum(m.shape[1] for m in matrices[0].values())}
 
 
 def score_matrix(runs: pd.DataFrame, tasks: list[str], column: str = "final") -> np.ndarray:
