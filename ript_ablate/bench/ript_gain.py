@@ -61,15 +61,14 @@ def gain_intervals(gains: list[float], per_task: list[dict[str, float]], histori
     import numpy as np
 
     from ript_ablate.report import stats
-    from ript_ablate.report.analysis import outcome_matrices
+    from ript_ablate.report.analysis import gain_state_variance, outcome_matrices
     from ript_ablate.report.collect import state_outcomes
 
     tasks = list(per_task[0])
     counts = [next((h[f"eval/states/{t}"] for h in reversed(histories[0]) if f"eval/states/{t}" in h), 0.0)
               for t in tasks]
-    change = np.abs([statistics.fmean(p[t] for p in per_task) for t in tasks])
-    state_var = (float(np.sum((change - change ** 2) / np.asarray(counts)) / len(tasks) ** 2)
-                 if all(c > 0 for c in counts) else 0.0)
+    state_var = gain_state_variance(np.array([statistics.fmean(p[t] for p in per_task) for t in tasks]),
+                                    np.asarray(counts))
     seeds = stats.paired_effect("gain", np.asarray(gains), state_var=state_var)
     text = f"interval over seeds (+ evaluation states) [{100 * seeds.low:+.1f}, {100 * seeds.high:+.1f}]"
     matrices = outcome_matrices([state_outcomes(tags) for tags in outcomes])

@@ -83,10 +83,16 @@ def state_noise(group: pd.DataFrame, tasks: list[str], gain: bool = False) -> fl
     states, final = column("states"), column("final")
     if not gain:
         return stats.state_variance(final, states)
-    change = np.abs(final - column("base"))
-    if not (np.isfinite(change).all() and np.isfinite(states).all() and (states > 0).all()) or len(tasks) == 0:
+    return gain_state_variance(final - column("base"), states)
+
+
+def gain_state_variance(change: np.ndarray, states: np.ndarray) -> float:
+    """The least variance the shared evaluation states add to a gain averaged over tasks: (|d| - d^2) / n per task,
+    d a task's change and n its states; 0 when a change or a count is missing."""
+    change, states = np.abs(np.asarray(change, float)), np.asarray(states, float)
+    if not (np.isfinite(change).all() and np.isfinite(states).all() and (states > 0).all()) or len(change) == 0:
         return 0.0
-    return float(np.sum((change - change ** 2) / states) / len(tasks) ** 2)
+    return float(np.sum((change - change ** 2) / states) / len(change) ** 2)
 
 
 def _last(frame: pd.DataFrame, cid: str) -> float:
