@@ -31,8 +31,11 @@ def demo_cache_path(world: Any, cache_dir: str | Path | None) -> Path | None:
 
 def collect_demonstrations(tasks: list[str], engine: Any, want: int,
                            candidates: Callable[[str, int], list[InitialState]], cache_path: Path | None = None,
-                           on_batch: Callable[[list[Episode]], None] | None = None) -> Demonstrations:
-    """`want` successful expert episodes per task, from the first candidates (in order) where the expert succeeds."""
+                           on_batch: Callable[[list[Episode]], None] | None = None,
+                           prepare: Callable[[dict[str, int]], None] | None = None) -> Demonstrations:
+    """`want` successful expert episodes per task, from the first candidates (in order) where the expert succeeds.
+    `prepare`, if given, is told each round how many candidates each short task will be asked for (a world that
+    draws candidates slowly can draw them all at once, in parallel)."""
     if cache_path is not None and cache_path.is_file():
         return load_demonstrations(cache_path, tasks)
     episodes: dict[str, list[Episode]] = {t: [] for t in tasks}
@@ -43,6 +46,8 @@ def collect_demonstrations(tasks: list[str], engine: Any, want: int,
         short = [t for t in tasks if len(episodes[t]) < want]
         if not short:
             break
+        if prepare is not None:
+            prepare({task: n_candidates[task] for task in short})
         jobs = [EpisodeJob(state, seed=0, mode="expert") for task in short
                 for state in candidates(task, n_candidates[task]) if state.state_id not in tried[task]]
         for job, ep in zip(jobs, engine.run(jobs, on_batch=on_batch)):  # job order: reproducible

