@@ -275,6 +275,8 @@ def _collect_demonstrations(cfg: Config, world: Any, engine: Any, label: str) ->
                     bar.advance(task, 1)
 
         demos = world.demonstrations(engine, cfg.sft.cache_dir, on_batch=count)
+    if demos is not None and demos.expert_record:
+        console.print(f"{label}: {sum(len(e) for e in demos.episodes.values())} kept; {demos.expert_summary()}")
     if demos is None:
         raise ConfigError([f"suite.name: the world {cfg.suite.name!r} gives no demonstrations, so no behaviour-"
                            "cloning base can be built; set algo.checkpoint_path to a model.safetensors"])
@@ -387,6 +389,7 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
         "inputs": {"demonstrations": cache_keys.demo_identity(world, world.run_config), **_policy_identity(cfg)},
         "bc_l1": bc_final, "scale_nll": nll, "samples": len(data), "scale_samples": len(scale_data),
         "demo_steps": demos.n_steps(), "demo_seconds": round(demo_seconds, 2),
+        "expert_record": {t: list(v) for t, v in demos.expert_record.items()},  # (successes, episodes) per task
         "train_seconds": round(time.perf_counter() - t0, 2), "device": str(device),
         "family": getattr(policy, "family", "laplace"),
         "log_b_bias": [float(v) for v in policy.checkpoint_tensors("header").get(

@@ -42,6 +42,7 @@ def collect_demonstrations(tasks: list[str], engine: Any, want: int,
     states: dict[str, list[InitialState]] = {t: [] for t in tasks}
     n_candidates = {t: want + max(2, want // 4) for t in tasks}
     tried: dict[str, set[str]] = {t: set() for t in tasks}
+    wins = {t: 0 for t in tasks}
     for _round in range(MAX_ROUNDS):
         short = [t for t in tasks if len(episodes[t]) < want]
         if not short:
@@ -53,6 +54,7 @@ def collect_demonstrations(tasks: list[str], engine: Any, want: int,
         for job, ep in zip(jobs, engine.run(jobs, on_batch=on_batch)):  # job order: reproducible
             task = job.state.task
             tried[task].add(job.state.state_id)
+            wins[task] += bool(ep.success)
             if ep.success and len(episodes[task]) < want:
                 episodes[task].append(ep)
                 states[task].append(job.state)
@@ -61,7 +63,7 @@ def collect_demonstrations(tasks: list[str], engine: Any, want: int,
     short = [t for t in tasks if len(episodes[t]) < want]
     if short:
         raise RuntimeError(f"the scripted expert failed too often on {short} to collect {want} demonstrations")
-    demos = Demonstrations(episodes, states)
+    demos = Demonstrations(episodes, states, {t: (wins[t], len(tried[t])) for t in tasks})
     if cache_path is not None:
         save_demonstrations(cache_path, demos, tasks)
     return demos
@@ -77,6 +79,8 @@ def save_demonstrations(path: Path, demos: Demonstrations, tasks: list[str]) -> 
         arrays[f"{ti}/lengths"] = np.asarray([e.length for e in eps])
         arrays[f"{ti}/state_data"] = np.stack([np.asarray(s.data) for s in demos.states[task]])
         arrays[f"{ti}/state_ids"] = np.asarray([s.state_id for s in demos.states[task]])
+        if task in demos.expert_record:
+            arrays[f"{ti}/expert_record"] = np.asarray(demos.expert_record[task])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
@@ -87,7 +91,11 @@ def load_demonstrations(path: Path, tasks: list[str]) -> Demonstrations:
     data = np.load(path, allow_pickle=False)
     episodes: dict[str, list[Episode]] = {}
     states: dict[str, list[InitialState]] = {}
+    record: dict[str, tuple[int, int]] = {}
     for ti, task in enumerate(tasks):
+        if f"{ti}/expert_record" in data.files:
+            wins, runs = (int(v) for v in data[f"{ti}/expert_record"])
+            record[task] = (wins, runs)
         lengths = data[f"{ti}/lengths"]
         bounds = np.concatenate([[0], np.cumsum(lengths)])
         prefix = f"{ti}/obs/"
@@ -99,4 +107,4 @@ def load_demonstrations(path: Path, tasks: list[str]) -> Demonstrations:
                     np.ones((int(n), 1), dtype=bool))
             for s, n, a, b in zip(states[task], lengths, bounds[:-1], bounds[1:])
         ]
-    return Demonstrations(episodes, states)
+    return Demonstrations(episodes, states, record if len(record) == len(tasks) else {})

@@ -111,6 +111,18 @@ class Demonstrations:
 
     episodes: dict[str, list[Episode]]
     states: dict[str, list[InitialState]]
+    # per task, (successes, expert episodes run) while collecting them: the expert's success rate (empty where
+    # unknown: demonstrations that were not collected by `collect_demonstrations`)
+    expert_record: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def n_steps(self) -> int:
         return sum(ep.length for eps in self.episodes.values() for ep in eps)
+
+    def expert_summary(self) -> str:
+        """One line: the expert's successes over its episodes, and the task where it succeeded least."""
+        if not self.expert_record:
+            return ""
+        wins = sum(w for w, _ in self.expert_record.values())
+        runs = sum(n for _, n in self.expert_record.values())
+        task, (w, n) = min(self.expert_record.items(), key=lambda item: item[1][0] / max(1, item[1][1]))
+        return f"the expert succeeded in {wins} of {runs} episodes ({wins / max(1, runs):.0%}; least: {task} {w}/{n})"

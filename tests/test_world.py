@@ -62,6 +62,29 @@ def test_demonstrations_reproducible_successful_and_disjoint_from_eval(tiny_cfg,
     assert len(contexts) == 2 + 2 and contexts[0].state_id.startswith("reach-v3/demo/")
 
 
+def test_demonstrations_record_the_experts_success_rate_per_task_and_keep_it_in_the_cache(tmp_path):
+    """An expert that fails on odd candidates: 3 demonstrations want 5 candidates (3 + 2 spare), and the third
+    success comes from the fifth; a task where it always succeeds needs 3 of its 5. Saved and loaded with the cache."""
+    from ript_ablate.demos import collect_demonstrations
+    from ript_ablate.episodes import Episode, InitialState
+
+    class Engine:
+        def run(self, jobs, on_batch=None):
+            return [Episode(j.state.task, j.state.state_id, j.state.task == "easy" or int(j.state.state_id) % 2 == 0,
+                            1, {"state": np.zeros((1, 2))}, np.zeros((1, 4)), np.ones((1, 1), dtype=bool))
+                    for j in jobs]
+
+    def candidates(task, n):
+        return [InitialState(task, str(i), np.full(3, i, dtype=float)) for i in range(n)]
+
+    demos = collect_demonstrations(["hard", "easy"], Engine(), 3, candidates, tmp_path / "demos.npz")
+    assert demos.expert_record == {"hard": (3, 5), "easy": (5, 5)}
+    assert [s.state_id for s in demos.states["hard"]] == ["0", "2", "4"]
+    assert demos.expert_summary() == "the expert succeeded in 8 of 10 episodes (80%; least: hard 3/5)"
+    cached = collect_demonstrations(["hard", "easy"], Engine(), 3, candidates, tmp_path / "demos.npz")
+    assert cached.expert_record == demos.expert_record
+
+
 def _policy(cfg):
     policy = build_policy(cfg.policy, 39, 4)
     return policy
