@@ -303,18 +303,18 @@ def _read_info(out: Path) -> dict:
     return json.loads((out / "info.json").read_text()) if (out / "info.json").is_file() else {}
 
 
-def _held_out_data(cfg: Config, world: Any, policy: Policy, demos: Any) -> BCData:
+def _held_out_data(cfg: Config, world: Any, policy: Policy, demos: Any, engine: Any) -> BCData:
     """`sft.scale_demos_per_task` further expert demonstrations per task, none of them a behaviour-cloning one:
     the world asked for demos_per_task + N takes its candidates in the same order, so its first demos_per_task
-    per task are the behaviour-cloning ones and the rest are new (checked by initial state)."""
-    from ript_ablate.engine import RolloutEngine
+    per task are the behaviour-cloning ones and the rest are new (checked by initial state). They run on the
+    base's own engine (its workers' world differs only in demos_per_task, which rollouts never read): a second
+    engine would hold a second set of environments for every task (on LIBERO, gigabytes a worker)."""
     from ript_ablate.plugins import build_world
 
     n, extra = cfg.suite.demos_per_task, cfg.sft.scale_demos_per_task
     wide_cfg = replace(cfg, suite=replace(cfg.suite, demos_per_task=n + extra))
     wide_world = build_world(wide_cfg)
-    with RolloutEngine(wide_cfg, wide_world) as engine:
-        wide, _ = _collect_demonstrations(wide_cfg, wide_world, engine, "held-out demonstrations (scale head)")
+    wide, _ = _collect_demonstrations(wide_cfg, wide_world, engine, "held-out demonstrations (scale head)")
     held_out = {}
     for task in world.tasks:
         used = {s.state_id for s in demos.states[task]}
@@ -381,7 +381,7 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
     policy.to(device)
     t0 = time.perf_counter()
     bc_final = train_bc(policy, data, cfg, device)
-    scale_data = _held_out_data(cfg, world, policy, demos) if cfg.sft.scale_demos_per_task else data
+    scale_data = _held_out_data(cfg, world, policy, demos, engine) if cfg.sft.scale_demos_per_task else data
     nll = fit_scale_head(policy, scale_data, cfg, device)
     policy.cpu().eval()
     info = {
