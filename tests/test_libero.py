@@ -79,7 +79,7 @@ def test_missing_extra_names_the_install_command(tmp_path, monkeypatch):
         checked_config_from_dict(tiny(tmp_path))
 
 
-def test_official_states_reproduce_the_same_first_observation(spatial_world):
+def test_official_states_reproduce_the_same_first_observation(spatial_world, monkeypatch):
     """Also on a reused environment after an episode that closed the gripper: soft resets are exact."""
     env = spatial_world.make_env(SPATIAL_0)
     state = spatial_world.eval_states(SPATIAL_0)[1]
@@ -89,12 +89,30 @@ def test_official_states_reproduce_the_same_first_observation(spatial_world):
     again = env.reset(state)["state"]
     np.testing.assert_array_equal(first, again)
     np.testing.assert_array_equal(first, spatial_world.make_env(SPATIAL_0).reset(state)["state"])
+    textured = _textured_env(spatial_world, monkeypatch)  # state observations load no texture images:
+    np.testing.assert_array_equal(first, textured.reset(state)["state"])  # the same states, step for step
+    for _ in range(20):
+        after = env.step(np.ones(7, dtype=np.float32))[0]["state"]
+        np.testing.assert_array_equal(after, textured.step(np.ones(7, dtype=np.float32))[0]["state"])
+    assert env.env.env.sim.model._model.ntexdata < textured.env.env.sim.model._model.ntexdata / 10
     assert first.shape == spatial_world.observation_shapes["state"] == (lb.PROPRIO_DIM + 5 * 15,)
     mask = first[lb.PROPRIO_DIM + 5 * lb.OBJECT_DIM:]
     assert mask.tolist() == [1.0] * 5  # every spatial scene has 5 objects: every slot is filled
     bowl = first[lb.PROPRIO_DIM:lb.PROPRIO_DIM + 3]  # the task's object comes first
     np.testing.assert_allclose(bowl, env.raw["akita_black_bowl_1_pos"], atol=1e-6)
     assert len(spatial_world.eval_states(SPATIAL_0)) == 2  # suite.eval_states_per_task of LIBERO's 50
+
+
+def _textured_env(world, monkeypatch):
+    from contextlib import nullcontext
+
+    from ript_ablate.worlds.libero import world as libero_world
+
+    monkeypatch.setattr(libero_world, "without_textures", nullcontext)
+    try:
+        return world.make_env(SPATIAL_0)
+    finally:
+        monkeypatch.undo()
 
 
 def test_training_placements_are_new_reproducible_and_disjoint_from_evaluation(spatial_world):

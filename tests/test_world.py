@@ -157,3 +157,33 @@ def test_raw_stepping_with_an_episode_length_resets_onto_new_states(tiny_cfg):
     assert len(resets) == 2 + sum((n - 1) // 3 for n in per_env)  # the start, then one before steps 4, 7, ...
     assert len(set(resets)) == min(len(states), len(resets))  # cycling through the states in order
     assert all(env.env.curr_path_length <= 3 for env in envs)
+
+
+def test_a_worker_keeps_at_most_max_envs_per_worker_closing_the_least_recently_used_tasks(tiny_dict):
+    """4 environments a task, a cap of 8: the third task's closes the first's (least recently used), never the
+    batch's own; a task used again moves to the back of the line. Without a cap every task's are kept."""
+    from ript_ablate.engine.runner import EpisodeRunner
+
+    class Env:
+        def __init__(self, task):
+            self.task, self.closed = task, False
+
+        def close(self):
+            self.closed = True
+
+    class World:
+        def make_env(self, task):
+            return Env(task)
+
+    capped = config_from_dict(dict(tiny_dict, suite=dict(tiny_dict["suite"], envs_per_worker=4, max_envs_per_worker=8)))
+    runner = EpisodeRunner(capped, World())
+    a, b = runner.envs("a", 4), runner.envs("b", 4)
+    runner.envs("a", 4)  # a used again: b is now the least recently used
+    c = runner.envs("c", 4)
+    assert [e.closed for e in b] == [True] * 4 and not any(e.closed for e in a + c)
+    assert sorted(task for task, _ in runner.pool) == ["a", "c"]
+    assert runner.envs("b", 4)[0] is not b[0]  # built again
+    uncapped = EpisodeRunner(config_from_dict(tiny_dict), World())
+    for task in "abc":
+        uncapped.envs(task, 4)
+    assert len(uncapped.pool) == 3 and not any(e.closed for envs in uncapped.pool.values() for e in envs)

@@ -173,11 +173,27 @@ class EpisodeRunner:
 
     # -- environments ----------------------------------------------------------------------------------------
     def envs(self, task: str, n: int, slot: int = 0) -> list[Any]:
-        """n environments of `task` from slot `slot` (batches in flight at once each need their own)."""
-        envs = self.pool.setdefault((task, slot), [])
+        """n environments of `task` from slot `slot` (batches in flight at once each need their own). Beyond
+        `suite.max_envs_per_worker` kept environments, the least recently used tasks' are closed first."""
+        envs = self.pool.pop((task, slot), [])
+        self.pool[(task, slot)] = envs  # most recently used last
         while len(envs) < n:
             envs.append(self.world.make_env(task))
+        self._evict(keep={(task, slot)} | {(self.batches[i].task, s) for i, s in self.slots.items()})
         return envs[:n]
+
+    def _evict(self, keep: set[tuple[str, int]]) -> None:
+        """Close the least recently used environments (never those of `keep`: in use) until the cap holds."""
+        cap = getattr(self.cfg.suite, "max_envs_per_worker", 0)
+        if not cap:
+            return
+        for key in [k for k in self.pool if k not in keep]:
+            if sum(len(v) for v in self.pool.values()) <= cap:
+                break
+            for env in self.pool.pop(key):
+                close = getattr(env, "close", None)
+                if close is not None:
+                    close()
 
     def open_batch(self, jobs: Sequence[EpisodeJob], horizon: int, slot: int = 0) -> EpisodeBatch:
         task = jobs[0].state.task
