@@ -699,7 +699,8 @@ def validate(cfg: Config) -> list[str]:
     _check(p, s.num_workers >= 0, "suite.num_workers", s.num_workers, ">= 0")
     _check(p, s.envs_per_worker >= 1, "suite.envs_per_worker", s.envs_per_worker, ">= 1")
     _check(p, s.max_envs_per_worker == 0 or s.max_envs_per_worker >= s.envs_per_worker, "suite.max_envs_per_worker",
-           s.max_envs_per_worker, f"0 (no limit) or >= suite.envs_per_worker ({s.envs_per_worker}): a batch needs them all")
+           s.max_envs_per_worker,
+           f"0 (no limit) or >= suite.envs_per_worker ({s.envs_per_worker}): a batch needs them all")
     for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "n_obs_tokens", "chunk_size",
                 "max_instruction_tokens", "vocab_size", "image_tokens", "image_channels"):
         value = getattr(pol, key)

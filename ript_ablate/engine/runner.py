@@ -179,17 +179,18 @@ class EpisodeRunner:
         self.pool[(task, slot)] = envs  # most recently used last
         while len(envs) < n:
             envs.append(self.world.make_env(task))
-        self._evict(keep={(task, slot)} | {(self.batches[i].task, s) for i, s in self.slots.items()})
+        cap = self.cfg.suite.max_envs_per_worker
+        if cap:
+            self._evict(cap, keep={(task, slot)} | {(self.batches[i].task, s) for i, s in self.slots.items()})
         return envs[:n]
 
-    def _evict(self, keep: set[tuple[str, int]]) -> None:
-        """Close the least recently used environments (never those of `keep`: in use) until the cap holds."""
-        cap = getattr(self.cfg.suite, "max_envs_per_worker", 0)
-        if not cap:
-            return
+    def _evict(self, cap: int, keep: set[tuple[str, int]]) -> None:
+        """Close the least recently used environments (never those of `keep`: in use) until at most `cap` remain."""
+        kept = sum(len(v) for v in self.pool.values())
         for key in [k for k in self.pool if k not in keep]:
-            if sum(len(v) for v in self.pool.values()) <= cap:
+            if kept <= cap:
                 break
+            kept -= len(self.pool[key])
             for env in self.pool.pop(key):
                 close = getattr(env, "close", None)
                 if close is not None:
