@@ -411,6 +411,43 @@ def test_ript_gain_prints_the_seed_and_the_per_state_intervals():
     assert "paired per evaluation state" not in gain_intervals([0.25], [{"t": 0.25}], histories[:1], [{}])
 
 
+def test_ript_gain_continues_from_its_results_file(tiny_yaml, tmp_path, monkeypatch, capsys):
+    """A seed in the results file is read, not run again; the summary covers every seed; a seed recorded under
+    another configuration is refused, naming the file, and nothing is run."""
+    from ript_ablate.bench import ript_gain
+    from ript_ablate.errors import RiptAblateError
+
+    ran = []
+
+    def fake_run(cfg, tracker, out):  # success 50% -> 50% + seed/10 on one task of 4 states
+        seed = cfg.algo.model_seed
+        ran.append(seed)
+        tracker.set_tags({"ript.outcomes.0.t": "0101", "ript.outcomes.5.t": "0111" if seed else "0101"})
+        history = [{"iteration": 0, "eval/success_rate": 0.5, "eval/success_rate/t": 0.5, "eval/states/t": 4.0},
+                   {"iteration": 5, "eval/success_rate": 0.5 + seed / 10, "eval/success_rate/t": 0.5 + seed / 10,
+                    "eval/states/t": 4.0, "perf/rollout_s": 1.0, "perf/env_steps/t": 10.0, "perf/episodes/t": 1.0}]
+        return history, 1.0
+
+    monkeypatch.setattr(ript_gain, "run", fake_run)
+    monkeypatch.setattr(ript_gain, "raw_rates", lambda cfg, seconds, lengths=None: {"t": 100.0})
+    results = tmp_path / "gain.jsonl"
+
+    def main(*args):
+        monkeypatch.setattr("sys.argv", ["ript_gain", str(tiny_yaml), "--results", str(results), *args])
+        ript_gain.main()
+        return capsys.readouterr().out
+
+    main("--seeds", "0")
+    out = main("--seeds", "0", "1", "2")
+    assert ran == [0, 1, 2]  # seed 0 once: the second invocation read it
+    assert "measured earlier, read from" in out
+    assert "mean gain over 3 seeds: +10.0 points" in out and "per seed: +0.0 +10.0 +20.0" in out
+    assert len(results.read_text().splitlines()) == 3
+    with pytest.raises(RiptAblateError, match=r"gain.jsonl holds seed 0 of variant 'config' measured with another"):
+        main("--seeds", "0", "3", "--set", "algo.lr=0")
+    assert ran == [0, 1, 2]
+
+
 def test_an_evaluation_cached_without_state_outcomes_is_evaluated_again(tiny_cfg):
     from ript_ablate import eval_cache
     from ript_ablate.evaluation import EvalResult

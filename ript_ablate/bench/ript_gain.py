@@ -1,7 +1,7 @@
 """RIPT post-training gain on a config over seeds, with the time split, rollout efficiency and tracking overhead.
 
     python -m ript_ablate.bench.ript_gain CONFIG --seeds 0 1 2 [--set key=value ...] [--overhead [N]]
-        [--variant NAME key=value ...]
+        [--variant NAME key=value ...] [--results FILE.jsonl]
 
 With one or more --variant, each variant (the config with its own overrides on top of --set) runs over the same
 seeds in this one invocation, and the gains are printed side by side, e.g. the defaults against the behaviour of an
@@ -15,6 +15,10 @@ at the env's own limit) and against stepping that resets onto a new variation at
 per task (so the resets a rollout cannot avoid are in the ceiling too). The seeds' mean gain comes with the report's two intervals: a t over seeds with the evaluation states' least noise
 added, and the gain paired per evaluation state (docs/reports.md). With --overhead N, runs seed 0 for N
 iterations tracked in MLflow (a temporary sqlite store) and untracked, side by side, and prints the ratio of wall times.
+
+With --results FILE.jsonl each measured seed is kept in FILE (bench/gain_results.py) and the seeds already there,
+measured with the same configuration, are read instead of run: a benchmark of hours (LIBERO on a CPU) is continued
+later with the same command plus more seeds, and summarised over all of them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import tempfile
 import time
 
 from ript_ablate.bc import ensure_base
-from ript_ablate.bench import run_main
+from ript_ablate.bench import gain_results, run_main
 from ript_ablate.config import Config
 from ript_ablate.engine import RolloutEngine
 from ript_ablate.plugins import build_world
@@ -134,7 +138,8 @@ def rollout_efficiency(history: list[dict], raw: dict[str, float]) -> float:
 
 
 def describe(seed: int, history: list[dict], wall: float, raw: dict[str, float],
-             raw_with_resets: dict[str, float], lengths: dict[str, int]) -> tuple[float, dict]:
+             raw_with_resets: dict[str, float], lengths: dict[str, int]) -> tuple[float, dict, str]:
+    """The seed's gain, its gain per task and the lines that describe it (success, time split, efficiency)."""
     evals = [h for h in history if "eval/success_rate" in h]
     first, last = evals[0], evals[-1]
     gain = last["eval/success_rate"] - first["eval/success_rate"]
@@ -145,18 +150,30 @@ def describe(seed: int, history: list[dict], wall: float, raw: dict[str, float],
     tasks = sorted(k.removeprefix("eval/success_rate/") for k in first if k.startswith("eval/success_rate/"))
     per_task = " ".join(f"{t} {100 * first[f'eval/success_rate/{t}']:.0f}->{100 * last[f'eval/success_rate/{t}']:.0f}"
                         for t in tasks)
-    print(f"seed {seed}: eval {100 * first['eval/success_rate']:.1f}% -> {100 * last['eval/success_rate']:.1f}% "
-          f"({100 * gain:+.1f}); {per_task}; curve {curve}")
-    print(f"   wall {wall:.0f}s; per iteration {mean('perf/iteration_s'):.1f}s = rollout {mean('perf/rollout_s'):.1f}s "
-          f"+ update {mean('perf/update_s'):.2f}s + eval {mean('perf/eval_s'):.1f}s amortised "
-          f"({statistics.fmean(eval_iters) if eval_iters else 0.0:.1f}s on evaluation iterations); "
-          f"contexts tried/iteration {mean('sampling/contexts_tried'):.1f}", flush=True)
-    print(f"   rollouts {mean('perf/env_steps_per_s'):,.0f} env steps/s = {rollout_efficiency(history, raw):.2f} of "
-          f"pure raw stepping, {rollout_efficiency(history, raw_with_resets):.2f} of raw stepping with resets at the "
-          f"run's mean episode length ({', '.join(f'{t} {n}' for t, n in lengths.items())}: "
-          + ", ".join(f"{t} {r:,.0f}/s" for t, r in raw_with_resets.items()) + "), same processes, task-weighted",
-          flush=True)
-    return gain, {t: last[f"eval/success_rate/{t}"] - first[f"eval/success_rate/{t}"] for t in tasks}
+    lines = [
+        (f"seed {seed}: eval {100 * first['eval/success_rate']:.1f}% -> {100 * last['eval/success_rate']:.1f}% "
+         f"({100 * gain:+.1f}); {per_task}; curve {curve}"),
+        (f"   wall {wall:.0f}s; per iteration {mean('perf/iteration_s'):.1f}s = rollout {mean('perf/rollout_s'):.1f}s "
+         f"+ update {mean('perf/update_s'):.2f}s + eval {mean('perf/eval_s'):.1f}s amortised "
+         f"({statistics.fmean(eval_iters) if eval_iters else 0.0:.1f}s on evaluation iterations); "
+         f"contexts tried/iteration {mean('sampling/contexts_tried'):.1f}"),
+        f"   rollouts {mean('perf/env_steps_per_s'):,.0f} env steps/s = {rollout_efficiency(history, raw):.2f} of "
+        f"pure raw stepping, {rollout_efficiency(history, raw_with_resets):.2f} of raw stepping with resets at the "
+        f"run's mean episode length ({', '.join(f'{t} {n}' for t, n in lengths.items())}: "
+        + ", ".join(f"{t} {r:,.0f}/s" for t, r in raw_with_resets.items()) + "), same processes, task-weighted"]
+    return gain, {t: last[f"eval/success_rate/{t}"] - first[f"eval/success_rate/{t}"] for t in tasks}, "\n".join(lines)
+
+
+def measure_seed(cfg: Config, name: str, seed: int, tmp: str, raw: dict[str, float],
+                 raw_seconds: float) -> dict:
+    """Run one seed of one variant; its result as the results file keeps it."""
+    tracker = OutcomeTracker()
+    history, wall = run(cfg, tracker, f"{tmp}/{name}/seed{seed}")
+    lengths = mean_episode_lengths(history)
+    gain, tasks, summary = describe(seed, history, wall, raw, raw_rates(cfg, raw_seconds, lengths), lengths)
+    return {"variant": name, "seed": seed, "config_digest": gain_results.config_digest(cfg),
+            "commit": gain_results.code_commit(), "wall_s": wall, "gain": gain, "per_task": tasks,
+            "history": history, "outcomes": tracker.tags, "summary": summary}
 
 
 def main() -> None:
@@ -169,33 +186,44 @@ def main() -> None:
                         help="also compare a tracked and an untracked run of N iterations (default 5)")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="a named set of overrides run over the same seeds (repeat to compare variants)")
+    parser.add_argument("--results", metavar="FILE.jsonl",
+                        help="keep each measured seed in this file and reuse the seeds it already holds (measured "
+                             "with the same configuration), so a long benchmark can be continued later")
     args = parser.parse_args()
     variants = {v[0]: v[1:] for v in args.variant} or {"config": []}
-    for overrides in variants.values():
-        load_config(args.config, [*args.set, *overrides])  # every variant's mistakes before any compute
+    configs = {(name, seed): load_config(args.config, [*args.set, *overrides, f"algo.model_seed={seed}"])
+               for name, overrides in variants.items() for seed in args.seeds}  # every mistake before any compute
+    records = gain_results.load(args.results) if args.results else {}
+    done = {key: gain_results.reusable(records, args.results, *key, cfg) for key, cfg in configs.items()}
     tmp = tempfile.mkdtemp(prefix="ript-gain-")
-    raw = raw_rates(load_config(args.config, args.set), args.raw_seconds)
-    print("raw stepping, same pool shape: " + ", ".join(f"{t} {r:,.0f}/s" for t, r in raw.items()), flush=True)
+    raw: dict[str, float] = {}
+    if not all(done.values()):
+        raw = raw_rates(load_config(args.config, args.set), args.raw_seconds)
+        print("raw stepping, same pool shape: " + ", ".join(f"{t} {r:,.0f}/s" for t, r in raw.items()), flush=True)
     summary = []
     for name, overrides in variants.items():
         if len(variants) > 1:
             print(f"--- variant {name}: {' '.join(overrides) or '(the config as it is)'}", flush=True)
-        gains, per_task, histories, outcomes = [], [], [], []
+        results = []
         for seed in args.seeds:
-            cfg = load_config(args.config, [*args.set, *overrides, f"algo.model_seed={seed}"])
-            tracker = OutcomeTracker()
-            history, wall = run(cfg, tracker, f"{tmp}/{name}/seed{seed}")
-            lengths = mean_episode_lengths(history)
-            gain, tasks = describe(seed, history, wall, raw, raw_rates(cfg, args.raw_seconds, lengths), lengths)
-            gains.append(gain)
-            per_task.append(tasks)
-            histories.append(history)
-            outcomes.append(tracker.tags)
+            result = done[(name, seed)]
+            if result is not None:
+                print(f"{result['summary']}\n   (measured earlier, read from {args.results}; commit "
+                      f"{result.get('commit') or 'unknown'})", flush=True)
+            else:
+                result = measure_seed(configs[(name, seed)], name, seed, tmp, raw, args.raw_seconds)
+                print(result["summary"], flush=True)
+                if args.results:
+                    gain_results.append(args.results, result)
+            results.append(result)
+        gains = [r["gain"] for r in results]
+        per_task = [r["per_task"] for r in results]
         spread = f" (sd {100 * statistics.stdev(gains):.1f})" if len(gains) > 1 else ""
         line = (f"mean gain over {len(gains)} seeds: {100 * statistics.fmean(gains):+.1f} points{spread}; per task: "
                 + ", ".join(f"{t} {100 * statistics.fmean(p[t] for p in per_task):+.1f}" for t in per_task[0])
                 + "; per seed: " + " ".join(f"{100 * g:+.1f}" for g in gains)
-                + "\n  " + gain_intervals(gains, per_task, histories, outcomes))
+                + "\n  " + gain_intervals(gains, per_task, [r["history"] for r in results],
+                                           [r["outcomes"] for r in results]))
         print(line, flush=True)
         summary.append(f"{name}: {line}")
     if len(variants) > 1:

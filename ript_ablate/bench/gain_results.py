@@ -1,0 +1,82 @@
+"""The gain benchmark's results file: one JSON line per measured (variant, seed), so a benchmark too long for one
+sitting (LIBERO: hours a seed on a CPU) is continued later, or on another machine, and summarised over every seed.
+
+A seed already in the file is not run again, but only if it was measured with the same resolved configuration
+(its digest is in the line): results of different configurations are never pooled. Each line also carries the
+git commit it was measured at (when there is one), for the record, not as a condition: a fix elsewhere in the code
+does not void hours of measurement, but the note that reports the figures can say which code produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ript_ablate.cache_keys import digest
+from ript_ablate.config import Config, to_yaml
+from ript_ablate.errors import RiptAblateError
+
+FIELDS = ("variant", "seed", "config_digest", "gain", "per_task", "history", "outcomes", "summary")
+
+
+def config_digest(cfg: Config) -> str:
+    """The resolved configuration's identity (every setting, the seed's included)."""
+    return digest(to_yaml(cfg))
+
+
+def code_commit() -> str | None:
+    """The commit of the checkout this code runs from (with '+changes' when its tracked files differ), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def load(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(variant, seed) -> its record; a file that does not exist yet holds none."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RiptAblateError(f"results file {path}, line {number}: not JSON ({exc.msg}); expected one result "
+                                  "per line as this benchmark writes them") from None
+        missing = [f for f in FIELDS if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise RiptAblateError(f"results file {path}, line {number}: missing {', '.join(missing)}; expected "
+                                  "one result per line as this benchmark writes them")
+        records[(record["variant"], int(record["seed"]))] = record
+    return records
+
+
+def reusable(records: dict[tuple[str, int], dict[str, Any]], path: str | Path, variant: str, seed: int,
+             cfg: Config) -> dict[str, Any] | None:
+    """The recorded result of this variant and seed, if any; an error if it was measured with another config."""
+    record = records.get((variant, seed))
+    if record is None:
+        return None
+    if record["config_digest"] != config_digest(cfg):
+        raise RiptAblateError(
+            f"results file {path} holds seed {seed} of variant {variant!r} measured with another configuration "
+            f"(digest {record['config_digest']}, this one {config_digest(cfg)}): results of different "
+            "configurations are not pooled; give another --results file, or delete that line to measure it again")
+    return record
+
+
+def append(path: str | Path, record: dict[str, Any]) -> None:
+    """Add one measured seed (written whole at once, so an interrupted run leaves every earlier line intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
