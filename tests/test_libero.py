@@ -136,15 +136,33 @@ def test_training_placements_are_new_reproducible_and_disjoint_from_evaluation(s
 
 
 @pytest.mark.parametrize("task", [SPATIAL_0, OBJECT_0])
-def test_the_scripted_expert_succeeds_well_inside_the_episode_limit(tmp_path, task):
+def test_the_scripted_expert_succeeds_well_inside_the_episode_limit(tmp_path, task, monkeypatch):
+    """Also: the world's step without robosuite's repeated forward passes (`fewer_forwards`) gives robosuite's own
+    states to the bit, replayed action for action on an environment that steps as robosuite does."""
+    from contextlib import nullcontext
+
+    from ript_ablate.worlds.libero import world as libero_world
+
     world = build_world(checked_config_from_dict(tiny(tmp_path, tasks=[task])))
     env = world.make_env(task)
     budget = int(0.8 * lb.EPISODE_LIMITS[lb.suite_of(task)]) - lb.SETTLE_STEPS
-    obs, success, steps = env.reset(world.demo_candidates(task, 1)[0]), False, 0
+    start = world.demo_candidates(task, 1)[0]
+    obs, success, steps, actions, states = env.reset(start), False, 0, [], []
     while not success and steps < budget:
-        obs, success = env.step(env.expert_action(obs))
+        actions.append(env.expert_action(obs))
+        obs, success = env.step(actions[-1])
+        data = env.env.env.sim.data._data
+        states.append((obs["state"], data.qpos.copy(), data.qvel.copy(), data.qacc_warmstart.copy(), success))
         steps += 1
     assert success, f"the expert failed on {task} (phase {env.expert.phase})"
+    monkeypatch.setattr(libero_world, "fewer_forwards", lambda sim: nullcontext())
+    plain = world.make_env(task)
+    plain.reset(start)
+    for action, expected in zip(actions, states, strict=True):
+        obs, done = plain.step(action)
+        data = plain.env.env.sim.data._data
+        for got, want in zip((obs["state"], data.qpos, data.qvel, data.qacc_warmstart, done), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_a_two_iteration_train_and_a_two_cell_study_run_on_libero(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from ript_ablate.rendering import CameraRenderer
 from ript_ablate.seeding import stream_seed
 from ript_ablate.worlds.libero import suites as lb
 from ript_ablate.worlds.libero.expert import PickPlaceExpert, grasp_plan
+from ript_ablate.worlds.libero.fewer_forwards import fewer_forwards
 
 DEMO_FORMAT_VERSION = 1
 EXPERT_SUITES = ("libero_spatial", "libero_object")  # the suites whose every task has a scripted expert
@@ -145,18 +146,24 @@ class LiberoEnv:
         raw = self.env.set_init_state(np.asarray(state.data))
         noop = np.asarray(lb.NOOP_ACTION)
         for _ in range(lb.SETTLE_STEPS):
-            raw, _, _, _ = self.env.step(noop)
+            raw, _ = self._step(noop)
         self.expert = None
         return self.observe(raw)
 
+    def _step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
+        """robosuite's step, without its repeated physics work (`fewer_forwards`: the same states to the bit)."""
+        with fewer_forwards(self.env.env.sim):
+            raw, _, done, _ = self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
+        return raw, bool(done)
+
     def step(self, action: np.ndarray) -> tuple[Observation, bool]:
-        raw, _, done, _ = self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
-        return self.observe(raw), bool(done)
+        raw, done = self._step(action)
+        return self.observe(raw), done
 
     def step_unobserved(self, action: np.ndarray) -> bool:
         """A step inside an action chunk: no images rendered (the engine reads none there)."""
-        self.raw, _, done, _ = self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
-        return bool(done)
+        self.raw, done = self._step(action)
+        return done
 
     def close(self) -> None:
         if self.renderer is not None:
