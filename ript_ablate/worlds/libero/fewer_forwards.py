@@ -11,10 +11,11 @@ So while `fewer_forwards` is active, a forward pass on a state that has not chan
 only those later stages (`mj_forwardSkip` from the velocity stage), and a step on such a state only integrates
 (`mj_step2`). Each call still happens, in order, so the warm starts, and with them every state, are those of
 robosuite's own loop bit for bit (tested on LIBERO-Spatial and LIBERO-Object episodes). "Not changed" is checked,
-not assumed: positions, velocities, activations, mocap poses and applied forces are compared with those of the last
-full forward pass, and any difference gets a full one. Measured side by side (`python -m
+not assumed: positions, velocities and mocap poses (what the skipped stages read of the data) are compared with those
+of the last full forward pass, and any difference gets a full one; the model itself is taken to stay as it is. Measured side by side (`python -m
 ript_ablate.bench.libero_step`: an expert episode then random actions, 200 steps alternating between two
-environments): 0.76 of robosuite's time per env step on LIBERO-Spatial's first task, 0.82 on LIBERO-Object's; the
+environments; two runs on a busy machine): 0.76-0.79 of robosuite's time per env step on LIBERO-Spatial's first task,
+0.82-0.84 on LIBERO-Object's; the
 rest is mostly robosuite's controller in Python and the constraint solver, which still runs three times.
 """
 
@@ -39,9 +40,10 @@ class _Skipper:
         self.seen: np.ndarray | None = None  # the state the last full forward pass ran on
 
     def _state(self) -> np.ndarray:
+        """What the position and velocity stages read of the data (controls, activations and applied forces enter
+        only the later stages, which always run)."""
         d = self.data
-        return np.concatenate([d.qpos, d.qvel, d.act, d.mocap_pos.ravel(), d.mocap_quat.ravel(), d.qfrc_applied,
-                               d.xfrc_applied.ravel(), [d.time]])
+        return np.concatenate([d.qpos, d.qvel, d.mocap_pos.ravel(), d.mocap_quat.ravel()])
 
     def _unchanged(self) -> bool:
         return self.seen is not None and np.array_equal(self.seen, self._state())
