@@ -8,15 +8,15 @@ constraint solver) can differ, because the solver starts from `qacc_warmstart`, 
 (MuJoCo 3), and the actuation reads the controls the controller has just set.
 
 So while `fewer_forwards` is active, a forward pass on a state that has not changed since the last one recomputes
-only those later stages (`mj_forwardSkip` from the velocity stage), and a step on such a state only integrates
-(`mj_step2`). Each call still happens, in order, so the warm starts, and with them every state, are those of
-robosuite's own loop bit for bit (tested on LIBERO-Spatial and LIBERO-Object episodes). "Not changed" is checked,
-not assumed: positions, velocities and mocap poses (what the skipped stages read of the data) are compared with those
-of the last full forward pass, and any difference gets a full one; the model itself is taken to stay as it is. Measured side by side (`python -m
-ript_ablate.bench.libero_step`: an expert episode then random actions, 200 steps alternating between two
-environments; two runs on a busy machine): 0.76-0.79 of robosuite's time per env step on LIBERO-Spatial's first task,
-0.82-0.84 on LIBERO-Object's; the
-rest is mostly robosuite's controller in Python and the constraint solver, which still runs three times.
+only those later stages (`mj_forwardSkip` from the velocity stage), and a step on such a state runs those stages and
+the integration (`mj_step2`). Each call still happens, in order, so the warm starts, and with them every state, are
+those of robosuite's own loop bit for bit (tested on LIBERO-Spatial and LIBERO-Object episodes). "Not changed" is
+checked, not assumed: positions, velocities and mocap poses (what the skipped stages read of the data) are compared
+with those of the last full forward pass, and any difference gets a full one; the model itself is taken to stay as
+it is. Measured side by side (`python -m ript_ablate.bench.libero_step`: an expert episode then random actions, 200
+steps alternating between two environments; two runs on a busy machine): 0.76-0.79 of robosuite's time per env step
+on LIBERO-Spatial's first task, 0.82-0.84 on LIBERO-Object's; the rest is mostly robosuite's controller in Python
+and the constraint solver, which still runs three times.
 """
 
 from __future__ import annotations
