@@ -426,7 +426,7 @@ def test_ript_gain_continues_from_its_results_file(tiny_yaml, tmp_path, monkeypa
         history = [{"iteration": 0, "eval/success_rate": 0.5, "eval/success_rate/t": 0.5, "eval/states/t": 4.0},
                    {"iteration": 5, "eval/success_rate": 0.5 + seed / 10, "eval/success_rate/t": 0.5 + seed / 10,
                     "eval/states/t": 4.0, "perf/rollout_s": 1.0, "perf/env_steps/t": 10.0, "perf/episodes/t": 1.0}]
-        return history, 1.0
+        return history, 1.0, "base-a" if seed < 2 else "base-b"  # seed 2 as if measured at a commit that changed it
 
     monkeypatch.setattr(ript_gain, "run", fake_run)
     monkeypatch.setattr(ript_gain, "raw_rates", lambda cfg, seconds, lengths=None: {"t": 100.0})
@@ -442,6 +442,7 @@ def test_ript_gain_continues_from_its_results_file(tiny_yaml, tmp_path, monkeypa
     assert ran == [0, 1, 2]  # seed 0 once: the second invocation read it
     assert "measured earlier, read from" in out
     assert "mean gain over 3 seeds: +10.0 points" in out and "per seed: +0.0 +10.0 +20.0" in out
+    assert "these seeds started from 2 different bases (base-a, base-b)" in out
     assert len(results.read_text().splitlines()) == 3
     with pytest.raises(RiptAblateError, match=r"gain.jsonl holds seed 0 of variant 'config' measured with another"):
         main("--seeds", "0", "3", "--set", "algo.lr=0")

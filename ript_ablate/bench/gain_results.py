@@ -3,8 +3,10 @@ sitting (LIBERO: hours a seed on a CPU) is continued later, or on another machin
 
 A seed already in the file is not run again, but only if it was measured with the same resolved configuration
 (its digest is in the line): results of different configurations are never pooled. Each line also carries the
-git commit it was measured at (when there is one), for the record, not as a condition: a fix elsewhere in the code
-does not void hours of measurement, but the note that reports the figures can say which code produced them.
+git commit it was measured at (when there is one) and the base it started from (the behaviour-cloning cache entry),
+for the record, not as a condition: a fix elsewhere in the code does not void hours of measurement, but the summary
+says when the seeds it pools started from different bases, and the note that reports the figures can say which code
+produced them.
 """
 
 from __future__ import annotations

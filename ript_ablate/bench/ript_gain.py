@@ -39,12 +39,13 @@ from ript_ablate.ript.trainer import Trainer
 from ript_ablate.tracking import MlflowTracker, Tracker
 
 
-def run(cfg: Config, tracker: Tracker, out: str) -> tuple[list[dict], float]:
+def run(cfg: Config, tracker: Tracker, out: str) -> tuple[list[dict], float, str]:
+    """The run's history, its wall seconds and its base (the behaviour-cloning cache entry it started from)."""
     start = time.perf_counter()
-    ensure_base(cfg)
+    weights = ensure_base(cfg)
     result = Trainer(cfg, tracker).run(out)
     tracker.end("FINISHED")
-    return result.history, time.perf_counter() - start
+    return result.history, time.perf_counter() - start, str(weights) if cfg.algo.checkpoint_path else weights.parent.name
 
 
 class OutcomeTracker(Tracker):
@@ -168,11 +169,11 @@ def measure_seed(cfg: Config, name: str, seed: int, tmp: str, raw: dict[str, flo
                  raw_seconds: float) -> dict:
     """Run one seed of one variant; its result as the results file keeps it."""
     tracker = OutcomeTracker()
-    history, wall = run(cfg, tracker, f"{tmp}/{name}/seed{seed}")
+    history, wall, base = run(cfg, tracker, f"{tmp}/{name}/seed{seed}")
     lengths = mean_episode_lengths(history)
     gain, tasks, summary = describe(seed, history, wall, raw, raw_rates(cfg, raw_seconds, lengths), lengths)
     return {"variant": name, "seed": seed, "config_digest": gain_results.config_digest(cfg),
-            "commit": gain_results.code_commit(), "wall_s": wall, "gain": gain, "per_task": tasks,
+            "commit": gain_results.code_commit(), "base": base, "wall_s": wall, "gain": gain, "per_task": tasks,
             "history": history, "outcomes": tracker.tags, "summary": summary}
 
 
@@ -224,6 +225,9 @@ def main() -> None:
                 + "; per seed: " + " ".join(f"{100 * g:+.1f}" for g in gains)
                 + "\n  " + gain_intervals(gains, per_task, [r["history"] for r in results],
                                            [r["outcomes"] for r in results]))
+        bases = {r.get("base", "unknown") for r in results}
+        if len(bases) > 1:  # e.g. seeds measured at commits that built the base differently
+            line += f"\n  note: these seeds started from {len(bases)} different bases ({', '.join(sorted(bases))})"
         print(line, flush=True)
         summary.append(f"{name}: {line}")
     if len(variants) > 1:
@@ -232,9 +236,9 @@ def main() -> None:
         cfg = load_config(args.config, [*args.set, "algo.model_seed=0", f"training.n_iterations={args.overhead}"])
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         MlflowTracker(None, "warmup", None)  # create the database outside the timed runs
-        _, untracked = run(cfg, Tracker(), f"{tmp}/untracked")
+        _, untracked, _ = run(cfg, Tracker(), f"{tmp}/untracked")
         tracker = TimedTracker(None, "overhead", None)
-        _, tracked = run(cfg, tracker, f"{tmp}/tracked")
+        _, tracked, _ = run(cfg, tracker, f"{tmp}/tracked")
         print(f"tracking overhead ({args.overhead} iterations, final checkpoint uploaded: "
               f"{cfg.tracking.log_checkpoint}): tracked {tracked:.1f}s vs untracked {untracked:.1f}s = "
               f"{100 * (tracked / untracked - 1):+.1f}% (includes run-to-run noise); time inside MLflow calls "
