@@ -225,7 +225,7 @@ def main() -> None:
                 + "; per seed: " + " ".join(f"{100 * g:+.1f}" for g in gains)
                 + "\n  " + gain_intervals(gains, per_task, [r["history"] for r in results],
                                            [r["outcomes"] for r in results]))
-        bases = {r.get("base", "unknown") for r in results}
+        bases = {r["base"] for r in results if r.get("base")}  # (files written before bases were kept: none)
         if len(bases) > 1:  # e.g. seeds measured at commits that built the base differently
             line += f"\n  note: these seeds started from {len(bases)} different bases ({', '.join(sorted(bases))})"
         print(line, flush=True)
