@@ -35,7 +35,7 @@ EXPERT_SUITES = ("libero_spatial", "libero_object")  # the suites whose every ta
 HORIZON = 2000  # robosuite's own step limit, above every episode limit: the engine ends episodes
 MAX_PLACEMENT_DRAWS = 20
 MIN_DRAWS_PER_PROCESS = 8  # a process of its own costs what about 5 draws cost (LIBERO's import, two env builds)
-PLACEMENT_FORMAT_VERSION = 1
+PLACEMENT_FORMAT_VERSION = 2  # 2: placements checked with the fixtures where they were built
 
 
 def build_control_env(task: str, textures: bool = True) -> Any:
@@ -102,6 +102,9 @@ class LiberoEnv:
         self.observation = observation
         self.env = build_control_env(task, textures=observation != "state")
         inner = self.env.env
+        model = inner.sim.model._model
+        # the fixtures' poses as built (seeded): every reset puts them back (see `reset`)
+        self.fixture_poses = (model.body_pos.copy(), model.body_quat.copy())
         objects = list(inner.objects_dict)
         self.interest = [o for o in inner.obj_of_interest if o in objects]
         self.order = self.interest + [o for o in objects if o not in self.interest]
@@ -136,11 +139,17 @@ class LiberoEnv:
         return state
 
     def reset(self, state: InitialState) -> Observation:
-        """Soft reset (3 ms, against 0.3-0.5 s for robosuite's hard reset), made exact: the gripper's action
-        accumulator survives a soft reset, so an episode that ended with a closed gripper would otherwise make the
-        next one's settle steps differ (by up to 3 cm in the arm's joints, measured)."""
-        with numpy_global_state_kept():  # a soft reset draws placements, which set_init_state then overrides
+        """Soft reset (3 ms, against 0.3-0.5 s for robosuite's hard reset), made exact, so that an episode depends
+        on its initial state alone, not on the environment's history nor the process's random state:
+        - a soft reset draws new placements from numpy's global generator: set_init_state overrides the objects',
+          but not the fixtures' (a cabinet, a stove: bodies without a joint, so not in the state), which it moves
+          in the model by about 1 cm and 1 degree (measured); their poses as built are put back;
+        - the gripper's action accumulator survives a soft reset, so an episode that ended with a closed gripper
+          would make the next one's settle steps differ (by up to 3 cm in the arm's joints, measured)."""
+        with numpy_global_state_kept():
             self.env.reset()
+        model = self.env.env.sim.model._model
+        model.body_pos[:], model.body_quat[:] = self.fixture_poses
         gripper = self.env.env.robots[0].gripper
         gripper.current_action = np.zeros(gripper.dof)
         raw = self.env.set_init_state(np.asarray(state.data))
