@@ -45,18 +45,16 @@ class _Skipper:
         d = self.data
         return np.concatenate([d.qpos, d.qvel, d.mocap_pos.ravel(), d.mocap_quat.ravel()])
 
-    def _unchanged(self) -> bool:
-        return self.seen is not None and np.array_equal(self.seen, self._state())
-
     def forward(self) -> None:
-        if self._unchanged():
+        state = self._state()
+        if self.seen is not None and np.array_equal(self.seen, state):
             self.mujoco.mj_forwardSkip(self.model, self.data, self.mujoco.mjtStage.mjSTAGE_VEL, 0)
         else:
             self.mujoco.mj_forward(self.model, self.data)
-            self.seen = self._state()
+            self.seen = state  # (a forward pass moves nothing: the state it ran on is the one read before it)
 
     def step(self, with_udd: bool = True) -> None:
-        if self._unchanged():
+        if self.seen is not None and np.array_equal(self.seen, self._state()):
             self.mujoco.mj_checkPos(self.model, self.data)  # as mj_step does: a state gone bad is reset, warned
             self.mujoco.mj_checkVel(self.model, self.data)
             self.mujoco.mj_step2(self.model, self.data)
