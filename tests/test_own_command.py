@@ -203,7 +203,7 @@ def test_metrics_stream_placement_and_pruning_rules(tmp_path):
     assert _prune((trial, Store()), {4: 0.1}, set(), job, prune_decision) is None  # never at the last step
 
 
-def test_adaptive_seeds_decide_one_factor_at_the_initial_seeds_and_add_a_seed_for_the_other(own_env):
+def test_adaptive_seeds_decide_one_factor_at_the_initial_seeds_and_add_a_seed_for_the_other(own_env, capsys):
     """A factor that changes nothing (a 1 ms pause per step) is settled at the 2 initial seeds as "no effect of 5
     points or more"; Laplace vs Gaussian is not, so every configuration gets a 3rd seed (the limit here)."""
     path = write_spec(own_env, factors={"algo.use_laplace_sampling": [True, False],
@@ -212,8 +212,9 @@ def test_adaptive_seeds_decide_one_factor_at_the_initial_seeds_and_add_a_seed_fo
     assert main(["study", "run", str(path), "--workers", "2"]) == 0
     complete = Counter(t.user_attrs["seed"] for t in trials(path) if t.state.name == "COMPLETE")
     assert complete == {0: 4, 1: 4, 2: 4}  # 4 configurations x (2 initial seeds + the one added)
+    capsys.readouterr()
     assert main(["study", "run", str(path), "--workers", "1"]) == 0  # a second run: nothing more to do
-    assert len(trials(path)) == 12
+    assert len(trials(path)) == 12 and "nothing left to run" in capsys.readouterr().err  # and no worker started
     assert main(["report", str(path), "--reports", str(own_env / "reports"), "--no-upload"]) == 0
     text = (own_env / "reports" / load_study(path).name / "report.md").read_text()
     assert "no effect of 5 points or more (at 2 seeds)" in text

@@ -178,22 +178,28 @@ def run_study(spec: StudySpec, workers: int | None, devices: str, storage: str |
     slots = plan_slots(workers, devices, processes=spec.processes_per_cell)
     tracking_uri = resolve_tracking_uri(spec.tracking_uri)
     check_tracking_store(tracking_uri)  # one line now, not minutes of retries in every cell
-    # workers are forked by a zygote that imports what workers and cells need once, while the study is set up and
-    # its bases are prepared; each worker then forks its own cell zygote from itself (study/zygote.py)
-    zygote = None
-    if os.environ.get(COLD_CELLS_ENV) != "1" and spec.processes_per_cell == 1:
-        zygote = Zygote(*plugin_names(spec), {**os.environ, "OMP_NUM_THREADS": str(slots[0].threads),
-                                              "MKL_NUM_THREADS": str(slots[0].threads)}, None)
-        zygote.ensure()
-    try:
-        return _run_study(spec, slots, tracking_uri, storage, retry_failed, zygote)
-    finally:
-        if zygote is not None:
-            zygote.close()
+    return _run_study(spec, slots, tracking_uri, storage, retry_failed)
+
+
+def nothing_left(store: StudyStore) -> bool:
+    """No cell waits or runs, the search has all its configurations, and the look that adds seeds (adaptive seeds,
+    the race) adds none: a `study run` of a finished study closes it without starting a process."""
+    return store.done() and not store.extend()
+
+
+def start_zygote(spec: StudySpec, slots: list[Slot]) -> Zygote | None:
+    """Workers are forked by a zygote that imports what workers and cells need once, while the study's bases are
+    prepared; each worker then forks its own cell zygote from itself (study/zygote.py)."""
+    if os.environ.get(COLD_CELLS_ENV) == "1" or spec.processes_per_cell != 1:
+        return None
+    zygote = Zygote(*plugin_names(spec), {**os.environ, "OMP_NUM_THREADS": str(slots[0].threads),
+                                          "MKL_NUM_THREADS": str(slots[0].threads)}, None)
+    zygote.ensure()
+    return zygote
 
 
 def _run_study(spec: StudySpec, slots: list[Slot], tracking_uri: str | None, storage: str | None,
-               retry_failed: bool, zygote: Zygote | None) -> int:
+               retry_failed: bool) -> int:
     store = open_store(spec, storage, create=True)
     parent, added = set_up(spec, store, tracking_uri)
     if spec.mode == "grid":
@@ -213,6 +219,21 @@ def _run_study(spec: StudySpec, slots: list[Slot], tracking_uri: str | None, sto
                                                          if "config_trial" in last else {}),
                                                       "attempt": int(last.get("attempt", 1)) + 1})
         console.print(f"re-enqueued {len(requeued)} failed cell(s)")
+    if nothing_left(store):
+        store.settle_configs()
+        console.print("nothing left to run: every cell has ended")
+        return finalize(spec, store, tracking_uri)
+    zygote = start_zygote(spec, slots)
+    try:
+        return _run_workers(spec, slots, tracking_uri, store, zygote)
+    finally:
+        if zygote is not None:
+            zygote.close()
+
+
+def _run_workers(spec: StudySpec, slots: list[Slot], tracking_uri: str | None, store: StudyStore,
+                 zygote: Zygote | None) -> int:
+    """Prepare the bases, start one worker a slot, show progress until they end, then finalize."""
     # SIGINT explicitly too: a runner started from a background job inherits SIGINT ignored, and would miss Ctrl-C
     # or a `kill -INT` to its process group while its workers (which set their own handlers) stop
     previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
