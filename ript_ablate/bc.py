@@ -93,6 +93,8 @@ def sft_key(cfg: Config, demo_key: str, pretrain_key: str | None = None) -> str:
         sft.pop("image_shift")
     if not sft["scale_demos_per_task"]:  # the original's scale fit: the bases built before the key existed
         sft.pop("scale_demos_per_task")
+    if not sft["token_label_sigma"]:  # one-hot token targets: the bases built before the key existed
+        sft.pop("token_label_sigma")
     spec = {"format": SFT_FORMAT_VERSION, "demos": demo_key, **_policy_identity(cfg), "sft": sft}
     if pretrain_key is not None:
         spec["pretrain"] = pretrain_key
@@ -166,7 +168,8 @@ def train_bc(policy: Policy, data: BCData, cfg: Config, device: torch.device, pr
         for step in range(steps):
             b = index[step].to(device)
             obs = _batch_obs(data, b, sft.image_shift, shifts)
-            loss = bc_loss(policy, obs, data.instr[b], data.target[b], data.mask[b], cfg.training.precision, noise)
+            loss = bc_loss(policy, obs, data.instr[b], data.target[b], data.mask[b], cfg.training.precision, noise,
+                           token_label_sigma=sft.token_label_sigma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -381,7 +384,8 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
     policy.to(device)
     t0 = time.perf_counter()
     bc_final = train_bc(policy, data, cfg, device)
-    scale_data = _held_out_data(cfg, world, policy, demos, engine) if cfg.sft.scale_demos_per_task else data
+    held_out = cfg.sft.scale_demos_per_task and policy.modules_by_role().get("scale_head") is not None
+    scale_data = _held_out_data(cfg, world, policy, demos, engine) if held_out else data  # none to fit: none run
     nll = fit_scale_head(policy, scale_data, cfg, device)
     policy.cpu().eval()
     info = {
@@ -399,8 +403,8 @@ def _get_base_locked(cfg: Config, world: Any, engine: Any, out: Path, retrain: b
         info["pretrain"] = {k: v for k, v in pretrain_info.items() if k != "cache_hit"}
     _save(policy, cfg, out, info)
     stage = "fine-tuned base" if pretrained is not None else "behaviour-cloning base"
-    console.print(f"{stage} saved to {out} (loss {bc_final:.4f}, scale NLL {nll:.3f}, "
-                  f"{info['train_seconds']:.0f}s training)")
+    scale = f"scale NLL {nll:.3f}, " if math.isfinite(nll) else ""  # a token policy has no scale head
+    console.print(f"{stage} saved to {out} (loss {bc_final:.4f}, {scale}{info['train_seconds']:.0f}s training)")
     return policy, weights, {**info, "cache_hit": False, "pretrain_cache_hit": (pretrain_info or {}).get("cache_hit")}
 
 

@@ -121,6 +121,10 @@ class SFTConfig:
                                       "(the original's; the action head fits them almost exactly, so log_b comes "
                                       "out tiny); N, N further expert demonstrations per task that the action "
                                       "head never saw, so b measures its error on new states.")
+    token_label_sigma: float = _f(0.0, "tokens: the behaviour-cloning target spread over neighbouring bins as a "
+                                       "Gaussian of this many bin widths around the expert's action, integrated "
+                                       "over each bin (0: the expert's bin alone). A near-miss bin then costs less "
+                                       "than a far one, so the bins are ordered as the actions are.")
     image_shift: int = _f(4, "Random-shift augmentation of camera images in behaviour cloning: each image moved by up "
                              "to this many pixels per axis (0: none). Never in the RL update.")
     seed: int = _f(0, "Seed of batch sampling.")
@@ -717,6 +721,8 @@ def validate(cfg: Config) -> list[str]:
     _check(p, sft.scale_steps >= 0, "sft.scale_steps", sft.scale_steps, ">= 0")
     _check(p, sft.scale_demos_per_task >= 0, "sft.scale_demos_per_task", sft.scale_demos_per_task, ">= 0")
     _check(p, sft.batch_size >= 1, "sft.batch_size", sft.batch_size, ">= 1")
+    _check(p, math.isfinite(sft.token_label_sigma) and sft.token_label_sigma >= 0, "sft.token_label_sigma",
+           sft.token_label_sigma, "a number >= 0 (0: one-hot targets)")
     _check(p, 0 <= sft.image_shift < s.image_size // 2, "sft.image_shift", sft.image_shift,
            f"an integer in [0, {s.image_size // 2 - 1}] (pixels; below half of suite.image_size)")
     _check(p, sft.pretrain_demos_per_task >= 1, "sft.pretrain_demos_per_task", sft.pretrain_demos_per_task, ">= 1")

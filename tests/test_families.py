@@ -16,7 +16,7 @@ from ript_ablate.config import AlgoConfig, Config
 from ript_ablate.families import ActionDistribution, FlowFamily, TokenFamily, build_family
 from ript_ablate.families.flow import bounded_std, init_noise_head, sde_moments
 from ript_ablate.families.laplace import log_prob as laplace_log_prob
-from ript_ablate.families.tokens import sample_tokens, token_log_prob
+from ript_ablate.families.tokens import gaussian_bin_targets, sample_tokens, token_log_prob
 from ript_ablate.interfaces.policy import FlowPolicy
 from ript_ablate.ript.update import Trajectory, rescore
 
@@ -128,6 +128,47 @@ def test_token_log_prob_full_softmax_and_tempered_top_k_with_a_token_outside_the
     assert float(outside.detach()) == pytest.approx(-0.5 - math.log(math.exp(1.0) + math.exp(0.5) + math.exp(-0.5)))
     outside.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad[0, 3] > 0 and logits.grad[0, 2] == 0
+
+
+def test_gaussian_bin_targets_by_hand_and_their_loss():
+    """4 bins over [-1, 1] (width 0.5), sigma one bin: inner edges -0.5, 0, 0.5 are -1, 0, +1 sigma from an action
+    at 0, so the bins get Phi(-1), Phi(0) - Phi(-1), ...; the mass beyond the range stays in the end bins."""
+    phi = [0.5 * (1 + math.erf(z / math.sqrt(2))) for z in (-1.0, 0.0, 1.0)]
+    spread = gaussian_bin_targets(torch.tensor([0.0, 1.0]), 4, -1.0, 1.0, 1.0)
+    np.testing.assert_allclose(spread[0].numpy(), [phi[0], phi[1] - phi[0], phi[2] - phi[1], 1 - phi[2]], atol=1e-6)
+    np.testing.assert_allclose(spread.sum(-1).numpy(), [1.0, 1.0], atol=1e-6)
+    far = 0.5 * (1 + math.erf(-1.0 / math.sqrt(2)))  # the action at 1.0: the last inner edge is 1 sigma below it
+    assert float(spread[1, 3]) == pytest.approx(1 - far, abs=1e-6)
+    sharp = gaussian_bin_targets(torch.tensor([0.3]), 4, -1.0, 1.0, 1e-3)  # a tiny sigma: the expert's bin alone
+    np.testing.assert_allclose(sharp[0].numpy(), [0, 0, 1, 0], atol=1e-6)
+
+
+def test_spread_token_targets_train_the_bin_order_that_one_hot_ones_do_not():
+    """Cloned with the spread target, a bin next to the expert's keeps more probability than a far one."""
+    from ript_ablate.families import tokens as token_family
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z = nn.Parameter(torch.zeros(1, 1, 1, 8))
+
+        def forward(self, obs, instr):
+            return self.z
+
+    target, mask = torch.full((1, 1, 1), -0.375), torch.ones(1, 1)  # the centre of bin 2 of 8 over [-1, 1]
+    learned = {}
+    for sigma in (0.0, 1.0):
+        model = Logits()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        for _ in range(200):
+            loss = token_family.bc_loss(model, {}, torch.zeros(1), target, mask, "fp32", None, sigma)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        learned[sigma] = torch.softmax(model.z.detach()[0, 0, 0], -1)
+    one_hot, spread = learned[0.0], learned[1.0]
+    assert int(one_hot.argmax()) == int(spread.argmax()) == 2
+    assert spread[1] > 10 * spread[6] and one_hot[1] == pytest.approx(one_hot[6])  # one-hot: no order at all
 
 
 def test_token_sampling_never_leaves_the_top_k_and_follows_the_tempered_softmax():

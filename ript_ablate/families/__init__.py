@@ -45,12 +45,13 @@ def build_family(algo: Any, policy: Any) -> ChunkFamily:
 
 
 def bc_loss(policy: Any, obs: dict[str, torch.Tensor], instr: torch.Tensor, target: torch.Tensor,
-            mask: torch.Tensor, precision: str, generator: torch.Generator | None = None) -> torch.Tensor:
+            mask: torch.Tensor, precision: str, generator: torch.Generator | None = None,
+            token_label_sigma: float = 0.0) -> torch.Tensor:
     """Behaviour cloning the way each family is trained: L1 on the chunk (laplace), cross-entropy over bins
-    (tokens), the flow-matching loss (flow)."""
+    (tokens; `token_label_sigma` spreads the target over neighbouring bins), the flow-matching loss (flow)."""
     family = family_of(policy)
     if family == "tokens":
-        return tokens.bc_loss(policy, obs, instr, target, mask, precision, generator)
+        return tokens.bc_loss(policy, obs, instr, target, mask, precision, generator, token_label_sigma)
     if family == "flow":
         return flow.bc_loss(policy, obs, instr, target, mask, precision, generator)
     from ript_ablate.device import autocast

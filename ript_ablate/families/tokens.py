@@ -19,6 +19,7 @@ SimpleVLA-RL); sum_on_action_dim one per action, its dimensions' tokens summed (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -127,14 +128,32 @@ class TokenFamily(ChunkFamily):
         return self.log_prob(logits.float(), record["tokens"]), {}
 
 
+def gaussian_bin_targets(actions: torch.Tensor, n_bins: int, low: float, high: float, sigma_bins: float
+                         ) -> torch.Tensor:
+    """(..., n_bins) target distributions: a Gaussian of `sigma_bins` bin widths around each action value,
+    integrated over each bin (the mass beyond [low, high] goes to the end bins), so it sums to 1."""
+    width = (high - low) / n_bins
+    edges = low + width * torch.arange(1, n_bins, dtype=torch.float32, device=actions.device)  # inner edges
+    cdf = 0.5 * (1 + torch.erf((edges - actions.float().unsqueeze(-1)) / (sigma_bins * width * math.sqrt(2))))
+    zeros, ones = torch.zeros_like(cdf[..., :1]), torch.ones_like(cdf[..., :1])
+    return torch.diff(torch.cat([zeros, cdf, ones], -1), dim=-1)
+
+
 def bc_loss(policy: Any, obs: dict[str, torch.Tensor], instr: torch.Tensor, target: torch.Tensor,
-            mask: torch.Tensor, precision: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Cross-entropy of the expert's action bins, averaged over the valid chunk steps and dimensions."""
+            mask: torch.Tensor, precision: str, generator: torch.Generator | None = None,
+            label_sigma: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the expert's action bins (one-hot, or spread as a Gaussian of `label_sigma` bin widths),
+    averaged over the valid chunk steps and dimensions."""
     from ript_ablate.device import autocast
 
     with autocast(instr.device, precision):
         logits = policy(obs, instr)
     low, high = float(getattr(policy, "action_low", -1.0)), float(getattr(policy, "action_high", 1.0))
-    tokens = actions_to_tokens(target, logits.shape[-1], low, high)
-    nll = -torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).mean(-1)
+    log_p = torch.log_softmax(logits.float(), -1)
+    if label_sigma > 0:
+        spread = gaussian_bin_targets(target, logits.shape[-1], low, high, label_sigma)
+        nll = -(spread * log_p).sum(-1).mean(-1)
+    else:
+        tokens = actions_to_tokens(target, logits.shape[-1], low, high)
+        nll = -log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).mean(-1)
     return (nll * mask).sum() / mask.sum()
