@@ -130,7 +130,7 @@ def test_token_log_prob_full_softmax_and_tempered_top_k_with_a_token_outside_the
     assert torch.isfinite(logits.grad).all() and logits.grad[0, 3] > 0 and logits.grad[0, 2] == 0
 
 
-def test_gaussian_bin_targets_by_hand_and_their_loss():
+def test_gaussian_bin_targets_by_hand():
     """4 bins over [-1, 1] (width 0.5), sigma one bin: inner edges -0.5, 0, 0.5 are -1, 0, +1 sigma from an action
     at 0, so the bins get Phi(-1), Phi(0) - Phi(-1), ...; the mass beyond the range stays in the end bins."""
     phi = [0.5 * (1 + math.erf(z / math.sqrt(2))) for z in (-1.0, 0.0, 1.0)]
