@@ -444,9 +444,31 @@ def test_ript_gain_continues_from_its_results_file(tiny_yaml, tmp_path, monkeypa
     assert "mean gain over 3 seeds: +10.0 points" in out and "per seed: +0.0 +10.0 +20.0" in out
     assert "these seeds started from 2 different bases (base-a, base-b)" in out
     assert len(results.read_text().splitlines()) == 3
-    with pytest.raises(RiptAblateError, match=r"gain.jsonl holds seed 0 of variant 'config' measured with another"):
+    with pytest.raises(RiptAblateError, match=r"gain.jsonl holds seed 0 of variant 'config' measured with another "
+                                              r"configuration \(algo.lr was [0-9.e-]+, now 0.0\)"):
         main("--seeds", "0", "3", "--set", "algo.lr=0")
     assert ran == [0, 1, 2]
+
+
+def test_a_results_line_survives_a_setting_added_later_at_its_default(tiny_cfg):
+    """Hours of measurement stay usable when the code grows a switch: a setting the line lacks is no difference
+    at its default, and is one away from it; a line from before settings were kept needs its exact digest."""
+    import dataclasses
+
+    from ript_ablate.bench import gain_results
+    from ript_ablate.errors import RiptAblateError
+
+    line = {"config": gain_results.settings(tiny_cfg), "config_digest": "old"}
+    del line["config"]["sft.token_label_sigma"]  # as if measured before the switch existed
+    records = {("config", 0): line}
+    assert gain_results.reusable(records, "r.jsonl", "config", 0, tiny_cfg) is line
+    spread = dataclasses.replace(tiny_cfg, sft=dataclasses.replace(tiny_cfg.sft, token_label_sigma=4.0))
+    with pytest.raises(RiptAblateError, match=r"sft.token_label_sigma is 4.0, not the default 0.0"):
+        gain_results.reusable(records, "r.jsonl", "config", 0, spread)
+    legacy = {("config", 0): {"config_digest": gain_results.config_digest(tiny_cfg)}}
+    assert gain_results.reusable(legacy, "r.jsonl", "config", 0, tiny_cfg) is legacy[("config", 0)]
+    with pytest.raises(RiptAblateError, match=r"predates kept settings"):
+        gain_results.reusable(legacy, "r.jsonl", "config", 0, spread)
 
 
 def test_an_evaluation_cached_without_state_outcomes_is_evaluated_again(tiny_cfg):

@@ -173,7 +173,7 @@ def measure_seed(cfg: Config, name: str, seed: int, tmp: str, raw: dict[str, flo
     lengths = mean_episode_lengths(history)
     gain, tasks, summary = describe(seed, history, wall, raw, raw_rates(cfg, raw_seconds, lengths), lengths)
     return {"variant": name, "seed": seed, "config_digest": gain_results.config_digest(cfg),
-            "commit": gain_results.code_commit(), "base": base, "wall_s": wall, "gain": gain, "per_task": tasks,
+            "config": gain_results.settings(cfg), "commit": gain_results.code_commit(), "base": base, "wall_s": wall, "gain": gain, "per_task": tasks,
             "history": history, "outcomes": tracker.tags, "summary": summary}
 
 
