@@ -442,12 +442,57 @@ def test_ript_gain_continues_from_its_results_file(tiny_yaml, tmp_path, monkeypa
     assert ran == [0, 1, 2]  # seed 0 once: the second invocation read it
     assert "measured earlier, read from" in out
     assert "mean gain over 3 seeds: +10.0 points" in out and "per seed: +0.0 +10.0 +20.0" in out
-    assert "these seeds started from 2 different bases (base-a, base-b)" in out
+    assert ("these seeds started from 2 different bases (base-a, base-b); they evaluate alike on every one of the 4 "
+            "evaluation states") in out
     assert len(results.read_text().splitlines()) == 3
     with pytest.raises(RiptAblateError, match=r"gain.jsonl holds seed 0 of variant 'config' measured with another "
                                               r"configuration \(algo.lr was [0-9.e-]+, now 0.0\)"):
         main("--seeds", "0", "3", "--set", "algo.lr=0")
     assert ran == [0, 1, 2]
+
+
+def test_ript_gain_says_whether_different_bases_evaluate_alike():
+    """Pooled seeds from two bases: the note says on how many states the bases' own evaluations differ."""
+    from ript_ablate.bench.ript_gain import describe_bases
+
+    def seed(base, reach, push):
+        return {"base": base, "outcomes": {"ript.outcomes.0.reach": reach, "ript.outcomes.0.push": push,
+                                           "ript.outcomes.15.reach": "1111", "ript.outcomes.15.push": "1111"}}
+
+    assert describe_bases([seed("a", "0011", "01"), seed("a", "1111", "11")]) is None  # one base
+    differ = describe_bases([seed("a", "0011", "01"), seed("b", "0111", "00"), seed("c", "0011", "01")])
+    # b differs from a on reach's 2nd state and push's 2nd: 2 of 6; a and c succeed on 3 of 6, b on 3 of 6
+    assert differ.endswith("differ on up to 2 of 6 evaluation states (base success 50.0%, 50.0%, 50.0%): the "
+                           "pooled gain mixes bases")
+    assert "3 different bases (a, b, c)" in differ
+    missing = describe_bases([seed("a", "0011", "01"), {"base": "b", "outcomes": {}}])
+    assert missing.endswith("cannot be compared")
+
+
+def test_a_seed_records_its_commit_without_counting_the_results_file_it_grows(tmp_path):
+    """A committed results file grows with each seed: that is no change to the code a seed ran; any other is."""
+    import subprocess
+
+    from ript_ablate.bench.gain_results import code_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "measurements").mkdir()
+    results, code = tmp_path / "measurements" / "gain.jsonl", tmp_path / "code.py"
+    results.write_text("{}\n")
+    code.write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    head = git("rev-parse", "HEAD")
+    results.write_text("{}\n{}\n")  # the first seed appended
+    assert code_commit(results, checkout=tmp_path / "measurements") == head
+    assert code_commit(None, checkout=tmp_path) == head + "+changes"
+    assert code_commit(tmp_path.parent / "elsewhere.jsonl", checkout=tmp_path) == head + "+changes"
+    code.write_text("x = 2\n")
+    assert code_commit(results, checkout=tmp_path) == head + "+changes"
 
 
 def test_a_results_line_survives_a_setting_added_later_at_its_default(tiny_cfg):

@@ -49,13 +49,17 @@ def settings_differences(recorded: dict[str, Any], current: Config) -> list[str]
     return differences
 
 
-def code_commit() -> str | None:
-    """The commit of the checkout this code runs from (with '+changes' when its tracked files differ), or None."""
-    here = Path(__file__).resolve().parent
+def code_commit(results: str | Path | None = None, checkout: Path = Path(__file__).resolve().parent) -> str | None:
+    """The commit of the checkout this code runs from (with '+changes' when its tracked files differ), or None.
+    The results file being written is no change: a committed one grows with every seed of the run."""
+    git = {"cwd": checkout, "capture_output": True, "text": True, "check": True}
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], **git)
+        root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], **git).stdout.strip())
+        spec = []
+        if results is not None and Path(results).resolve().is_relative_to(root.resolve()):
+            spec = ["--", ":/", f":(exclude){Path(results).resolve()}"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *spec], **git)
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")

@@ -84,6 +84,32 @@ def gain_intervals(gains: list[float], per_task: list[dict[str, float]], histori
     return text
 
 
+def describe_bases(results: list[dict]) -> str | None:
+    """When pooled seeds started from different bases (measured at commits whose base code differs, or on another
+    machine kind), whether those bases evaluate alike: the question a reader of the pooled gain has. Compares the
+    first evaluation's per-state outcomes (the base's) of one seed of each base."""
+    first: dict[str, dict[str, str]] = {}
+    for result in results:
+        if result.get("base"):
+            first.setdefault(result["base"], {key.rsplit(".", 1)[1]: value
+                                              for key, value in result.get("outcomes", {}).items()
+                                              if key.startswith("ript.outcomes.0.")})
+    if len(first) < 2:
+        return None
+    text = f"note: these seeds started from {len(first)} different bases ({', '.join(sorted(first))})"
+    outcomes = list(first.values())
+    if not all(outcomes) or any(set(o) != set(outcomes[0]) for o in outcomes):
+        return text + "; their base evaluations were not kept on the same states, so they cannot be compared"
+    reference = outcomes[0]
+    states = sum(len(v) for v in reference.values())
+    differing = max(sum(a != b for task in reference for a, b in zip(reference[task], o[task])) for o in outcomes[1:])
+    if differing == 0:
+        return text + f"; they evaluate alike on every one of the {states} evaluation states"
+    rates = ", ".join(f"{100 * sum(v.count('1') for v in o.values()) / states:.1f}%" for o in outcomes)
+    return text + (f"; their base evaluations differ on up to {differing} of {states} evaluation states "
+                   f"(base success {rates}): the pooled gain mixes bases")
+
+
 class TimedTracker(MlflowTracker):
     """An MLflow tracker that also adds up the seconds spent in its own calls (the direct cost of tracking)."""
 
@@ -166,15 +192,16 @@ def describe(seed: int, history: list[dict], wall: float, raw: dict[str, float],
 
 
 def measure_seed(cfg: Config, name: str, seed: int, tmp: str, raw: dict[str, float],
-                 raw_seconds: float) -> dict:
-    """Run one seed of one variant; its result as the results file keeps it."""
+                 raw_seconds: float, results: str | None = None) -> dict:
+    """Run one seed of one variant; its result as the results file keeps it (with the commit it started at)."""
+    commit = gain_results.code_commit(results)
     tracker = OutcomeTracker()
     history, wall, base = run(cfg, tracker, f"{tmp}/{name}/seed{seed}")
     lengths = mean_episode_lengths(history)
     gain, tasks, summary = describe(seed, history, wall, raw, raw_rates(cfg, raw_seconds, lengths), lengths)
     return {"variant": name, "seed": seed, "config_digest": gain_results.config_digest(cfg),
-            "config": gain_results.settings(cfg), "commit": gain_results.code_commit(), "base": base, "wall_s": wall, "gain": gain, "per_task": tasks,
-            "history": history, "outcomes": tracker.tags, "summary": summary}
+            "config": gain_results.settings(cfg), "commit": commit, "base": base, "wall_s": wall, "gain": gain,
+            "per_task": tasks, "history": history, "outcomes": tracker.tags, "summary": summary}
 
 
 def main() -> None:
@@ -212,7 +239,7 @@ def main() -> None:
                 print(f"{result['summary']}\n   (measured earlier, read from {args.results}; commit "
                       f"{result.get('commit') or 'unknown'})", flush=True)
             else:
-                result = measure_seed(configs[(name, seed)], name, seed, tmp, raw, args.raw_seconds)
+                result = measure_seed(configs[(name, seed)], name, seed, tmp, raw, args.raw_seconds, args.results)
                 print(result["summary"], flush=True)
                 if args.results:
                     gain_results.append(args.results, result)
@@ -225,9 +252,9 @@ def main() -> None:
                 + "; per seed: " + " ".join(f"{100 * g:+.1f}" for g in gains)
                 + "\n  " + gain_intervals(gains, per_task, [r["history"] for r in results],
                                            [r["outcomes"] for r in results]))
-        bases = {r["base"] for r in results if r.get("base")}  # (files written before bases were kept: none)
-        if len(bases) > 1:  # e.g. seeds measured at commits that built the base differently
-            line += f"\n  note: these seeds started from {len(bases)} different bases ({', '.join(sorted(bases))})"
+        bases = describe_bases(results)  # (files written before bases were kept: none)
+        if bases:
+            line += f"\n  {bases}"
         print(line, flush=True)
         summary.append(f"{name}: {line}")
     if len(variants) > 1:
