@@ -408,7 +408,9 @@ def test_ript_gain_prints_the_seed_and_the_per_state_intervals():
     half = 1.959964 * (0.1875 / 4) ** 0.5
     assert f"[{25 - 100 * half:+.1f}, {25 + 100 * half:+.1f}]" in text
     assert "paired per evaluation state (4 states) +25.0 [" in text
-    assert "paired per evaluation state" not in gain_intervals([0.25], [{"t": 0.25}], histories[:1], [{}])
+    one_seed = gain_intervals([0.25], [{"t": 0.25}], histories[:1], [{}])
+    assert "paired per evaluation state" not in one_seed and "nan" not in one_seed
+    assert "interval over seeds: needs 2 seeds or more" in one_seed
 
 
 def test_ript_gain_continues_from_its_results_file(tiny_yaml, tmp_path, monkeypatch, capsys):

@@ -74,8 +74,11 @@ def gain_intervals(gains: list[float], per_task: list[dict[str, float]], histori
               for t in tasks]
     state_var = gain_state_variance(np.array([statistics.fmean(p[t] for p in per_task) for t in tasks]),
                                     np.asarray(counts))
-    seeds = stats.paired_effect("gain", np.asarray(gains), state_var=state_var)
-    text = f"interval over seeds (+ evaluation states) [{100 * seeds.low:+.1f}, {100 * seeds.high:+.1f}]"
+    if len(gains) > 1:
+        seeds = stats.paired_effect("gain", np.asarray(gains), state_var=state_var)
+        text = f"interval over seeds (+ evaluation states) [{100 * seeds.low:+.1f}, {100 * seeds.high:+.1f}]"
+    else:
+        text = "interval over seeds: needs 2 seeds or more"
     matrices = outcome_matrices([state_outcomes(tags) for tags in outcomes])
     if matrices is not None:
         gain, lo, hi = stats.state_paired_gain(*matrices)
