@@ -91,12 +91,13 @@ def describe_bases(results: list[dict]) -> str | None:
     """When pooled seeds started from different bases (measured at commits whose base code differs, or on another
     machine kind), whether those bases evaluate alike: the question a reader of the pooled gain has. Compares the
     first evaluation's per-state outcomes (the base's) of one seed of each base."""
+    from ript_ablate.report.collect import state_outcomes
+
     first: dict[str, dict[str, str]] = {}
     for result in results:
         if result.get("base"):
-            first.setdefault(result["base"], {key.rsplit(".", 1)[1]: value
-                                              for key, value in result.get("outcomes", {}).items()
-                                              if key.startswith("ript.outcomes.0.")})
+            evaluations = state_outcomes(result.get("outcomes", {}))
+            first.setdefault(result["base"], evaluations[min(evaluations)] if evaluations else {})
     if len(first) < 2:
         return None
     text = f"note: these seeds started from {len(first)} different bases ({', '.join(sorted(first))})"
