@@ -56,9 +56,8 @@ def code_commit(results: str | Path | None = None, checkout: Path = Path(__file_
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], **git)
         root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], **git).stdout.strip())
-        spec = []
-        if results is not None and Path(results).resolve().is_relative_to(root.resolve()):
-            spec = ["--", ":/", f":(exclude){Path(results).resolve()}"]
+        written = Path(results).resolve() if results is not None else None
+        spec = ["--", ":/", f":(exclude){written}"] if written and written.is_relative_to(root.resolve()) else []
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *spec], **git)
     except (OSError, subprocess.CalledProcessError):
         return None
