@@ -164,3 +164,42 @@ def test_a_scale_head_fitted_on_held_out_demonstrations_measures_the_error_on_ne
     print(float(b_own), float(b_new), float(error))
     assert b_own < 0.5 * error, (float(b_own), float(error))  # far below the error the policy makes on new states
     assert abs(b_new - error) < abs(b_own - error), (float(b_new), float(b_own), float(error))
+
+
+def test_base_fit_separates_demonstrations_new_placements_and_evaluation_states():
+    """The diagnosis tells the three sets apart: hand-planted outcomes per set come back per task and overall."""
+    from types import SimpleNamespace
+
+    from ript_ablate.bench.base_fit import fit_rows, format_table, overall
+    from ript_ablate.episodes import InitialState
+
+    def states(task, kind, n):
+        return [InitialState(task, f"{task}/{kind}/{i}", i) for i in range(n)]
+
+    tasks = ["a", "b"]
+    demos = Demonstrations({t: [] for t in tasks}, {t: states(t, "demo", 4) for t in tasks})
+    world = SimpleNamespace(
+        tasks=tasks,
+        training_contexts=lambda task, d: d.states[task] + states(task, "context", 6),
+        eval_states=lambda task: states(task, "eval", 5))
+    # planted: task a succeeds on every demonstration state, on the first context and on no evaluation state;
+    # task b on the even-numbered states of every set
+    wins = {"a": lambda kind, i: kind == "demo" or (kind == "context" and i == 0), "b": lambda kind, i: i % 2 == 0}
+
+    class Engine:
+        def run(self, jobs):
+            assert all(job.mode == "mean" for job in jobs)
+            out = []
+            for job in jobs:
+                task, kind, i = job.state.state_id.split("/")
+                out.append(Episode(task, job.state.state_id, wins[task](kind, int(i)), 1, {}, np.zeros((1, 1, 1)),
+                                   np.ones((1, 1), bool)))
+            return out
+
+    rows = fit_rows(world, Engine(), demos, 3)
+    a, b = rows
+    assert a.counts == {"demonstrations": 3, "new placements": 3, "evaluation": 3}  # first 3; no demo among contexts
+    assert a.success == {"demonstrations": 1.0, "new placements": 1 / 3, "evaluation": 0.0}
+    assert b.success == {"demonstrations": 2 / 3, "new placements": 2 / 3, "evaluation": 2 / 3}
+    assert overall(rows, "demonstrations") == 5 / 6 and overall(rows, "evaluation") == 1 / 3
+    assert "| a | 100% of 3 | 33% of 3 | 0% of 3 |" in format_table(rows)
