@@ -187,7 +187,7 @@ def test_base_fit_separates_demonstrations_new_placements_and_evaluation_states(
     wins = {"a": lambda kind, i: kind == "demo" or (kind == "context" and i == 0), "b": lambda kind, i: i % 2 == 0}
 
     class Engine:
-        def run(self, jobs):
+        def run(self, jobs, on_batch=None):
             assert all(job.mode == "mean" for job in jobs)
             out = []
             for job in jobs:

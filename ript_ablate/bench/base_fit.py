@@ -20,6 +20,7 @@ from ript_ablate.engine import RolloutEngine
 from ript_ablate.episodes import EpisodeJob, InitialState
 from ript_ablate.plugins import build_world
 from ript_ablate.plugins import load_checked_config as load_config
+from ript_ablate.progress import progress
 
 STATE_SETS = ("demonstrations", "new placements", "evaluation")
 
@@ -51,8 +52,11 @@ def fit_rows(world: Any, engine: Any, demos: Any, n: int) -> list[FitRow]:
             for state in states:
                 jobs.append(EpisodeJob(state, seed=zlib.crc32(state.state_id.encode()), mode="mean"))
                 keys.append((task, name))
+    with progress() as bar:
+        bar_id = bar.add_task("base fit", total=len(jobs), status="")
+        episodes = engine.run(jobs, on_batch=lambda eps: bar.advance(bar_id, len(eps)))
     wins: dict[tuple[str, str], float] = {}
-    for key, episode in zip(keys, engine.run(jobs)):
+    for key, episode in zip(keys, episodes):
         wins[key] = wins.get(key, 0.0) + float(episode.success)
     rows = []
     for task, by_set in sets.items():
