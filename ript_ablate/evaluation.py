@@ -45,6 +45,12 @@ class EvalResult:
         return table
 
 
+def evaluation_job(state: Any) -> EpisodeJob:
+    """A deterministic (mean-action) episode from `state`, seeded by the state's own id (a flow policy's initial
+    noise), so the same whichever rank, batch or benchmark runs it."""
+    return EpisodeJob(state, seed=zlib.crc32(state.state_id.encode()), mode="mean")
+
+
 def evaluate(world: Any, engine: Any, tasks: list[str] | None = None, ranks: Ranks | None = None,
              states_per_task: int = 0) -> EvalResult:
     """Success per task on `world.eval_states` (the first `states_per_task` of each; 0: all), acting with the policy
@@ -52,9 +58,7 @@ def evaluate(world: Any, engine: Any, tasks: list[str] | None = None, ranks: Ran
     ranks get the whole result."""
     ranks = ranks or Ranks()
     tasks = tasks or world.tasks
-    # each episode's own seed (a flow policy's initial noise), the same whichever rank or batch runs it
-    jobs = ranks.split([EpisodeJob(s, seed=zlib.crc32(s.state_id.encode()), mode="mean")
-                        for t in tasks for s in world.eval_states(t)[:states_per_task or None]])
+    jobs = ranks.split([evaluation_job(s) for t in tasks for s in world.eval_states(t)[:states_per_task or None]])
     with progress() as bar:
         task_id = bar.add_task("evaluation", total=len(jobs), status="")
         episodes = engine.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps))) if jobs else []

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from ript_ablate.bc import get_base
 from ript_ablate.bench import run_main
 from ript_ablate.engine import RolloutEngine
-from ript_ablate.episodes import EpisodeJob, InitialState
+from ript_ablate.episodes import InitialState
+from ript_ablate.evaluation import evaluation_job
 from ript_ablate.plugins import build_world
 from ript_ablate.plugins import load_checked_config as load_config
 from ript_ablate.progress import progress
@@ -50,7 +50,7 @@ def fit_rows(world: Any, engine: Any, demos: Any, n: int) -> list[FitRow]:
     for task, by_set in sets.items():
         for name, states in by_set.items():
             for state in states:
-                jobs.append(EpisodeJob(state, seed=zlib.crc32(state.state_id.encode()), mode="mean"))
+                jobs.append(evaluation_job(state))
                 keys.append((task, name))
     with progress() as bar:
         bar_id = bar.add_task("base fit", total=len(jobs), status="")
