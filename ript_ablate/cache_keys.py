@@ -29,7 +29,8 @@ FRAMEWORK_DEMO_CODE = ("ript_ablate.demos", "ript_ablate.episodes")
 FRAMEWORK_BC_CODE = ("ript_ablate.bc", "ript_ablate.augment", "ript_ablate.device", "ript_ablate.interfaces.policy",
                      "ript_ablate.families")
 # what of `suite` shapes demonstrations (the cameras and image size only when images are observed)
-DEMO_SUITE_KEYS = ("name", "tasks", "demos_per_task", "seed", "options", "observation", "cameras", "image_size")
+DEMO_SUITE_KEYS = ("name", "tasks", "demos_per_task", "seed", "options", "observation", "cameras", "image_size",
+                   "demo_action_noise")
 IMAGE_KEYS = ("cameras", "image_size")
 POLICY_IMAGE_KEYS = ("image_tokens", "image_channels")
 SKIPPED_DIRS = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"}

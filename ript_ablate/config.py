@@ -57,6 +57,9 @@ class SuiteConfig:
     tasks: list[str] = _f(["quick"], "Task names (e.g. reach-v3) or the world's presets (Meta-World: 'quick', "
                                      "'mt10', 'ml45_train', 'ml45_test').")
     demos_per_task: int = _f(5, "Successful scripted-expert demonstrations per task for behaviour cloning.")
+    demo_action_noise: float = _f(0.0, "Std of Gaussian noise added to the action the scripted expert executes while "
+                                       "demonstrating (DART: the recorded label stays the expert's own action), so "
+                                       "the demonstrations show how it recovers from the policy's small errors.")
     contexts_per_task: int = _f(20, "RL contexts per task beyond the demonstrations' own initial states.")
     eval_states_per_task: int = _f(50, "Fixed held-out evaluation initial states per task.")
     seed: int = _f(0, "Seed of the demonstration and context initial states.")
@@ -698,6 +701,8 @@ def validate(cfg: Config) -> list[str]:
     _check(p, t.eval_subset_per_task >= 0, "training.eval_subset_per_task", t.eval_subset_per_task,
            ">= 0 (0: every evaluation state)")
     _check(p, s.demos_per_task >= 1, "suite.demos_per_task", s.demos_per_task, ">= 1")
+    _check(p, 0.0 <= s.demo_action_noise <= 1.0, "suite.demo_action_noise", s.demo_action_noise,
+           "between 0 and 1 (actions lie in [-1, 1])")
     _check(p, s.contexts_per_task >= 0, "suite.contexts_per_task", s.contexts_per_task, ">= 0")
     _check(p, s.eval_states_per_task >= 1, "suite.eval_states_per_task", s.eval_states_per_task, ">= 1")
     _check(p, s.num_workers >= 0, "suite.num_workers", s.num_workers, ">= 0")

@@ -8,13 +8,14 @@ named by the world's own hash of what produced it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ript_ablate.episodes import Demonstrations, Episode, EpisodeJob, InitialState
+from ript_ablate.episodes import Demonstrations, Episode, EpisodeJob, InitialState, stack_observations
 
 MAX_ROUNDS = 6  # candidates double each round
 
@@ -27,6 +28,35 @@ def demo_cache_path(world: Any, cache_dir: str | Path | None) -> Path | None:
     from ript_ablate.cache_keys import demo_key
 
     return Path(cache_dir) / "demos" / f"{demo_key(world, world.run_config)}.npz"
+
+
+def run_expert(jobs: Sequence[EpisodeJob], env: Any, limit: int, action_noise: float = 0.0) -> list[Episode]:
+    """Episodes of the world's scripted expert (environments with `expert_action`), one row per step. They run one
+    after another on one environment (a reset fixes the initial state), so 45 tasks need 45 environments a worker.
+    With `action_noise` (DART) the environment executes the expert's action plus Gaussian noise of that std (clipped
+    to [-1, 1]) while the episode records the expert's own action: the states a cloned policy's small errors lead
+    to, labelled with the expert's correction. The noise is seeded by the initial state, so a demonstration is
+    the same on any worker."""
+    out = []
+    for job in jobs:
+        if not hasattr(env, "expert_action"):
+            raise TypeError(f"{type(env).__name__} has no expert_action(): the world cannot give demonstrations")
+        rng = np.random.default_rng(zlib.crc32(job.state.state_id.encode())) if action_noise else None
+        obs = env.reset(job.state)
+        rows, actions, success = [], [], False
+        for _ in range(limit):
+            action = np.asarray(env.expert_action(obs), dtype=np.float32)
+            rows.append(obs)
+            actions.append(action)
+            executed = action if rng is None else np.clip(action + rng.normal(0.0, action_noise, action.shape),
+                                                          -1.0, 1.0).astype(np.float32)
+            obs, success = env.step(executed)
+            if success:
+                break
+        t = len(actions)
+        out.append(Episode(task=job.state.task, state_id=job.state.state_id, success=bool(success), length=t,
+                           obs=stack_observations(rows), actions=np.stack(actions), valid=np.ones((t, 1), bool)))
+    return out
 
 
 def collect_demonstrations(tasks: list[str], engine: Any, want: int,

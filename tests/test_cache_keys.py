@@ -4,6 +4,7 @@ plug-in declares inert are in neither; a cache hit says what it matched; a base 
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def test_world_code_moves_both_keys_and_the_rl_update_moves_neither(tiny_cfg, mo
     monkeypatch.undo()
     edited(monkeypatch, PACKAGE / "worlds" / "metaworld" / "world.py", "\n# a comment\n")
     assert keys(tiny_cfg) == before  # comments, docstrings and wrapping are not code
+    monkeypatch.undo()
+    noisy = dataclasses.replace(tiny_cfg, suite=dataclasses.replace(tiny_cfg.suite, demo_action_noise=0.1))
+    assert keys(noisy)[0] != before[0]  # demonstrations collected with another action noise are others
 
 
 def plugin_config(tmp_path: Path, **suite_options) -> object:

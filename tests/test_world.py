@@ -9,7 +9,8 @@ import pytest
 
 from ript_ablate.config import config_from_dict
 from ript_ablate.engine import RolloutEngine
-from ript_ablate.episodes import EpisodeJob
+from ript_ablate.demos import run_expert
+from ript_ablate.episodes import EpisodeJob, InitialState
 from ript_ablate.plugins import build_world
 from ript_ablate.policies.reference import build_policy
 from ript_ablate.ript.distributions import ActionDistribution
@@ -187,3 +188,41 @@ def test_a_worker_keeps_at_most_max_envs_per_worker_closing_the_least_recently_u
     for task in "abc":
         uncapped.envs(task, 4)
     assert len(uncapped.pool) == 3 and not any(e.closed for envs in uncapped.pool.values() for e in envs)
+
+
+class RecordingExpertEnv:
+    """An environment whose expert always asks for the same action; it records what it is made to execute."""
+
+    EXPERT = np.array([0.5, -0.2, 1.0], dtype=np.float32)
+
+    def __init__(self):
+        self.executed: list[np.ndarray] = []
+
+    def reset(self, state):
+        self.executed = []
+        return {"state": np.zeros(2, dtype=np.float32)}
+
+    def expert_action(self, obs):
+        return self.EXPERT
+
+    def step(self, action):
+        self.executed.append(np.asarray(action).copy())
+        return {"state": np.zeros(2, dtype=np.float32)}, len(self.executed) >= 200
+
+
+def test_demonstration_action_noise_perturbs_what_is_executed_and_records_the_experts_action():
+    env = RecordingExpertEnv()
+    job = EpisodeJob(InitialState("t", "t/demo/0", None), seed=0, mode="expert")
+    (episode,) = run_expert([job], env, 300, action_noise=0.1)
+    executed = np.stack(env.executed)
+    assert episode.success and episode.length == 200
+    np.testing.assert_array_equal(episode.actions, np.tile(RecordingExpertEnv.EXPERT, (200, 1)))  # the label
+    noise = executed - RecordingExpertEnv.EXPERT
+    assert 0.08 < noise[:, 0].std() < 0.12 and abs(noise[:, 0].mean()) < 0.03  # N(0, 0.1) on a free dimension
+    assert executed[:, 2].max() <= 1.0 and (executed[:, 2] < 1.0).mean() > 0.3  # clipped to the action bounds
+    run_expert([job], env, 300, action_noise=0.1)
+    np.testing.assert_array_equal(np.stack(env.executed), executed)  # seeded by the initial state
+    run_expert([EpisodeJob(InitialState("t", "t/demo/1", None), seed=0, mode="expert")], env, 300, 0.1)
+    assert not np.array_equal(np.stack(env.executed), executed)
+    run_expert([job], env, 300)
+    np.testing.assert_array_equal(np.stack(env.executed), np.tile(RecordingExpertEnv.EXPERT, (200, 1)))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ript_ablate.demos import run_expert
 from ript_ablate.episodes import Episode, EpisodeJob, Observation, stack_observations
 from ript_ablate.families import ActionDistribution, ChunkDraw, ChunkFamily
 
@@ -96,28 +97,6 @@ class EpisodeBatch:
                     record={k: np.stack([c[k] for c in r["record"]]) for k in (r["record"][0] if r["record"] else {})})
             for i, (job, r) in enumerate(zip(self.jobs, self.records))
         ]
-
-
-def run_expert(jobs: Sequence[EpisodeJob], env: Any, limit: int) -> list[Episode]:
-    """Episodes of the world's scripted expert (environments with `expert_action`), one row per step. They run one
-    after another on one environment (a reset fixes the initial state), so 45 tasks need 45 environments a worker."""
-    out = []
-    for job in jobs:
-        if not hasattr(env, "expert_action"):
-            raise TypeError(f"{type(env).__name__} has no expert_action(): the world cannot give demonstrations")
-        obs = env.reset(job.state)
-        rows, actions, success = [], [], False
-        for _ in range(limit):
-            action = np.asarray(env.expert_action(obs), dtype=np.float32)
-            rows.append(obs)
-            actions.append(action)
-            obs, success = env.step(action)
-            if success:
-                break
-        t = len(actions)
-        out.append(Episode(task=job.state.task, state_id=job.state.state_id, success=bool(success), length=t,
-                           obs=stack_observations(rows), actions=np.stack(actions), valid=np.ones((t, 1), bool)))
-    return out
 
 
 def expand_rows(encoding: torch.Tensor, n: int) -> torch.Tensor:
@@ -206,7 +185,8 @@ class EpisodeRunner:
         """Episodes of one task, stepped together with this runner's policy (or the expert)."""
         task = jobs[0].state.task
         if jobs[0].mode == "expert":
-            return run_expert(jobs, self.envs(task, 1)[0], episode_limit(self.world, self.cfg, task))
+            return run_expert(jobs, self.envs(task, 1)[0], episode_limit(self.world, self.cfg, task),
+                              self.cfg.suite.demo_action_noise)
         batch = self.open_batch(jobs, self.policy.chunk_size)
         rngs = [np.random.default_rng(j.seed) for j in jobs]
         stochastic = jobs[0].mode == "sample"
