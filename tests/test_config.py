@@ -43,6 +43,8 @@ def test_defaults_are_the_originals():
         ("algo", "scale_factor", 0, "> 0"),
         ("policy", "n_heads", 3, "divisor"),
         ("suite", "tasks", ["reach-v9"], "reach-v3"),
+        ("suite", "demo_action_noise", 1.5, "between 0 and 1"),
+        ("suite", "demo_action_noise", -0.1, "between 0 and 1"),
         ("training", "device", "tpu", "cuda"),
     ],
 )
