@@ -140,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         policy.to(device)
         engine.set_policy(policy, resolve_inference(cfg.suite.inference, policy, device), device,
                           cfg.training.precision)
-        result = evaluate(world, engine)
+        result = evaluate(world, engine, mode=cfg.training.eval_mode)
     seconds = time.perf_counter() - start
     console.print(f"evaluated {source}")
     console.print(result.table())

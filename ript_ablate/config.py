@@ -32,6 +32,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 INFERENCE_MODES = ("auto", "replica", "central")
 OBSERVATIONS = ("state", "images", "both")
 RANK_SPLITS = ("tasks", "contexts")
+EVAL_MODES = ("mean", "sample")
 
 # Keys present in original RIPT configs that the original code never reads: accepted, with a warning.
 ORIGINAL_UNUSED_ALGO_KEYS = (
@@ -211,6 +212,10 @@ class TrainingConfig:
                                       "states of each task (0: all of them); the evaluation before the first update "
                                       "and the final one always use every state (LIBERO: a subset while training, "
                                       "all 50 per task at the base and the end).")
+    eval_mode: str = _f("mean", "How evaluation acts. mean: each family's deterministic action (the Laplace mean, "
+                                "the argmax token, the ODE), as OpenVLA-OFT is evaluated; sample: the behaviour RIPT "
+                                "trains (algo.scale_factor, temperature, top_k, the flow's SDE), one episode a state "
+                                "seeded by the state's id, as the original evaluates QueST (top-5 tokens sampled).")
     save_interval: int = _f(5, "Checkpoint every N iterations (and at the end).")
     output_dir: str = _f("runs", "Where run outputs (checkpoints, resolved config) go.")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N. CUDA trains with bf16 autocast.")
@@ -770,6 +775,7 @@ def validate(cfg: Config) -> list[str]:
     _check(p, t.save_interval >= 1, "training.save_interval", t.save_interval, ">= 1")
     _check(p, t.max_nonfinite >= 0, "training.max_nonfinite", t.max_nonfinite, ">= 0")
     _check(p, t.collective_timeout_s > 0, "training.collective_timeout_s", t.collective_timeout_s, "> 0 seconds")
+    _check(p, t.eval_mode in EVAL_MODES, "training.eval_mode", t.eval_mode, " | ".join(EVAL_MODES))
     _check(p, t.rank_split in RANK_SPLITS, "training.rank_split", t.rank_split, " | ".join(RANK_SPLITS))
     _check(p, t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "training.device",
            t.device, "auto, cpu, cuda or cuda:N")

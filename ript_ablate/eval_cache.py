@@ -2,7 +2,8 @@
 
 Every cell of a study that starts from the same base starts from the same function: RIPT's adapters begin as the
 identity (LoRA's B is zero), whatever the cell's seed or switches. Its iteration-0 evaluation (deterministic mean
-actions on fixed states) is therefore the same for all of them, and in short cells it is a third of the work.
+actions on fixed states, or sampled ones with noise seeded per state) is therefore the same for all of them, and in
+short cells it is a third of the work.
 
 The key holds a *probe* of the start policy: its outputs, to the bit, on the first observations of each task's
 first demonstration. A policy whose preparation for RL changes what it computes, a different base, header or
@@ -63,7 +64,18 @@ def eval_key(cfg: Any, world: Any, probe: str, inference: str, device: torch.dev
                    "world_code": code_digest(owning_package(type(world))), "eval_code": code_digest(*EVAL_CODE),
                    "inference": inference, "batching": [suite.num_workers, suite.envs_per_worker],
                    "precision": cfg.training.precision, "device": device.type, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), **_observation(cfg, world)})
+                   "threads": torch.get_num_threads(), **_observation(cfg, world), **_sampling(cfg)})
+
+
+def _sampling(cfg: Any) -> dict[str, Any]:
+    """With `training.eval_mode: sample`, the settings that shape the sampled actions (nothing for the mean
+    action's evaluation, whose keys stay as they were)."""
+    if cfg.training.eval_mode == "mean":
+        return {}
+    a = cfg.algo
+    return {"eval_mode": cfg.training.eval_mode,
+            "sampling": [a.use_laplace_sampling, a.scale_factor, a.temperature, a.top_k, a.flow_noise_level,
+                         list(a.flow_noise_std), a.flow_noise_std_init]}
 
 
 def _observation(cfg: Any, world: Any) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Evaluation: each policy family's deterministic action (the mean, the argmax token, the ODE from noise seeded per
-episode) on each task's fixed held-out initial states."""
+"""Evaluation on each task's fixed held-out initial states: by default each policy family's deterministic action
+(the mean, the argmax token, the ODE from noise seeded per episode); with `training.eval_mode: sample` the sampled
+behaviour RIPT trains, one episode a state with noise seeded by the state's id."""
 
 from __future__ import annotations
 
@@ -45,20 +46,24 @@ class EvalResult:
         return table
 
 
-def evaluation_job(state: Any) -> EpisodeJob:
-    """A deterministic (mean-action) episode from `state`, seeded by the state's own id (a flow policy's initial
-    noise), so the same whichever rank, batch or benchmark runs it."""
-    return EpisodeJob(state, seed=zlib.crc32(state.state_id.encode()), mode="mean")
+def evaluation_job(state: Any, mode: str = "mean") -> EpisodeJob:
+    """An episode from `state` acting by `mode` (mean: deterministic; sample: RIPT's sampled behaviour), seeded by
+    the state's own id (a flow policy's initial noise, the sampling noise), so the same whichever rank, batch or
+    benchmark runs it, and the same noise at the base and after training (paired per state)."""
+    return EpisodeJob(state, seed=zlib.crc32(state.state_id.encode()), mode=mode)
 
 
 def evaluate(world: Any, engine: Any, tasks: list[str] | None = None, ranks: Ranks | None = None,
-             states_per_task: int = 0) -> EvalResult:
+             states_per_task: int = 0, mode: str = "mean") -> EvalResult:
     """Success per task on `world.eval_states` (the first `states_per_task` of each; 0: all), acting with the policy
-    the engine was last given (`set_policy`). In a multi-process trial each rank runs every size-th episode and all
-    ranks get the whole result."""
+    the engine was last given (`set_policy`) by `mode` (`training.eval_mode`). In a multi-process trial each rank
+    runs every size-th episode and all ranks get the whole result."""
+    if mode not in ("mean", "sample"):
+        raise ValueError(f"evaluation mode {mode!r}: expected mean or sample (training.eval_mode)")
     ranks = ranks or Ranks()
     tasks = tasks or world.tasks
-    jobs = ranks.split([evaluation_job(s) for t in tasks for s in world.eval_states(t)[:states_per_task or None]])
+    jobs = ranks.split([evaluation_job(s, mode) for t in tasks
+                        for s in world.eval_states(t)[:states_per_task or None]])
     with progress() as bar:
         task_id = bar.add_task("evaluation", total=len(jobs), status="")
         episodes = engine.run(jobs, on_batch=lambda eps: bar.advance(task_id, len(eps))) if jobs else []

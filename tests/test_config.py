@@ -46,6 +46,7 @@ def test_defaults_are_the_originals():
         ("suite", "demo_action_noise", 1.5, "between 0 and 1"),
         ("suite", "demo_action_noise", -0.1, "between 0 and 1"),
         ("training", "device", "tpu", "cuda"),
+        ("training", "eval_mode", "stochastic", "mean | sample"),
     ],
 )
 def test_invalid_values_name_key_value_and_expectation(section, key, value, expected):

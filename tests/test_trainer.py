@@ -529,3 +529,32 @@ def test_an_evaluation_cached_without_state_outcomes_is_evaluated_again(tiny_cfg
     del older["outcomes"]  # as written before outcomes were kept
     path.write_text(json.dumps(older))
     assert eval_cache.load(tiny_cfg, "k") is None
+
+
+def test_sampled_evaluation_acts_as_rollouts_do_reproducibly_under_its_own_cache_key(tmp_path, monkeypatch):
+    """`training.eval_mode: sample` evaluates the sampled behaviour (QueST's evaluation in the original): it moves
+    with `scale_factor` where the mean action's evaluation does not, the same noise (seeded per state) gives the
+    same outcomes when computed again, and it is cached apart from the mean action's evaluation."""
+    def run(mode: str, scale_factor: float, name: str) -> dict:
+        cfg = config_from_dict({
+            "suite": {"name": "pointmass", "tasks": ["reach", "reach-mirror"], "demos_per_task": 5,
+                      "contexts_per_task": 2, "eval_states_per_task": 20, "num_workers": 0},
+            "policy": {"name": "mlp", "options": {"hidden": 64, "chunk_size": 4}},
+            "sft": {"steps": 400, "scale_steps": 100, "batch_size": 64, "lr": 3e-3, "cache_dir": str(tmp_path / "c")},
+            "algo": {"scale_factor": scale_factor, "log_scale_clip": None},
+            "training": {"n_iterations": 0, "eval_mode": mode, "output_dir": str(tmp_path)},
+            "tracking": {"enabled": False}})
+        ensure_base(cfg)
+        (start,) = Trainer(cfg).run(tmp_path / name).history
+        return start
+
+    mean, mean_wide = run("mean", 3.0, "a"), run("mean", 1000.0, "b")
+    assert mean_wide["perf/eval_cached"] == 1.0  # the mean action does not depend on the sampling's scale
+    sampled = run("sample", 3.0, "c")
+    assert sampled["perf/eval_cached"] == 0.0  # not the mean action's entry
+    assert sampled["eval/success_rate"] < mean["eval/success_rate"]  # this base's noise spoils its reaches
+    wide = run("sample", 1000.0, "d")
+    assert wide["perf/eval_cached"] == 0.0 and wide["eval/success_rate"] <= sampled["eval/success_rate"]
+    monkeypatch.setattr("ript_ablate.eval_cache.load", lambda cfg, key: None)
+    again = run("sample", 3.0, "e")  # computed afresh: the same noise per state, the same outcomes
+    assert again["perf/eval_cached"] == 0.0 and without_timings([again]) == without_timings([sampled])

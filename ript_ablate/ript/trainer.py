@@ -296,7 +296,8 @@ class Trainer:
         cached = res is not None
         if res is None:
             self._act(run)
-            res = evaluate(run.world, run.engine, ranks=self.ranks, states_per_task=subset)
+            res = evaluate(run.world, run.engine, ranks=self.ranks, states_per_task=subset,
+                           mode=self.cfg.training.eval_mode)
             if cache_key:
                 eval_cache.save(self.cfg, cache_key, res)
         values = {**res.metrics(), "perf/eval_s": time.perf_counter() - t0}
