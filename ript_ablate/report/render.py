@@ -236,7 +236,8 @@ def render(data: StudyData, a: Analysis, th: Thresholds, optuna_text: str, secon
               "",
               "![stability](stability.png)", "",
               "Health: each task's success of the **sampled** behaviour (the rollouts of the last iteration) next to "
-              "the **evaluated** deterministic policy's final success, % (means over seeds), and the share of "
+              "the **evaluated** policy's final success (its deterministic action unless `training.eval_mode: "
+              "sample`), % (means over seeds), and the share of "
               "equal-reward groups (all K rollouts failed, or all succeeded: no RLOO signal) over training. A sampled "
               "success far below the evaluated one means exploration has drifted from what is evaluated.", "",
               _table(["configuration", *[f"{t} sampled / evaluated" for t in data.tasks], "equal-reward groups"],
